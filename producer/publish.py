@@ -1,0 +1,71 @@
+"""`Producer`: validates events and enqueues them as arq jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from producer.event import Event, parse_event
+from producer.queue import DEFAULT_QUEUE, JOB_NAME, deserialize, job_id, serialize
+
+
+class Producer:
+    """Publishes order events to the relay's queue.
+
+    Every event is validated before anything is sent to Redis, so an invalid one raises
+    `InvalidEvent` naming the field and never reaches the queue.
+    """
+
+    def __init__(self, redis: ArqRedis, queue_name: str = DEFAULT_QUEUE) -> None:
+        self.redis = redis
+        self.queue_name = queue_name
+
+    @classmethod
+    async def connect(cls, redis_url: str, queue_name: str = DEFAULT_QUEUE) -> Self:
+        settings = RedisSettings.from_dsn(redis_url)
+        # One quick try: a producer should learn at once that Redis is down, not in 5 s.
+        settings.conn_retries = 0
+        redis = await create_pool(
+            settings,
+            job_serializer=serialize,
+            job_deserializer=deserialize,
+            default_queue_name=queue_name,
+        )
+        return cls(redis, queue_name)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def publish(self, event: Event | Mapping[str, Any]) -> bool:
+        """Enqueue one event. False when a job for the same event id is already queued."""
+        valid = _stamped(parse_event(event))
+        job = await self.redis.enqueue_job(
+            JOB_NAME, valid.to_json(), _job_id=job_id(valid.id), _queue_name=self.queue_name
+        )
+        return job is not None
+
+    async def publish_many(self, events: Iterable[Event | Mapping[str, Any]]) -> list[bool]:
+        """Validate all, then enqueue all: one invalid event means none is enqueued."""
+        valid = [parse_event(event) for event in events]
+        return [await self.publish(event) for event in valid]
+
+
+def _stamped(event: Event) -> Event:
+    if event.occurred_at is not None:
+        return event
+    return event.model_copy(update={"occurred_at": datetime.now(UTC)})

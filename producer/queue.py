@@ -1,0 +1,37 @@
+"""How an event travels through Redis: the arq job name, its id, and its JSON encoding.
+
+Jobs are JSON, never pickle: whoever can write to Redis must not be able to run code in a
+worker, and a producer in any language can enqueue by writing the same shape as arq.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+DEFAULT_QUEUE = "postback:queue"
+"""The Redis key of the queue (a sorted set, as arq keeps it) unless configured otherwise."""
+
+JOB_NAME = "deliver_event"
+"""The worker function every event job calls, with the event object as its one argument."""
+
+
+def job_id(event_id: str) -> str:
+    """One job per event id, so publishing the same id while it is queued enqueues nothing."""
+    return f"event:{event_id}"
+
+
+def _default(value: object) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def serialize(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=_default).encode()
+
+
+def deserialize(data: bytes | str) -> Any:
+    # A producer in another language may write 10.50 as a JSON number; keep it exact.
+    return json.loads(data, parse_float=Decimal)

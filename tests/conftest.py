@@ -1,0 +1,178 @@
+"""Fixtures on real servers: a Postgres database and a Redis queue of the test run's own.
+
+The database is created for the run and dropped after it. Redis is shared, so the run uses
+its own database number (POSTBACK_TEST_REDIS_DB, default 15) and its own queue name, and
+deletes only the keys it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio
+from aiohttp import web
+
+from producer.publish import Producer
+from worker import database
+from worker.config import Settings
+from worker.pool import create_worker
+
+ADMIN_URL = os.environ.get(
+    "POSTBACK_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_BASE = os.environ.get("POSTBACK_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("POSTBACK_TEST_REDIS_DB", "15"))
+RUN = uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"postback_test_{RUN}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(ADMIN_URL)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    async def init() -> None:
+        conn = await database.connect(url)
+        try:
+            await database.apply_schema(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(init())
+    yield url
+    asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return f"{REDIS_BASE}/{REDIS_DB}"
+
+
+@pytest.fixture(scope="session")
+def queue_name() -> str:
+    return f"postback-test:{RUN}:queue"
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, queue_name: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        queue_name=queue_name,
+        request_timeout=3.0,
+        connect_timeout=1.0,
+    )
+
+
+async def _forget_redis_keys(redis_url: str, queue_name: str) -> None:
+    """Delete the run's queue and the job keys of events this run published, nothing else."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"arq:*event:{RUN}*")]
+        await client.delete(queue_name, *keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_redis_clean(redis_url: str, queue_name: str) -> Iterator[None]:
+    yield
+    asyncio.run(_forget_redis_keys(redis_url, queue_name))
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the run's database, emptied before each test."""
+    conn = await database.connect(database_url)
+    await conn.execute("TRUNCATE callbacks, deliveries, attempts")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def producer(settings: Settings) -> AsyncIterator[Producer]:
+    """A producer on an empty queue: what one test publishes never leaks into the next."""
+    assert settings.redis_url is not None
+    await _forget_redis_keys(settings.redis_url, settings.queue_name)
+    async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
+        yield producer
+
+
+def event_id(label: str) -> str:
+    """Event ids carry the run id, so the run can find and delete its Redis keys."""
+    return f"{RUN}-{label}-{uuid.uuid4().hex[:8]}"
+
+
+def event_data(label: str = "e", **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": event_id(label),
+        "type": "order.created",
+        "affiliate_id": "ann",
+        "order": {"number": "#1001", "amount": "10.50", "commission": "1.05"},
+        "link": {"url": "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"},
+    }
+    data.update(overrides)
+    return data
+
+
+async def drain(settings: Settings) -> None:
+    """Run a worker until the queue is empty, as `postback worker --burst` does."""
+    worker = create_worker(settings, burst=True, handle_signals=False, poll_delay=0.01)
+    try:
+        await worker.async_run()
+    finally:
+        await worker.close()
+
+
+@dataclass
+class Received:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """An HTTP receiver on 127.0.0.1 that records every request it gets."""
+
+    url: str
+    requests: list[Received] = field(default_factory=list)
+    status: int = 200
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    state = Receiver(url="")
+
+    async def record(request: web.Request) -> web.Response:
+        state.requests.append(
+            Received(request.method, request.raw_path, dict(request.headers), await request.read())
+        )
+        return web.Response(status=state.status, text="thanks")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    state.url = f"http://{host}:{port}"
+    yield state
+    await runner.cleanup()

@@ -1,0 +1,207 @@
+"""End to end: an event published to Redis, a worker, a real receiver, the ledger."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import asyncpg
+
+from producer import Producer
+from tests.conftest import Receiver, drain, event_data
+from worker import callbacks
+from worker.config import Settings
+from worker.deliver import USER_AGENT
+
+LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"
+
+
+async def _callback(
+    conn: asyncpg.Connection, affiliate: str, event_type: str, method: str, url: str
+) -> callbacks.Callback:
+    return await callbacks.save(conn, callbacks.validate(affiliate, event_type, method, url))
+
+
+async def _delivery(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM deliveries WHERE event_id = $1", event_id)
+    assert row is not None, f"no delivery recorded for {event_id}"
+    return row
+
+
+async def test_get_callback_receives_the_rendered_request(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    await _callback(
+        db,
+        "ann",
+        "order.created",
+        "GET",
+        receiver.url + "/pb?o={{order.number}}&a={{order.amount}}&c={{ order.commission }}"
+        "&s={{link.sub_id}}&camp={{link.query.campaign}}&h={{link.hash}}&p={{link.path}}",
+    )
+    data = event_data("get", link={"url": LINK})
+    await producer.publish(data)
+    await drain(settings)
+
+    [got] = receiver.requests
+    assert got.method == "GET"
+    assert got.path_qs == "/pb?o=%231001&a=10.50&c=1.05&s=fb1&camp=summer&h=promo&p=%2Fsummer"
+    assert got.body == b""
+    assert got.headers["User-Agent"] == USER_AGENT
+    row = await _delivery(db, data["id"])
+    assert got.headers["Idempotency-Key"] == str(row["id"])
+    assert row["state"] == "delivered"
+    assert row["attempts"] == 1
+    assert row["request"]["url"] == receiver.url + got.path_qs
+    attempt = await db.fetchrow("SELECT * FROM attempts WHERE delivery_id = $1", row["id"])
+    assert attempt is not None
+    assert attempt["number"] == 1
+    assert attempt["status_code"] == 200
+    assert attempt["response_excerpt"] == "thanks"
+    assert attempt["duration_ms"] > 0
+
+
+async def test_post_callback_receives_the_json_body(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    await _callback(db, "bob", "order.created", "POST", receiver.url + "/hook/{{affiliate.id}}")
+    data = event_data(
+        "post",
+        affiliate_id="bob",
+        occurred_at="2026-11-21T10:00:00+00:00",
+        order={
+            "number": "#1002",
+            "amount": "249.00",
+            "commission": "24.90",
+            "currency": "USD",
+            "status": "pending",
+        },
+        link={"url": LINK, "sub_id": "newsletter"},
+    )
+    await producer.publish(data)
+    await drain(settings)
+
+    [got] = receiver.requests
+    assert got.method == "POST"
+    assert got.path_qs == "/hook/bob"
+    assert got.headers["Content-Type"] == "application/json"
+    assert got.headers["User-Agent"] == USER_AGENT
+    uuid.UUID(got.headers["Idempotency-Key"])
+    assert json.loads(got.body) == {
+        "event": {
+            "id": data["id"],
+            "type": "order.created",
+            "occurred_at": "2026-11-21T10:00:00+00:00",
+        },
+        "affiliate": {"id": "bob"},
+        "order": {
+            "number": "#1002",
+            "amount": "249.00",
+            "commission": "24.90",
+            "currency": "USD",
+            "status": "pending",
+        },
+        "link": {
+            "url": LINK,
+            "path": "/summer",
+            "hash": "promo",
+            "sub_id": "newsletter",
+            "query": {"ref": "ann", "campaign": "summer", "sub_id": "fb1"},
+        },
+    }
+
+
+async def test_affiliate_without_callback_gets_nothing_and_ledger_says_so(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    await _callback(db, "ann", "order.created", "GET", receiver.url + "/ann")
+    data = event_data("nocallback", affiliate_id="zoe")
+    await producer.publish(data)
+    await drain(settings)
+
+    assert receiver.requests == []
+    row = await _delivery(db, data["id"])
+    assert row["state"] == "skipped"
+    assert row["reason"] == "no order.created callback configured for affiliate zoe"
+    assert row["attempts"] == 0
+
+
+async def test_updated_callback_fires_only_on_updates(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    await _callback(db, "ann", "order.updated", "GET", receiver.url + "/u?e={{event.type}}")
+    created = event_data("only-created")
+    updated = event_data("only-updated", type="order.updated")
+    await producer.publish(created)
+    await producer.publish(updated)
+    await drain(settings)
+
+    assert [r.path_qs for r in receiver.requests] == ["/u?e=order.updated"]
+    assert (await _delivery(db, created["id"]))["state"] == "skipped"
+    assert (await _delivery(db, updated["id"]))["state"] == "delivered"
+
+
+async def test_same_event_id_published_twice_while_queued_delivers_once(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    await _callback(db, "ann", "order.created", "GET", receiver.url + "/once?id={{event.id}}")
+    data = event_data("twice")
+    assert await producer.publish(data) is True
+    assert await producer.publish(data) is False
+    await drain(settings)
+
+    assert len(receiver.requests) == 1
+    assert (await _delivery(db, data["id"]))["attempts"] == 1
+
+
+async def test_same_event_id_after_delivery_sends_nothing_more(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    await _callback(db, "ann", "order.created", "GET", receiver.url + "/again")
+    data = event_data("again")
+    await producer.publish(data)
+    await drain(settings)
+    assert await producer.publish(data) is True  # the job is gone, so it is accepted again
+    await drain(settings)
+
+    assert len(receiver.requests) == 1
+    row = await _delivery(db, data["id"])
+    assert (row["state"], row["attempts"]) == ("delivered", 1)
+
+
+async def test_failure_is_recorded_as_failed(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    receiver.status = 503
+    await _callback(db, "ann", "order.created", "GET", receiver.url + "/down")
+    data = event_data("fails")
+    await producer.publish(data)
+    await drain(settings)
+
+    row = await _delivery(db, data["id"])
+    assert (row["state"], row["reason"], row["attempts"]) == ("failed", "HTTP 503", 1)
+    attempt = await db.fetchrow("SELECT * FROM attempts WHERE delivery_id = $1", row["id"])
+    assert attempt is not None
+    assert attempt["status_code"] == 503
+
+
+async def test_unreachable_receiver_is_recorded_with_its_error(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    # A port nothing listens on: bind one, note it, close it.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    await _callback(db, "ann", "order.created", "GET", f"http://127.0.0.1:{port}/gone")
+    data = event_data("refused")
+    await producer.publish(data)
+    await drain(settings)
+
+    row = await _delivery(db, data["id"])
+    assert row["state"] == "failed"
+    attempt = await db.fetchrow("SELECT * FROM attempts WHERE delivery_id = $1", row["id"])
+    assert attempt is not None
+    assert attempt["status_code"] is None
+    assert attempt["error_class"] == "connect_error"

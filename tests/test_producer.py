@@ -1,0 +1,141 @@
+"""The producer contract: exact decimals, refusals naming the field, JSON jobs, one job per id."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from producer import InvalidEvent, Producer, loads_event, order_created, order_updated, parse_event
+from producer.queue import JOB_NAME, job_id
+from tests.conftest import event_data
+
+
+def _refusal(data: Any) -> list[str]:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(data)
+    return [error.field for error in caught.value.errors]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"id": ""}, "id"),
+        ({"id": "x" * 129}, "id"),
+        ({"type": "order.deleted"}, "type"),
+        ({"affiliate_id": ""}, "affiliate_id"),
+        ({"affiliate_id": "a" * 65}, "affiliate_id"),
+        ({"occurred_at": "yesterday"}, "occurred_at"),
+        ({"occurred_at": "2026-11-21T10:00:00"}, "occurred_at"),  # no offset: ambiguous
+        ({"order": {"number": "#1", "amount": "ten", "commission": "1"}}, "order.amount"),
+        ({"order": {"number": "#1", "amount": "NaN", "commission": "1"}}, "order.amount"),
+        ({"order": {"number": "#1", "amount": "1", "commission": True}}, "order.commission"),
+        ({"order": {"number": "#1", "amount": "1"}}, "order.commission"),
+        ({"order": {"amount": "1", "commission": "1"}}, "order.number"),
+        (
+            {"order": {"number": "#1", "amount": "1", "commission": "1", "currency": "euro"}},
+            "order.currency",
+        ),
+        ({"link": {"url": "/relative/path"}}, "link.url"),
+        ({"link": {"url": "ftp://shop.example/x"}}, "link.url"),
+        ({"link": {}}, "link.url"),
+        ({"affiliateId": "ann"}, "affiliateId"),
+    ],
+)
+def test_invalid_event_names_the_field(change: dict[str, Any], field: str) -> None:
+    assert field in _refusal(event_data(**change))
+
+
+def test_refusal_message_names_field_and_reason() -> None:
+    with pytest.raises(InvalidEvent, match=r"order\.amount: Input should be a valid decimal"):
+        parse_event(event_data(order={"number": "#1", "amount": "ten", "commission": "1"}))
+    with pytest.raises(InvalidEvent, match=r"affiliateId: unknown field"):
+        parse_event(event_data(affiliateId="ann"))
+
+
+def test_not_an_object_and_not_json_are_refused() -> None:
+    assert _refusal([1, 2]) == ["event"]
+    with pytest.raises(InvalidEvent, match="not valid JSON"):
+        loads_event("{nope")
+
+
+def test_decimals_stay_exact_from_json_numbers_and_strings() -> None:
+    text = json.dumps(event_data()).replace('"10.50"', "10.50").replace('"1.05"', "0.1")
+    assert '"amount": 10.50' in text
+    event = loads_event(text)
+    assert event.order.amount == Decimal("10.50")
+    assert event.to_json()["order"] == {"number": "#1001", "amount": "10.50", "commission": "0.1"}
+
+
+def test_helpers_build_valid_events() -> None:
+    created = order_created(
+        id="evt-1",
+        affiliate_id="ann",
+        number="#1001",
+        amount="10.50",
+        commission=Decimal("1.05"),
+        link_url="https://shop.example/?ref=ann",
+        sub_id="fb",
+        currency="EUR",
+        status="pending",
+    )
+    assert created.type == "order.created"
+    assert created.link.sub_id == "fb"
+    assert created.order.currency == "EUR"
+    updated = order_updated(
+        id="evt-2",
+        affiliate_id="ann",
+        number="#1001",
+        amount=10,
+        commission="1",
+        link_url="https://shop.example/",
+    )
+    assert updated.type == "order.updated"
+    with pytest.raises(InvalidEvent, match=r"link\.url"):
+        order_created(
+            id="evt-3", affiliate_id="ann", number="#1", amount=1, commission=1, link_url="nope"
+        )
+
+
+async def test_publish_writes_a_json_job_once_per_event_id(
+    producer: Producer, redis_url: str, queue_name: str
+) -> None:
+    data = event_data("publish")
+    assert await producer.publish(data) is True
+    assert await producer.publish(data) is False  # same id while queued: nothing more
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        raw = await client.get(f"arq:job:{job_id(data['id'])}")
+        queued = await client.zrange(queue_name, 0, -1)
+    finally:
+        await client.aclose()
+    assert raw is not None
+    job = json.loads(raw)  # JSON, not pickle: any language can read and write it
+    assert job["f"] == JOB_NAME
+    [sent] = job["a"]
+    assert sent["id"] == data["id"]
+    assert sent["order"]["amount"] == "10.50"
+    stamped = datetime.fromisoformat(sent["occurred_at"])
+    assert abs((datetime.now(UTC) - stamped).total_seconds()) < 60
+    assert queued.count(job_id(data["id"]).encode()) == 1
+
+
+async def test_invalid_event_never_reaches_redis(
+    producer: Producer, redis_url: str, queue_name: str
+) -> None:
+    good = event_data("batch-good")
+    bad = event_data("batch-bad", type="order.shipped")
+    with pytest.raises(InvalidEvent, match="type"):
+        await producer.publish_many([good, bad])
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        for data in (good, bad):
+            assert await client.exists(f"arq:job:{job_id(data['id'])}") == 0
+            assert await client.zscore(queue_name, job_id(data["id"])) is None
+    finally:
+        await client.aclose()

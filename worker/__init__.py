@@ -1,0 +1,1 @@
+"""The worker: turns a queued order event into a delivered, recorded postback."""

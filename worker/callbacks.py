@@ -1,0 +1,139 @@
+"""Affiliates' callbacks: validated when saved, loaded by the worker for each event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from producer.event import EVENT_TYPES, EventType
+from worker import render
+
+Method = Literal["GET", "POST"]
+METHODS: tuple[Method, ...] = ("GET", "POST")
+
+
+class CallbackError(ValueError):
+    """A callback was refused; the message names what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Callback:
+    id: int
+    affiliate_id: str
+    event_type: EventType
+    method: Method
+    url_template: str
+    secret: str | None
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        """What listings show: everything but the secret, which is only said to exist."""
+        return {
+            "id": self.id,
+            "affiliate_id": self.affiliate_id,
+            "event_type": self.event_type,
+            "method": self.method,
+            "url_template": self.url_template,
+            "has_secret": self.secret is not None,
+            "enabled": self.enabled,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackSpec:
+    """A callback as given by a person, validated: what `save` writes."""
+
+    affiliate_id: str
+    event_type: EventType
+    method: Method
+    template: render.Template
+    secret: str | None
+
+
+def validate(
+    affiliate_id: str, event_type: str, method: str, url_template: str, secret: str | None = None
+) -> CallbackSpec:
+    if not 1 <= len(affiliate_id) <= 64:
+        raise CallbackError("affiliate id must be 1 to 64 characters")
+    if event_type not in EVENT_TYPES:
+        raise CallbackError(f"event must be one of {', '.join(EVENT_TYPES)}, got {event_type!r}")
+    method = method.upper()
+    if method not in METHODS:
+        raise CallbackError(f"method must be GET or POST, got {method!r}")
+    if secret is not None and not secret:
+        raise CallbackError("secret must not be empty")
+    try:
+        template = render.parse(url_template)
+    except render.TemplateError as exc:
+        raise CallbackError(str(exc)) from None
+    return CallbackSpec(affiliate_id, event_type, method, template, secret)
+
+
+def _from_row(row: asyncpg.Record) -> Callback:
+    # The dataclass mirrors the table's columns, so SELECT * maps one to one.
+    return Callback(**dict(row))
+
+
+async def save(conn: asyncpg.Connection | asyncpg.Pool, spec: CallbackSpec) -> Callback:
+    """Create or replace the callback for the affiliate and event type."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO callbacks (affiliate_id, event_type, method, url_template, secret)
+        VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT (affiliate_id, event_type) DO UPDATE
+        SET method = EXCLUDED.method, url_template = EXCLUDED.url_template,
+            secret = EXCLUDED.secret, enabled = true, updated_at = now()
+        RETURNING *
+        """,
+        spec.affiliate_id,
+        spec.event_type,
+        spec.method,
+        spec.template.source,
+        spec.secret,
+    )
+    assert row is not None
+    return _from_row(row)
+
+
+async def get(
+    conn: asyncpg.Connection | asyncpg.Pool, affiliate_id: str, event_type: str
+) -> Callback | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM callbacks WHERE affiliate_id = $1 AND event_type = $2",
+        affiliate_id,
+        event_type,
+    )
+    return None if row is None else _from_row(row)
+
+
+async def list_all(
+    conn: asyncpg.Connection | asyncpg.Pool, affiliate_id: str | None = None
+) -> list[Callback]:
+    rows = await conn.fetch(
+        """
+        SELECT * FROM callbacks
+        WHERE $1::text IS NULL OR affiliate_id = $1
+        ORDER BY affiliate_id, event_type
+        """,
+        affiliate_id,
+    )
+    return [_from_row(row) for row in rows]
+
+
+async def remove(
+    conn: asyncpg.Connection | asyncpg.Pool, affiliate_id: str, event_type: str
+) -> bool:
+    """Remove the callback; False when there was none. Past deliveries stay recorded."""
+    status: str = await conn.execute(
+        "DELETE FROM callbacks WHERE affiliate_id = $1 AND event_type = $2",
+        affiliate_id,
+        event_type,
+    )
+    return status != "DELETE 0"

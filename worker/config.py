@@ -1,0 +1,45 @@
+"""Every setting of the relay, read from `POSTBACK_*` environment variables in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.queue import DEFAULT_QUEUE
+
+
+class Settings(BaseSettings):
+    """Defaults suit one machine; the README's configuration table mirrors this class."""
+
+    model_config = SettingsConfigDict(env_prefix="POSTBACK_", extra="ignore", frozen=True)
+
+    database_url: str | None = Field(
+        default=None,
+        description="Postgres DSN. Unset: an embedded Postgres in the data folder.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL (redis://, rediss:// or unix://). Unset: an embedded Redis.",
+    )
+    data_dir: Path = Field(
+        default=Path(".postback"),
+        description="Where the embedded Postgres and Redis keep their data.",
+    )
+    queue_name: str = Field(
+        default=DEFAULT_QUEUE,
+        min_length=1,
+        description="Redis key of the event queue; relays sharing a Redis use different ones.",
+    )
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to open a connection to a receiver."
+    )
+    request_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds for a whole request, body included."
+    )
+    max_jobs: int = Field(default=50, ge=1, description="Deliveries one worker runs at once.")
+    db_pool_size: int = Field(
+        default=10, ge=1, description="Postgres connections one worker process keeps."
+    )
+    log_level: str = Field(default="info", description="debug, info, warning or error.")

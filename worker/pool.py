@@ -1,0 +1,54 @@
+"""The arq worker pool: its settings, and the connections each worker process shares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq import Worker
+from arq.connections import RedisSettings
+from arq.worker import func
+
+from producer.queue import JOB_NAME, deserialize, serialize
+from worker import database, deliver
+from worker.config import Settings
+from worker.job import deliver_event
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    assert settings.database_url is not None
+    ctx["db"] = await database.create_pool(settings.database_url, settings.db_pool_size)
+    ctx["http"] = deliver.session(settings.connect_timeout, settings.request_timeout)
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    if "http" in ctx:
+        await ctx["http"].close()
+    if "db" in ctx:
+        await ctx["db"].close()
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """arq's WorkerSettings for the relay, as keyword arguments of `arq.Worker`.
+
+    Both URLs must be resolved (embedded services started) before this is called.
+    """
+    assert settings.redis_url is not None
+    return {
+        "functions": [func(deliver_event, name=JOB_NAME)],
+        "queue_name": settings.queue_name,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
+        "on_startup": _startup,
+        "on_shutdown": _shutdown,
+        "ctx": {"settings": settings},
+        "max_jobs": settings.max_jobs,
+        # The ledger, not Redis, answers "was this event delivered?"; results would only
+        # fill Redis.
+        "keep_result": 0,
+    }
+
+
+def create_worker(settings: Settings, **overrides: Any) -> Worker:
+    return Worker(**{**worker_settings(settings), **overrides})

@@ -1,0 +1,292 @@
+"""Callback URL templates: parsed once when a callback is saved, rendered for every delivery.
+
+Two promises matter here (DESIGN.md section 3). A template that would fail later is refused
+at save time, with a message the affiliate manager can act on. And no event value can change
+where a request goes or how the URL is read: the scheme and host are literal text, and every
+substituted value is percent-encoded, so a `/`, `?`, `#` or `&` in an order number stays data.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from producer.event import Event
+
+KNOWN_VARIABLES: tuple[str, ...] = (
+    "event.id",
+    "event.type",
+    "event.occurred_at",
+    "affiliate.id",
+    "order.number",
+    "order.amount",
+    "order.commission",
+    "order.currency",
+    "order.status",
+    "link.url",
+    "link.path",
+    "link.hash",
+    "link.sub_id",
+)
+"""Every fixed variable name; `link.query.NAME` (any non-empty NAME) is accepted on top."""
+
+MAX_TEMPLATE_LENGTH = 4096
+
+_KNOWN = frozenset(KNOWN_VARIABLES)
+_QUERY_FAMILY = "link.query"
+_QUERY_PREFIX = _QUERY_FAMILY + "."
+# Docs renderers often show `\{{name\}}`; each brace of a pair may carry its own backslash.
+_OPEN = re.compile(r"\\?\{\\?\{")
+_CLOSE = re.compile(r"\\?\}\\?\}")
+_SCHEME = re.compile(r"(https?)://", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_AUTHORITY_END = re.compile(r"[/?#]")
+# RFC 3986 reserved characters and `%`; letters, digits and `-._~` are always kept by quote.
+_URI_CHARACTERS = "!#$%&'()*+,/:;=?@[]"
+# Characters that are never valid in a URL host and that parsers disagree about.
+_BAD_HOST_CHAR = re.compile(r"[\s\\{}<>\"^`|]")
+
+
+class TemplateError(ValueError):
+    """A template was refused; the message is one line saying what is wrong and where."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """A `{{name}}` placeholder; `name` is already validated and stripped of spaces."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A parsed template. Build it with `parse`, which does all validation up front."""
+
+    source: str
+    parts: tuple[str | Variable, ...]
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """The variable names used, in order of first use, so a UI can list them."""
+        return tuple(dict.fromkeys(p.name for p in self.parts if isinstance(p, Variable)))
+
+
+def parse(source: str) -> Template:
+    """Validate a template when the callback is saved, so mistakes surface to a person.
+
+    Raises `TemplateError` for an unknown variable (suggesting the closest known name), an
+    empty or unclosed `{{`, a stray `}}`, control characters, a template over 4096
+    characters, and any template whose scheme and host are not literal `http(s)://host`.
+    """
+    if len(source) > MAX_TEMPLATE_LENGTH:
+        raise TemplateError(
+            f"template is {len(source)} characters long; the limit is {MAX_TEMPLATE_LENGTH}"
+        )
+    if not source:
+        raise TemplateError("template is empty; expected a URL such as https://host/path")
+    parts = _tokenize(source)
+    _check_scheme_and_host(source, parts)
+    return Template(
+        source=source,
+        parts=tuple(_uri_text(part) if isinstance(part, str) else part for part in parts),
+    )
+
+
+def variables(event: Event) -> dict[str, str]:
+    """Every variable's value for one event, as the strings that get percent-encoded.
+
+    Decimals are written exactly and without exponent (`10.50`, `1000`), so the affiliate
+    sees the amount the store recorded. Missing optional fields become "".
+    """
+    url = event.link.url
+    split = urlsplit(url)
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(split.query, keep_blank_values=True):
+        if name:
+            query.setdefault(name, value)  # the first value wins
+    values = {
+        "event.id": event.id,
+        "event.type": event.type,
+        "event.occurred_at": event.occurred_at.isoformat() if event.occurred_at else "",
+        "affiliate.id": event.affiliate_id,
+        "order.number": event.order.number,
+        "order.amount": format(event.order.amount, "f"),
+        "order.commission": format(event.order.commission, "f"),
+        "order.currency": event.order.currency or "",
+        "order.status": event.order.status or "",
+        "link.url": url,
+        "link.path": split.path,
+        "link.hash": split.fragment,
+        # An empty override is treated as absent: producers often send "" for "none".
+        "link.sub_id": event.link.sub_id or query.get("sub_id", ""),
+    }
+    for name, value in query.items():
+        values[_QUERY_PREFIX + name] = value
+    return values
+
+
+def render(template: Template, values: Mapping[str, str]) -> str:
+    """Fill a parsed template; each value is percent-encoded, the template text is not.
+
+    Only RFC 3986 unreserved characters survive unencoded, so no value can add a path
+    segment, a query parameter or a fragment. A variable without a value renders as "".
+    """
+    return "".join(
+        part
+        if isinstance(part, str)
+        # errors="replace": a lone surrogate from JSON must not crash a delivery.
+        else quote(values.get(part.name, ""), safe="", errors="replace")
+        for part in template.parts
+    )
+
+
+def body(values: Mapping[str, str]) -> dict[str, Any]:
+    """The JSON body of a POST: the flat variables nested on their dots.
+
+    `link.query.NAME` always nests as one key NAME under `link.query`, even when NAME has
+    dots, because it is a query parameter name and not a path. `link.query` is present
+    (possibly empty) whenever any `link.*` value is, so receivers can rely on its shape.
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key.startswith(_QUERY_PREFIX):
+            path = ["link", "query", key[len(_QUERY_PREFIX) :]]
+        else:
+            path = key.split(".")
+        node = out
+        for segment in path[:-1]:
+            child = node.setdefault(segment, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"variable {key!r} conflicts with a value at {segment!r}")
+            node = child
+        if isinstance(node.get(path[-1]), dict):
+            raise ValueError(f"variable {key!r} conflicts with nested variables under it")
+        node[path[-1]] = value
+    link = out.get("link")
+    if isinstance(link, dict):
+        link.setdefault("query", {})
+    return out
+
+
+def _tokenize(source: str) -> tuple[str | Variable, ...]:
+    parts: list[str | Variable] = []
+    pos = 0
+    while True:
+        opening = _OPEN.search(source, pos)
+        literal = source[pos : opening.start() if opening else len(source)]
+        _check_literal(literal, pos)
+        if literal:
+            parts.append(literal)
+        if opening is None:
+            return tuple(parts)
+        closing = _CLOSE.search(source, opening.end())
+        following = _OPEN.search(source, opening.end())
+        if closing is None or (following is not None and following.start() < closing.start()):
+            raise TemplateError(
+                f"unclosed '{{{{' at character {opening.start() + 1} of the template; "
+                "close it with '}}'"
+            )
+        name = source[opening.end() : closing.start()].strip()
+        _check_name(name, opening.start() + 1)
+        parts.append(Variable(name))
+        pos = closing.end()
+
+
+def _uri_text(literal: str) -> str:
+    """The template's own text as it goes on the wire.
+
+    Valid URL characters, `%XX` escapes included, stay exactly as written; a space or a
+    non-ASCII letter typed into the template is percent-encoded, since an HTTP request line
+    cannot carry it raw.
+    """
+    return quote(literal, safe=_URI_CHARACTERS)
+
+
+def _check_literal(literal: str, offset: int) -> None:
+    stray = _CLOSE.search(literal)
+    if stray:
+        raise TemplateError(
+            f"unmatched '}}}}' at character {offset + stray.start() + 1} of the template; "
+            "variables are written {{name}}"
+        )
+    control = _CONTROL.search(literal)
+    if control:
+        raise TemplateError(
+            f"template contains control character U+{ord(control.group()):04X} at character "
+            f"{offset + control.start() + 1}; a URL cannot contain it"
+        )
+
+
+def _check_name(name: str, position: int) -> None:
+    if not name:
+        raise TemplateError(
+            f"empty variable '{{{{}}}}' at character {position} of the template; "
+            "put a name inside, e.g. {{order.number}}"
+        )
+    if name in _KNOWN or (name.startswith(_QUERY_PREFIX) and len(name) > len(_QUERY_PREFIX)):
+        return
+    if name in (_QUERY_FAMILY, _QUERY_PREFIX):
+        raise TemplateError(
+            f"variable {name!r} needs a query parameter name after 'link.query.', "
+            "e.g. 'link.query.ref' for ?ref=..."
+        )
+    suggestion = _suggest(name)
+    if suggestion:
+        raise TemplateError(f"unknown variable {name!r} in template; did you mean {suggestion!r}?")
+    raise TemplateError(
+        f"unknown variable {name!r} in template; known variables are "
+        + ", ".join((*KNOWN_VARIABLES, "link.query.NAME"))
+    )
+
+
+def _suggest(name: str) -> str | None:
+    if name.lower() in _KNOWN:
+        return name.lower()
+    # `link.qeury.ref` should suggest `link.query.ref`, keeping the parameter name as typed.
+    segments = name.split(".", 2)
+    if len(segments) == 3 and segments[2]:
+        family = f"{segments[0]}.{segments[1]}".lower()
+        if difflib.SequenceMatcher(None, family, _QUERY_FAMILY).ratio() >= 0.8:
+            return _QUERY_PREFIX + segments[2]
+    matches = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _check_scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> None:
+    # Scheme and host must be literal: a variable there would let event data pick the target.
+    first = parts[0] if parts and isinstance(parts[0], str) else ""
+    scheme = _SCHEME.match(first)
+    if scheme is None:
+        raise TemplateError(_host_error(source))
+    rest = first[scheme.end() :]
+    end = _AUTHORITY_END.search(rest)
+    if end is None and len(parts) > 1:
+        raise TemplateError(_host_error(source, "a variable cannot be part of the host"))
+    authority = rest[: end.start()] if end else rest
+    if not authority.isascii():
+        raise TemplateError(
+            _host_error(source, "write the host in its ASCII form, e.g. xn--bcher-kva.example")
+        )
+    bad = _BAD_HOST_CHAR.search(authority)
+    if bad:
+        raise TemplateError(_host_error(source, f"the host contains {bad.group()!r}"))
+    try:
+        split = urlsplit(f"{scheme.group(1)}://{authority}")
+        hostname = split.hostname
+        split.port  # noqa: B018 -- raises ValueError for a port that is not a number 0-65535
+    except ValueError as exc:
+        raise TemplateError(_host_error(source, f"the host is not valid ({exc})")) from None
+    if not hostname:
+        raise TemplateError(_host_error(source, "the host is empty"))
+
+
+def _host_error(source: str, reason: str = "") -> str:
+    excerpt = source if len(source) <= 80 else source[:77] + "..."
+    detail = f"; {reason}" if reason else ""
+    return (
+        f"template must start with http:// or https:// and a literal host{detail}, got {excerpt!r}"
+    )
