@@ -57,6 +57,8 @@ def _sync(command: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, 
 def _parser() -> _Parser:
     parser = _Parser(prog="postback", description="Affiliate postbacks for order events.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # What each command needs running; an unconfigured one is started embedded.
+    parser.set_defaults(needs=("database",))
 
     db = commands.add_parser("db", help="database schema").add_subparsers(
         dest="db_command", required=True, parser_class=_Parser
@@ -89,19 +91,19 @@ def _parser() -> _Parser:
     preview.add_argument("--method", default="GET", type=str.upper, choices=("GET", "POST"))
     preview.add_argument("--event", required=True, help="event JSON file, or - for stdin")
     preview.add_argument("--json", action="store_true", help="method, url, headers, body as JSON")
-    preview.set_defaults(run=preview_request, offline=True)
+    preview.set_defaults(run=preview_request, needs=())
 
     send = commands.add_parser("send", help="enqueue events for delivery")
     send.add_argument("--event", required=True, help="JSON event or JSON lines file, - for stdin")
-    send.set_defaults(run=send_events)
+    send.set_defaults(run=send_events, needs=("redis",))
 
     worker = commands.add_parser("worker", help="run a worker that delivers queued events")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    worker.set_defaults(run=run_worker)
+    worker.set_defaults(run=run_worker, needs=("database", "redis"))
 
     commands.add_parser(
         "demo", help="run everything on this machine and show postbacks arriving"
-    ).set_defaults(run=run_demo)
+    ).set_defaults(run=run_demo, needs=("database", "redis"))
     return parser
 
 
@@ -111,9 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings()
         logs.configure(settings.log_level)
         command: Command = args.run
-        if getattr(args, "offline", False):
-            return command(args, settings)
-        with services(settings) as ready:
+        with services(settings, args.needs) as ready:
             return command(args, ready)
     except KeyboardInterrupt:
         return 130
@@ -122,11 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidEvent, callbacks.CallbackError, render.TemplateError) as exc:
         return _refuse(str(exc))
     except pydantic.ValidationError as exc:
-        return _refuse(f"bad configuration: {_first_line(exc)}")
+        return _refuse(_config_error(exc))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         return _refuse(f"cannot reach the database: {_first_line(exc)}")
     except redis.exceptions.RedisError as exc:
         return _refuse(f"cannot reach Redis: {_first_line(exc)}")
+
+
+def _config_error(exc: pydantic.ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    name = "POSTBACK_" + str(first["loc"][0]).upper() if first["loc"] else "configuration"
+    return f"bad configuration: {name}: {first['msg']}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -192,11 +198,10 @@ async def callbacks_list(args: argparse.Namespace, settings: Settings) -> int:
         )
         for cb in found
     ]
+    # Pad every column but the last: URLs are long and would push the table apart.
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]
-        )
+    for *cells, url in rows:
+        print("  ".join([*(c.ljust(w) for c, w in zip(cells, widths, strict=True)), url]))
     return 0
 
 

