@@ -56,17 +56,19 @@ def _sync(command: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, 
 
 def _parser() -> _Parser:
     parser = _Parser(prog="postback", description="Affiliate postbacks for order events.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
     # What each command needs running; an unconfigured one is started embedded.
     parser.set_defaults(needs=("database",))
 
     db = commands.add_parser("db", help="database schema").add_subparsers(
-        dest="db_command", required=True, parser_class=_Parser
+        dest="db_command", metavar="COMMAND", required=True, parser_class=_Parser
     )
     db.add_parser("init", help="create the tables (safe to run again)").set_defaults(run=db_init)
 
     cb = commands.add_parser("callbacks", help="affiliates' callbacks").add_subparsers(
-        dest="callbacks_command", required=True, parser_class=_Parser
+        dest="callbacks_command", metavar="COMMAND", required=True, parser_class=_Parser
     )
     cb_set = cb.add_parser("set", help="create or replace a callback")
     cb_set.add_argument("--affiliate", required=True)
@@ -75,7 +77,9 @@ def _parser() -> _Parser:
     cb_set.add_argument(
         "--url", required=True, help="URL template, e.g. https://t.example/?o={{order.number}}"
     )
-    cb_set.add_argument("--secret", help="signing secret (stored, never listed)")
+    cb_set.add_argument(
+        "--secret", help="signing secret (stored, never listed); omitted: the current one stays"
+    )
     cb_set.set_defaults(run=callbacks_set)
     cb_list = cb.add_parser("list", help="list callbacks")
     cb_list.add_argument("--affiliate")
@@ -232,29 +236,35 @@ def _read_input(source: str) -> str:
 def read_events(source: str) -> list[Event]:
     """One JSON event, a JSON array of events, or JSON lines; all valid or refused."""
     text = _read_input(source)
-    if not text.strip():
-        raise Refused(f"{source}: no event in the input")
     try:
-        whole: Any = loads_json(text)
+        whole = loads_json(text)
     except InvalidEvent:
-        whole = None  # not one JSON document: read it as JSON lines
-    if isinstance(whole, list):
-        items = [(f"event {i + 1}", item) for i, item in enumerate(whole)]
-    elif whole is not None:
-        items = [("event", whole)]
+        documents = _json_lines(text)  # not one JSON document: read it line by line
     else:
-        items = [
-            (f"line {number}", line)
-            for number, line in enumerate(text.splitlines(), start=1)
-            if line.strip()
-        ]
+        if isinstance(whole, list):
+            documents = [(f"event {i}", item) for i, item in enumerate(whole, start=1)]
+        else:
+            documents = [("event", whole)]
+    if not documents:
+        raise Refused(f"{source}: no event in the input")
     events = []
-    for where, item in items:
+    for where, document in documents:
         try:
-            events.append(parse_event(loads_json(item) if isinstance(item, str) else item))
+            events.append(parse_event(document))
         except InvalidEvent as exc:
             raise Refused(f"{where}: {exc}") from None
     return events
+
+
+def _json_lines(text: str) -> list[tuple[str, Any]]:
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                documents.append((f"line {number}", loads_json(line)))
+            except InvalidEvent as exc:
+                raise Refused(f"line {number}: {exc}") from None
+    return documents
 
 
 @_sync

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
@@ -15,6 +15,8 @@ from producer.publish import Producer
 from worker import callbacks, database
 from worker.config import Settings
 from worker.pool import create_worker
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 WAIT_SECONDS = 30.0
 """How long the demo waits for its deliveries before saying which did not settle."""
@@ -83,10 +85,10 @@ async def _print_request(request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def receiver() -> AsyncIterator[str]:
-    """A receiver on 127.0.0.1 that prints every request; yields its base URL."""
+async def serve(handler: Handler) -> AsyncIterator[str]:
+    """Answer every method and path with `handler` on a free 127.0.0.1 port; yields the URL."""
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", _print_request)
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -106,7 +108,7 @@ async def run(settings: Settings) -> int:
     conn = await database.connect(settings.database_url)
     try:
         await database.apply_schema(conn)
-        async with receiver() as base:
+        async with serve(_print_request) as base:
             print(f"demo receiver listening on {base}")
             for affiliate, (method, path) in AFFILIATES.items():
                 for event_type in ("order.created", "order.updated"):

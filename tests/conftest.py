@@ -19,8 +19,9 @@ import pytest
 import redis.asyncio
 from aiohttp import web
 
+from ops.demo import serve
 from producer.publish import Producer
-from worker import database
+from worker import callbacks, database
 from worker.config import Settings
 from worker.pool import create_worker
 
@@ -130,6 +131,18 @@ def event_data(label: str = "e", **overrides: Any) -> dict[str, Any]:
     return data
 
 
+async def save_callback(
+    conn: asyncpg.Connection,
+    affiliate: str,
+    event_type: str,
+    method: str,
+    url: str,
+    secret: str | None = None,
+) -> None:
+    """Configure a callback as `postback callbacks set` does, validation included."""
+    await callbacks.save(conn, callbacks.validate(affiliate, event_type, method, url, secret))
+
+
 async def drain(settings: Settings) -> None:
     """Run a worker until the queue is empty, as `postback worker --burst` does."""
     worker = create_worker(settings, burst=True, handle_signals=False, poll_delay=0.01)
@@ -166,13 +179,6 @@ async def receiver() -> AsyncIterator[Receiver]:
         )
         return web.Response(status=state.status, text="thanks")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    state.url = f"http://{host}:{port}"
-    yield state
-    await runner.cleanup()
+    async with serve(record) as url:
+        state.url = url
+        yield state

@@ -8,18 +8,11 @@ import uuid
 import asyncpg
 
 from producer import Producer
-from tests.conftest import Receiver, drain, event_data
-from worker import callbacks
+from tests.conftest import Receiver, drain, event_data, save_callback
 from worker.config import Settings
 from worker.deliver import USER_AGENT
 
 LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"
-
-
-async def _callback(
-    conn: asyncpg.Connection, affiliate: str, event_type: str, method: str, url: str
-) -> callbacks.Callback:
-    return await callbacks.save(conn, callbacks.validate(affiliate, event_type, method, url))
 
 
 async def _delivery(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
@@ -31,7 +24,7 @@ async def _delivery(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
 async def test_get_callback_receives_the_rendered_request(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
-    await _callback(
+    await save_callback(
         db,
         "ann",
         "order.created",
@@ -64,7 +57,7 @@ async def test_get_callback_receives_the_rendered_request(
 async def test_post_callback_receives_the_json_body(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
-    await _callback(db, "bob", "order.created", "POST", receiver.url + "/hook/{{affiliate.id}}")
+    await save_callback(db, "bob", "order.created", "POST", receiver.url + "/hook/{{affiliate.id}}")
     data = event_data(
         "post",
         affiliate_id="bob",
@@ -114,7 +107,7 @@ async def test_post_callback_receives_the_json_body(
 async def test_affiliate_without_callback_gets_nothing_and_ledger_says_so(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
-    await _callback(db, "ann", "order.created", "GET", receiver.url + "/ann")
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/ann")
     data = event_data("nocallback", affiliate_id="zoe")
     await producer.publish(data)
     await drain(settings)
@@ -129,7 +122,7 @@ async def test_affiliate_without_callback_gets_nothing_and_ledger_says_so(
 async def test_updated_callback_fires_only_on_updates(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
-    await _callback(db, "ann", "order.updated", "GET", receiver.url + "/u?e={{event.type}}")
+    await save_callback(db, "ann", "order.updated", "GET", receiver.url + "/u?e={{event.type}}")
     created = event_data("only-created")
     updated = event_data("only-updated", type="order.updated")
     await producer.publish(created)
@@ -144,7 +137,7 @@ async def test_updated_callback_fires_only_on_updates(
 async def test_same_event_id_published_twice_while_queued_delivers_once(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
-    await _callback(db, "ann", "order.created", "GET", receiver.url + "/once?id={{event.id}}")
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/once?id={{event.id}}")
     data = event_data("twice")
     assert await producer.publish(data) is True
     assert await producer.publish(data) is False
@@ -157,7 +150,7 @@ async def test_same_event_id_published_twice_while_queued_delivers_once(
 async def test_same_event_id_after_delivery_sends_nothing_more(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
-    await _callback(db, "ann", "order.created", "GET", receiver.url + "/again")
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/again")
     data = event_data("again")
     await producer.publish(data)
     await drain(settings)
@@ -173,7 +166,7 @@ async def test_failure_is_recorded_as_failed(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
     receiver.status = 503
-    await _callback(db, "ann", "order.created", "GET", receiver.url + "/down")
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/down")
     data = event_data("fails")
     await producer.publish(data)
     await drain(settings)
@@ -194,7 +187,7 @@ async def test_unreachable_receiver_is_recorded_with_its_error(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    await _callback(db, "ann", "order.created", "GET", f"http://127.0.0.1:{port}/gone")
+    await save_callback(db, "ann", "order.created", "GET", f"http://127.0.0.1:{port}/gone")
     data = event_data("refused")
     await producer.publish(data)
     await drain(settings)

@@ -82,14 +82,19 @@ def _from_row(row: asyncpg.Record) -> Callback:
 
 
 async def save(conn: asyncpg.Connection | asyncpg.Pool, spec: CallbackSpec) -> Callback:
-    """Create or replace the callback for the affiliate and event type."""
+    """Create or replace the callback for the affiliate and event type.
+
+    A spec without a secret keeps the stored one: re-pointing a URL must not silently
+    stop the signing the affiliate relies on.
+    """
     row = await conn.fetchrow(
         """
         INSERT INTO callbacks (affiliate_id, event_type, method, url_template, secret)
         VALUES ($1, $2, $3, $4, $5)
         ON CONFLICT (affiliate_id, event_type) DO UPDATE
         SET method = EXCLUDED.method, url_template = EXCLUDED.url_template,
-            secret = EXCLUDED.secret, enabled = true, updated_at = now()
+            secret = COALESCE(EXCLUDED.secret, callbacks.secret), enabled = true,
+            updated_at = now()
         RETURNING *
         """,
         spec.affiliate_id,

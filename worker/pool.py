@@ -34,10 +34,14 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     Both URLs must be resolved (embedded services started) before this is called.
     """
     assert settings.redis_url is not None
+    redis_settings = RedisSettings.from_dsn(settings.redis_url)
+    # Fail at once and say so; restarting a worker that cannot reach Redis is the
+    # supervisor's job, and arq's quiet retries would only hide the cause for seconds.
+    redis_settings.conn_retries = 0
     return {
         "functions": [func(deliver_event, name=JOB_NAME)],
         "queue_name": settings.queue_name,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": redis_settings,
         "job_serializer": serialize,
         "job_deserializer": deserialize,
         "on_startup": _startup,

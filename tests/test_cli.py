@@ -1,0 +1,749 @@
+"""The `postback` command, run as a user runs it: a subprocess with its own environment.
+
+Every refusal must be exit code 2 and one line on stderr naming the problem, never a
+traceback. Async tests run the command synchronously, since their event loop has nothing
+to do meanwhile, except where the loop must serve the `receiver` while the command runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from producer import Producer, parse_event
+from producer.queue import job_id
+from tests.conftest import ADMIN_URL, RUN, Receiver, event_data, save_callback
+from worker import database
+from worker.deliver import USER_AGENT, delivery_id
+
+LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"  # event_data's
+OCCURRED_AT = "2026-11-21T10:00:00+00:00"
+SECRET = "s3cret-never-listed"
+GET_TEMPLATE = (
+    "https://t.example/pb?o={{order.number}}&a={{order.amount}}&c={{ order.commission }}"
+    "&s={{link.sub_id}}"
+)
+GET_RENDERED = "https://t.example/pb?o=%231001&a=10.50&c=1.05&s=fb1"
+UNREACHABLE_DATABASE = "postgresql://postgres@127.0.0.1:1/nope"
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+NO_SERVERS = {"POSTBACK_DATABASE_URL": None, "POSTBACK_REDIS_URL": None}
+
+
+@dataclass(frozen=True)
+class Postback:
+    """`postback ARGS` in `cwd`, configured for the test run's Postgres, Redis and queue."""
+
+    env: Mapping[str, str]
+    cwd: Path
+
+    def __call__(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        env_overrides: Mapping[str, str | None] | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env)
+        for name, value in (env_overrides or {}).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return subprocess.run(
+            [sys.executable, "-m", "ops", *args],
+            input=stdin or "",  # never the terminal's stdin
+            env=env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+@pytest.fixture
+def postback(database_url: str, redis_url: str, queue_name: str, tmp_path: Path) -> Postback:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
+    env["POSTBACK_DATABASE_URL"] = database_url
+    env["POSTBACK_REDIS_URL"] = redis_url
+    env["POSTBACK_QUEUE_NAME"] = queue_name
+    return Postback(env, tmp_path)
+
+
+def succeeded(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must have worked."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refused command printed, after checking it is one line and exit 2."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("postback"), lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
+def write(tmp_path: Path, text: str, name: str = "event.json") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def json_lines(*events: dict[str, Any]) -> str:
+    return "".join(json.dumps(event) + "\n" for event in events)
+
+
+def with_amount(data: dict[str, Any], amount: Any) -> dict[str, Any]:
+    return {**data, "order": {**data["order"], "amount": amount}}
+
+
+async def queued(producer: Producer) -> set[str]:
+    """Ids of the events in the run's queue, checking each has its job stored."""
+    members = await producer.redis.zrange(producer.queue_name, 0, -1)
+    ids = {member.decode().removeprefix("event:") for member in members}
+    for event_id in ids:
+        assert await producer.redis.exists(f"arq:job:{job_id(event_id)}") == 1, event_id
+    return ids
+
+
+async def callback_rows(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT affiliate_id, event_type, method, url_template, secret, enabled FROM callbacks"
+        " ORDER BY affiliate_id, event_type"
+    )
+    return [dict(row) for row in rows]
+
+
+# --- usage and configuration -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        pytest.param([], "required: COMMAND", id="no-arguments"),
+        pytest.param(["bogus"], "bogus", id="unknown-command"),
+        pytest.param(["callbacks"], "required: COMMAND", id="missing-subcommand"),
+        pytest.param(["preview", "--event", "-"], "--url", id="missing-option"),
+    ],
+)
+def test_usage_errors_exit_2_in_one_line(postback: Postback, args: list[str], named: str) -> None:
+    assert named in refusal(postback(*args))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("POSTBACK_LOG_LEVEL", "loud"), ("POSTBACK_QUEUE_NAME", ""), ("POSTBACK_MAX_JOBS", "0")],
+)
+def test_bad_configuration_is_refused_in_one_line(
+    postback: Postback, variable: str, value: str
+) -> None:
+    line = refusal(postback("callbacks", "list", env_overrides={variable: value}))
+    assert "bad configuration" in line
+    assert variable.removeprefix("POSTBACK_").lower() in line.lower()  # the setting is named
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["db", "init"],
+        ["callbacks", "list"],
+        ["callbacks", "remove", "--affiliate", "ann", "--event", "order.created"],
+    ],
+    ids=" ".join,
+)
+def test_unreachable_database_is_refused_in_one_line(postback: Postback, args: list[str]) -> None:
+    line = refusal(postback(*args, env_overrides={"POSTBACK_DATABASE_URL": UNREACHABLE_DATABASE}))
+    assert "cannot reach the database" in line
+
+
+# --- db init ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def empty_database_url() -> AsyncIterator[str]:
+    """A database of its own with no tables, dropped afterwards."""
+    name = f"postback_test_{RUN}_empty"
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def test_db_init_creates_the_tables_and_can_run_again(
+    postback: Postback, empty_database_url: str
+) -> None:
+    for _ in range(2):
+        result = postback("db", "init", env_overrides={"POSTBACK_DATABASE_URL": empty_database_url})
+        assert succeeded(result) == "schema applied\n"
+
+    conn = await database.connect(empty_database_url)
+    try:
+        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await conn.close()
+    assert {row["tablename"] for row in tables} >= {"callbacks", "deliveries", "attempts"}
+
+
+# --- callbacks set ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("given", "stored"), [("GET", "GET"), ("post", "POST")])
+async def test_callbacks_set_saves_the_callback(
+    db: asyncpg.Connection, postback: Postback, given: str, stored: str
+) -> None:
+    result = postback(
+        "callbacks", "set", "--affiliate", "ann", "--event", "order.created",
+        "--method", given, "--url", GET_TEMPLATE, "--secret", SECRET,
+    )  # fmt: skip
+
+    assert succeeded(result) == f"saved: ann order.created {stored} {GET_TEMPLATE}\n"
+    assert await callback_rows(db) == [
+        {
+            "affiliate_id": "ann",
+            "event_type": "order.created",
+            "method": stored,
+            "url_template": GET_TEMPLATE,
+            "secret": SECRET,
+            "enabled": True,
+        }
+    ]
+
+
+async def test_callbacks_set_replaces_the_existing_callback(
+    db: asyncpg.Connection, postback: Postback
+) -> None:
+    await save_callback(db, "ann", "order.updated", "GET", "https://old.example/pb", "old")
+
+    result = postback(
+        "callbacks", "set", "--affiliate", "ann", "--event", "order.updated",
+        "--method", "POST", "--url", "https://new.example/{{event.type}}", "--secret", "new",
+    )  # fmt: skip
+
+    assert succeeded(result) == (
+        "saved: ann order.updated POST https://new.example/{{event.type}}\n"
+    )
+    assert await callback_rows(db) == [
+        {
+            "affiliate_id": "ann",
+            "event_type": "order.updated",
+            "method": "POST",
+            "url_template": "https://new.example/{{event.type}}",
+            "secret": "new",
+            "enabled": True,
+        }
+    ]
+
+
+async def test_callbacks_set_without_secret_keeps_the_stored_secret(
+    db: asyncpg.Connection, postback: Postback
+) -> None:
+    await save_callback(db, "ann", "order.created", "GET", "https://old.example/pb", SECRET)
+    args = ["--affiliate", "ann", "--event", "order.created", "--url", "https://new.example/pb"]
+
+    succeeded(postback("callbacks", "set", *args))
+
+    [row] = await callback_rows(db)
+    assert (row["url_template"], row["secret"]) == ("https://new.example/pb", SECRET)
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        pytest.param(
+            {"--url": "https://t.example/pb?o={{order.numbr}}"},
+            ["'order.numbr'", "did you mean 'order.number'"],
+            id="unknown-variable",
+        ),
+        pytest.param(
+            {"--url": "ftp://t.example/pb"}, ["http://", "ftp://t.example/pb"], id="not-http"
+        ),
+        pytest.param({"--event": "order.shipped"}, ["--event", "'order.shipped'"], id="bad-event"),
+        pytest.param({"--method": "PUT"}, ["--method", "'PUT'"], id="bad-method"),
+        pytest.param({"--url": None}, ["required", "--url"], id="missing-url"),
+        pytest.param({"--secret": ""}, ["secret"], id="empty-secret"),
+    ],
+)
+async def test_callbacks_set_refuses_a_bad_callback(
+    db: asyncpg.Connection,
+    postback: Postback,
+    changes: dict[str, str | None],
+    named: list[str],
+) -> None:
+    options: dict[str, str | None] = {
+        "--affiliate": "ann",
+        "--event": "order.created",
+        "--url": "https://t.example/pb",
+        **changes,
+    }
+    args = [
+        part for option, value in options.items() if value is not None for part in (option, value)
+    ]
+
+    line = refusal(postback("callbacks", "set", *args))
+
+    for name in named:
+        assert name in line
+    assert await callback_rows(db) == []
+
+
+# --- callbacks list --------------------------------------------------------------------
+
+
+ANN_URL = "https://ann.example/pb?o={{order.number}}"
+BOB_URL = "https://bob.example/hook"
+
+
+@pytest.fixture
+async def two_callbacks(db: asyncpg.Connection) -> None:
+    await save_callback(db, "ann", "order.created", "GET", ANN_URL, SECRET)
+    await save_callback(db, "bob", "order.updated", "POST", BOB_URL)
+
+
+ANN_LISTED = {
+    "affiliate_id": "ann",
+    "event_type": "order.created",
+    "method": "GET",
+    "url_template": ANN_URL,
+    "has_secret": True,
+    "enabled": True,
+}
+BOB_LISTED = {
+    "affiliate_id": "bob",
+    "event_type": "order.updated",
+    "method": "POST",
+    "url_template": BOB_URL,
+    "has_secret": False,
+    "enabled": True,
+}
+
+
+def table(stdout: str) -> list[list[str]]:
+    """The table's cells, row by row (no cell contains a space)."""
+    return [line.split() for line in stdout.splitlines()]
+
+
+def listed(stdout: str) -> list[dict[str, Any]]:
+    """The `--json` listing, keeping only the keys the tests compare."""
+    found = json.loads(stdout)
+    assert isinstance(found, list)
+    return [{key: item[key] for key in ANN_LISTED} for item in found]
+
+
+@pytest.mark.usefixtures("two_callbacks")
+def test_callbacks_list_prints_a_table_without_secrets(postback: Postback) -> None:
+    stdout = succeeded(postback("callbacks", "list"))
+
+    assert table(stdout) == [
+        ["AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "URL"],
+        ["ann", "order.created", "GET", "yes", "yes", ANN_URL],
+        ["bob", "order.updated", "POST", "yes", "no", BOB_URL],
+    ]
+    assert SECRET not in stdout
+
+
+@pytest.mark.usefixtures("two_callbacks")
+def test_callbacks_list_json_has_every_field_but_the_secret(postback: Postback) -> None:
+    stdout = succeeded(postback("callbacks", "list", "--json"))
+
+    assert listed(stdout) == [ANN_LISTED, BOB_LISTED]
+    assert SECRET not in stdout
+    assert all("secret" not in item for item in json.loads(stdout))
+
+
+@pytest.mark.usefixtures("two_callbacks")
+def test_callbacks_list_filters_by_affiliate(postback: Postback) -> None:
+    as_table = succeeded(postback("callbacks", "list", "--affiliate", "ann"))
+    as_json = succeeded(postback("callbacks", "list", "--affiliate", "bob", "--json"))
+
+    assert table(as_table)[1:] == [["ann", "order.created", "GET", "yes", "yes", ANN_URL]]
+    assert listed(as_json) == [BOB_LISTED]
+
+
+@pytest.mark.parametrize(("json_flag", "expected"), [([], "no callbacks\n"), (["--json"], "[]\n")])
+@pytest.mark.usefixtures("db")
+def test_callbacks_list_when_there_are_none(
+    postback: Postback, json_flag: list[str], expected: str
+) -> None:
+    assert succeeded(postback("callbacks", "list", *json_flag)) == expected
+
+
+# --- callbacks remove ------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("two_callbacks")
+async def test_callbacks_remove_deletes_only_that_callback(
+    db: asyncpg.Connection, postback: Postback
+) -> None:
+    result = postback("callbacks", "remove", "--affiliate", "ann", "--event", "order.created")
+
+    assert succeeded(result) == "removed: ann order.created\n"
+    assert [row["affiliate_id"] for row in await callback_rows(db)] == ["bob"]
+
+
+@pytest.mark.usefixtures("two_callbacks")
+async def test_callbacks_remove_refuses_a_missing_callback(
+    db: asyncpg.Connection, postback: Postback
+) -> None:
+    result = postback("callbacks", "remove", "--affiliate", "ann", "--event", "order.updated")
+
+    assert refusal(result) == "postback: error: no order.updated callback for affiliate ann"
+    assert len(await callback_rows(db)) == 2
+
+
+# --- preview ---------------------------------------------------------------------------
+
+
+def expected_body(data: dict[str, Any]) -> dict[str, Any]:
+    """The POST body for `event_data(...)` with occurred_at set, as the DESIGN describes it."""
+    return {
+        "event": {"id": data["id"], "type": "order.created", "occurred_at": OCCURRED_AT},
+        "affiliate": {"id": "ann"},
+        "order": {
+            "number": "#1001",
+            "amount": "10.50",
+            "commission": "1.05",
+            "currency": "",
+            "status": "",
+        },
+        "link": {
+            "url": LINK,
+            "path": "/summer",
+            "hash": "promo",
+            "sub_id": "fb1",
+            "query": {"ref": "ann", "campaign": "summer", "sub_id": "fb1"},
+        },
+    }
+
+
+def test_preview_get_prints_the_request_line(postback: Postback, tmp_path: Path) -> None:
+    event = write(tmp_path, json.dumps(event_data("preview-get")))
+
+    stdout = succeeded(postback("preview", "--url", GET_TEMPLATE, "--event", event))
+
+    assert stdout == f"GET {GET_RENDERED}\n"
+
+
+def test_preview_reads_stdin_and_keeps_numeric_amounts_exact(postback: Postback) -> None:
+    data = event_data("preview-stdin")
+    text = json.dumps(data).replace('"10.50"', "10.50").replace('"1.05"', "1.05")
+    assert '"amount": 10.50' in text  # a JSON number, which a float would turn into 10.5
+
+    stdout = succeeded(postback("preview", "--url", GET_TEMPLATE, "--event", "-", stdin=text))
+
+    assert stdout == f"GET {GET_RENDERED}\n"
+
+
+def test_preview_post_prints_the_json_body(postback: Postback, tmp_path: Path) -> None:
+    data = event_data("preview-post", occurred_at=OCCURRED_AT)
+    event = write(tmp_path, json.dumps(data))
+
+    result = postback(
+        "preview", "--method", "POST", "--url", "https://t.example/hook/{{affiliate.id}}",
+        "--event", event,
+    )  # fmt: skip
+
+    stdout = succeeded(result)
+
+    first, *rest = stdout.splitlines()
+    assert first == "POST https://t.example/hook/ann"
+    assert json.loads("\n".join(rest)) == expected_body(data)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_preview_json_shows_method_url_headers_and_body(
+    postback: Postback, tmp_path: Path, method: str
+) -> None:
+    data = event_data("preview-json", occurred_at=OCCURRED_AT)
+    event = write(tmp_path, json.dumps(data))
+
+    stdout = succeeded(
+        postback("preview", "--json", "--method", method, "--url", GET_TEMPLATE, "--event", event)
+    )
+
+    shown = json.loads(stdout)
+    headers = {"User-Agent": USER_AGENT, "Idempotency-Key": str(delivery_id(parse_event(data)))}
+    if method == "POST":
+        headers["Content-Type"] = "application/json"
+    assert shown == {
+        "method": method,
+        "url": GET_RENDERED,
+        "headers": headers,
+        "body": expected_body(data) if method == "POST" else None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("url", "event_text", "named"),
+    [
+        pytest.param(
+            GET_TEMPLATE,
+            json.dumps(with_amount(event_data("preview-bad"), "ten")),
+            ["order.amount"],
+            id="bad-amount",
+        ),
+        pytest.param(GET_TEMPLATE, None, ["cannot read", "event.json"], id="file-not-found"),
+        pytest.param(
+            "https://t.example/?o={{order.numbr}}",
+            json.dumps(event_data("preview-var")),
+            ["'order.numbr'", "'order.number'"],
+            id="unknown-variable",
+        ),
+        pytest.param(
+            GET_TEMPLATE,
+            json_lines(event_data("preview-one"), event_data("preview-two")),
+            ["one event", "got 2"],
+            id="two-events",
+        ),
+    ],
+)
+def test_preview_refuses(
+    postback: Postback, tmp_path: Path, url: str, event_text: str | None, named: list[str]
+) -> None:
+    event = str(tmp_path / "event.json") if event_text is None else write(tmp_path, event_text)
+
+    line = refusal(postback("preview", "--url", url, "--event", event))
+
+    for name in named:
+        assert name in line
+
+
+def test_preview_needs_no_database_or_redis(postback: Postback, tmp_path: Path) -> None:
+    event = write(tmp_path, json.dumps(event_data("preview-offline")))
+
+    result = postback(
+        "preview", "--url", GET_TEMPLATE, "--event", event,
+        env_overrides={**NO_SERVERS, "POSTBACK_DATA_DIR": str(tmp_path)},
+    )  # fmt: skip
+
+    assert succeeded(result) == f"GET {GET_RENDERED}\n"
+    assert "embedded" not in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["event.json"]  # no pg, no redis
+
+
+# --- send ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+@pytest.mark.parametrize(
+    ("form", "count", "printed"),
+    [
+        ("object", 1, "enqueued 1 event\n"),
+        ("array", 2, "enqueued 2 events\n"),
+        ("lines", 3, "enqueued 3 events\n"),
+    ],
+)
+async def test_send_enqueues_every_event(
+    producer: Producer,
+    postback: Postback,
+    tmp_path: Path,
+    source: str,
+    form: str,
+    count: int,
+    printed: str,
+) -> None:
+    events = [event_data(f"send-{form}-{n}") for n in range(count)]
+    text = {
+        "object": json.dumps(events[0]),
+        "array": json.dumps(events),
+        "lines": json_lines(*events),
+    }[form]
+
+    if source == "file":
+        result = postback("send", "--event", write(tmp_path, text))
+    else:
+        result = postback("send", "--event", "-", stdin=text)
+
+    assert succeeded(result) == printed
+    assert await queued(producer) == {event["id"] for event in events}
+
+
+async def test_send_reports_events_already_queued(
+    producer: Producer, postback: Postback, tmp_path: Path
+) -> None:
+    first, second = event_data("send-again-1"), event_data("send-again-2")
+    assert succeeded(postback("send", "--event", "-", stdin=json.dumps(first))) == (
+        "enqueued 1 event\n"
+    )
+
+    assert succeeded(postback("send", "--event", "-", stdin=json.dumps(first))) == (
+        "enqueued 0 events, 1 already queued\n"
+    )
+    assert succeeded(postback("send", "--event", "-", stdin=json_lines(first, second))) == (
+        "enqueued 1 event, 1 already queued\n"
+    )
+    assert await queued(producer) == {first["id"], second["id"]}
+
+
+@pytest.mark.parametrize(
+    ("form", "named"),
+    [
+        ("lines", ["line 2", "order.amount"]),
+        ("array", ["event 2", "order.amount"]),
+        ("not-json", ["line 2", "not valid JSON"]),
+    ],
+)
+async def test_send_refuses_all_when_one_event_is_invalid(
+    producer: Producer, postback: Postback, tmp_path: Path, form: str, named: list[str]
+) -> None:
+    good = [event_data("send-good-1"), event_data("send-good-2")]
+    bad = with_amount(event_data("send-bad"), "ten")
+    text = {
+        "lines": json_lines(good[0], bad, good[1]),
+        "array": json.dumps([good[0], bad, good[1]]),
+        "not-json": json_lines(good[0]) + "{not json\n" + json_lines(good[1]),
+    }[form]
+
+    line = refusal(postback("send", "--event", write(tmp_path, text)))
+
+    for name in named:
+        assert name in line
+    assert await queued(producer) == set()
+    for data in (*good, bad):
+        assert await producer.redis.exists(f"arq:job:{job_id(data['id'])}") == 0
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "[]"])
+async def test_send_refuses_input_without_events(
+    producer: Producer, postback: Postback, text: str
+) -> None:
+    assert "no event in the input" in refusal(postback("send", "--event", "-", stdin=text))
+    assert await queued(producer) == set()
+
+
+def test_send_with_unreachable_redis_is_refused_in_one_line(
+    postback: Postback, tmp_path: Path
+) -> None:
+    event = write(tmp_path, json.dumps(event_data("send-no-redis")))
+
+    result = postback(
+        "send", "--event", event, env_overrides={"POSTBACK_REDIS_URL": UNREACHABLE_REDIS}
+    )
+
+    assert "cannot reach Redis" in refusal(result)
+
+
+@pytest.mark.parametrize(
+    "bad_url",
+    ["http://127.0.0.1:6379/0", "redis://127.0.0.1:6379/abc", "redis://127.0.0.1:port/0"],
+)
+def test_send_with_a_malformed_redis_url_is_refused_in_one_line(
+    postback: Postback, tmp_path: Path, bad_url: str
+) -> None:
+    event = write(tmp_path, json.dumps(event_data("send-bad-url")))
+
+    result = postback("send", "--event", event, env_overrides={"POSTBACK_REDIS_URL": bad_url})
+
+    assert "redis" in refusal(result).lower()
+
+
+# --- worker ----------------------------------------------------------------------------
+
+
+async def test_worker_burst_delivers_what_send_enqueued(
+    db: asyncpg.Connection,
+    producer: Producer,
+    receiver: Receiver,
+    postback: Postback,
+    tmp_path: Path,
+) -> None:
+    url = receiver.url + "/pb?o={{order.number}}&a={{order.amount}}&e={{event.id}}"
+    succeeded(
+        postback("callbacks", "set", "--affiliate", "ann", "--event", "order.created", "--url", url)
+    )
+    data = event_data("worker")
+    succeeded(postback("send", "--event", write(tmp_path, json.dumps(data))))
+
+    # In a thread: the receiver answers on this test's event loop while the worker runs.
+    result = await asyncio.to_thread(postback, "worker", "--burst")
+
+    succeeded(result)
+    assert [(got.method, got.path_qs) for got in receiver.requests] == [
+        ("GET", f"/pb?o=%231001&a=10.50&e={data['id']}")
+    ]
+    state = await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", data["id"])
+    assert state == "delivered"
+    assert await queued(producer) == set()
+
+
+def test_worker_with_unreachable_redis_is_refused_in_one_line(postback: Postback) -> None:
+    result = postback("worker", "--burst", env_overrides={"POSTBACK_REDIS_URL": UNREACHABLE_REDIS})
+
+    assert "cannot reach Redis" in refusal(result)
+
+
+# --- demo ------------------------------------------------------------------------------
+
+
+def check_demo_output(stdout: str) -> None:
+    received = sorted(
+        line.removeprefix("receiver got: ").split("?")[0]
+        for line in stdout.splitlines()
+        if line.startswith("receiver got: ")
+    )
+    assert received == [
+        "GET /ann/postback",
+        "GET /ann/postback",
+        "POST /bob/order.created",
+        "POST /bob/order.updated",
+    ]
+    assert "receiver got: GET /ann/postback?order=%231001&amount=10.50&commission=1.05" in stdout
+    assert "receiver got: POST /bob/order.created?order=%231002&amount=249.00" in stdout
+
+    ledger = stdout.split("\nledger:\n", 1)[1].splitlines()
+    assert [line.split()[1:3] for line in ledger] == [
+        ["demo-ann", "delivered"],
+        ["demo-bob", "delivered"],
+        ["demo-ann", "delivered"],
+        ["demo-bob", "delivered"],
+        ["demo-carol", "skipped"],
+    ]
+
+
+@pytest.mark.usefixtures("db", "producer")  # empty tables and an empty queue
+def test_demo_on_the_configured_servers(postback: Postback) -> None:
+    result = postback("demo", timeout=120)
+
+    check_demo_output(succeeded(result))
+    assert "embedded" not in result.stderr
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True, check=False)
+    return found.stdout.splitlines()
+
+
+def test_demo_with_embedded_postgres_and_redis(postback: Postback, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+
+    result = postback(
+        "demo", env_overrides={**NO_SERVERS, "POSTBACK_DATA_DIR": str(data_dir)}, timeout=120
+    )
+
+    check_demo_output(succeeded(result))
+    assert f"postback: embedded Postgres in {data_dir / 'pg'}" in result.stderr
+    assert f"postback: embedded Redis in {data_dir / 'redis.db'}" in result.stderr
+    assert (data_dir / "pg").is_dir()
+    # The servers stop as the command exits; allow them a moment to finish dying.
+    deadline = time.monotonic() + 5
+    while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_mentioning(str(tmp_path)) == []
