@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state         text        NOT NULL CHECK (state IN ('pending', 'delivered', 'failed', 'skipped')),
     reason        text,
     request       jsonb,      -- the rendered request: method, url, headers, body
-    attempts      integer     NOT NULL DEFAULT 0,
+    attempts      integer     NOT NULL DEFAULT 0,  -- kept here so listings need no count
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now()
 );

@@ -73,7 +73,7 @@ def _parser() -> _Parser:
     cb_set = cb.add_parser("set", help="create or replace a callback")
     cb_set.add_argument("--affiliate", required=True)
     cb_set.add_argument("--event", required=True, choices=EVENT_TYPES)
-    cb_set.add_argument("--method", default="GET", type=str.upper, choices=("GET", "POST"))
+    cb_set.add_argument("--method", default="GET", type=str.upper, choices=callbacks.METHODS)
     cb_set.add_argument(
         "--url", required=True, help="URL template, e.g. https://t.example/?o={{order.number}}"
     )
@@ -92,7 +92,7 @@ def _parser() -> _Parser:
 
     preview = commands.add_parser("preview", help="render a request without sending it")
     preview.add_argument("--url", required=True, help="URL template")
-    preview.add_argument("--method", default="GET", type=str.upper, choices=("GET", "POST"))
+    preview.add_argument("--method", default="GET", type=str.upper, choices=callbacks.METHODS)
     preview.add_argument("--event", required=True, help="event JSON file, or - for stdin")
     preview.add_argument("--json", action="store_true", help="method, url, headers, body as JSON")
     preview.set_defaults(run=preview_request, needs=())
@@ -127,10 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _refuse(str(exc))
     except pydantic.ValidationError as exc:
         return _refuse(_config_error(exc))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+    except database.DatabaseUnavailable as exc:
         return _refuse(f"cannot reach the database: {_first_line(exc)}")
+    except asyncpg.UndefinedTableError:
+        return _refuse("the database has no relay tables yet: run `postback db init`")
+    except asyncpg.PostgresError as exc:
+        return _refuse(f"database error: {_first_line(exc)}")
     except redis.exceptions.RedisError as exc:
         return _refuse(f"cannot reach Redis: {_first_line(exc)}")
+    except OSError as exc:
+        return _refuse(_first_line(exc))
 
 
 def _config_error(exc: pydantic.ValidationError) -> str:
@@ -149,18 +155,14 @@ def _refuse(message: str) -> int:
     return EXIT_USAGE
 
 
-async def _db(settings: Settings) -> asyncpg.Connection:
-    assert settings.database_url is not None
-    return await database.connect(settings.database_url)
+def _database_url(settings: Settings) -> str:
+    assert settings.database_url is not None  # `services` has filled it in
+    return settings.database_url
 
 
 @_sync
 async def db_init(args: argparse.Namespace, settings: Settings) -> int:
-    conn = await _db(settings)
-    try:
-        await database.apply_schema(conn)
-    finally:
-        await conn.close()
+    await database.init(_database_url(settings))
     print("schema applied")
     return 0
 
@@ -168,24 +170,18 @@ async def db_init(args: argparse.Namespace, settings: Settings) -> int:
 @_sync
 async def callbacks_set(args: argparse.Namespace, settings: Settings) -> int:
     spec = callbacks.validate(args.affiliate, args.event, args.method, args.url, args.secret)
-    conn = await _db(settings)
-    try:
+    async with database.connection(_database_url(settings)) as conn:
         saved = await callbacks.save(conn, spec)
-    finally:
-        await conn.close()
     print(f"saved: {saved.affiliate_id} {saved.event_type} {saved.method} {saved.url_template}")
     return 0
 
 
 @_sync
 async def callbacks_list(args: argparse.Namespace, settings: Settings) -> int:
-    conn = await _db(settings)
-    try:
-        found = await callbacks.list_all(conn, args.affiliate)
-    finally:
-        await conn.close()
+    async with database.connection(_database_url(settings)) as conn:
+        found = [cb.public() for cb in await callbacks.list_all(conn, args.affiliate)]
     if args.json:
-        print(json.dumps([cb.public() for cb in found], indent=2))
+        print(json.dumps(found, indent=2))
         return 0
     if not found:
         print("no callbacks")
@@ -193,12 +189,12 @@ async def callbacks_list(args: argparse.Namespace, settings: Settings) -> int:
     rows = [("AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "URL")]
     rows += [
         (
-            cb.affiliate_id,
-            cb.event_type,
-            cb.method,
-            "yes" if cb.enabled else "no",
-            "yes" if cb.secret else "no",
-            cb.url_template,
+            cb["affiliate_id"],
+            cb["event_type"],
+            cb["method"],
+            _yes_no(cb["enabled"]),
+            _yes_no(cb["has_secret"]),
+            cb["url_template"],
         )
         for cb in found
     ]
@@ -209,13 +205,14 @@ async def callbacks_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 @_sync
 async def callbacks_remove(args: argparse.Namespace, settings: Settings) -> int:
-    conn = await _db(settings)
-    try:
+    async with database.connection(_database_url(settings)) as conn:
         removed = await callbacks.remove(conn, args.affiliate, args.event)
-    finally:
-        await conn.close()
     if not removed:
         raise Refused(f"no {args.event} callback for affiliate {args.affiliate}")
     print(f"removed: {args.affiliate} {args.event}")
@@ -312,7 +309,3 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 @_sync
 async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     return await demo.run(settings)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

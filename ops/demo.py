@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
+from arq import Worker
 
-from producer.event import Event, parse_event
+from producer.event import EVENT_TYPES, Event, parse_event
 from producer.publish import Producer
-from worker import callbacks, database
+from worker import callbacks, database, logs
 from worker.config import Settings
 from worker.pool import create_worker
 
@@ -27,6 +28,7 @@ _QUERY = (
     "&currency={{order.currency}}&status={{order.status}}&event={{event.id}}"
     "&type={{event.type}}&affiliate={{affiliate.id}}&sub_id={{link.sub_id}}"
     "&campaign={{link.query.campaign}}&path={{link.path}}&hash={{link.hash}}"
+    "&at={{event.occurred_at}}&link={{link.url}}"
 )
 AFFILIATES = {
     "demo-ann": ("GET", "/ann/postback?" + _QUERY),
@@ -103,35 +105,29 @@ async def serve(handler: Handler) -> AsyncIterator[str]:
 async def run(settings: Settings) -> int:
     assert settings.database_url is not None
     assert settings.redis_url is not None
+    if "log_level" not in settings.model_fields_set:
+        # The demo narrates on stdout; the worker's own log lines would only repeat it.
+        logs.configure("warning")
     run_id = f"demo-{int(time.time() * 1000)}"
     events = _events(run_id)
-    conn = await database.connect(settings.database_url)
-    try:
+    async with (
+        database.connection(settings.database_url) as conn,
+        serve(_print_request) as base,
+    ):
         await database.apply_schema(conn)
-        async with serve(_print_request) as base:
-            print(f"demo receiver listening on {base}")
-            for affiliate, (method, path) in AFFILIATES.items():
-                for event_type in ("order.created", "order.updated"):
-                    spec = callbacks.validate(affiliate, event_type, method, base + path)
-                    await callbacks.save(conn, spec)
-                print(f"callback: {affiliate} {method} {base}{path}")
+        print(f"demo receiver listening on {base}")
+        for affiliate, (method, path) in AFFILIATES.items():
+            for event_type in EVENT_TYPES:
+                spec = callbacks.validate(affiliate, event_type, method, base + path)
+                await callbacks.save(conn, spec)
+            print(f"callback: {affiliate} {method} {base}{path}")
 
-            worker = create_worker(settings, handle_signals=False, poll_delay=0.05)
-            worker_task = asyncio.create_task(worker.async_run())
-            try:
-                producer = await Producer.connect(settings.redis_url, settings.queue_name)
-                async with producer:
-                    for event in events:
-                        await producer.publish(event)
-                        print(f"published: {event.id} {event.type} {event.affiliate_id}")
-                rows = await _settled(conn, [event.id for event in events])
-            finally:
-                worker_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker_task
-                await worker.close()
-    finally:
-        await conn.close()
+        async with _running(create_worker(settings, handle_signals=False, poll_delay=0.05)):
+            async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
+                for event in events:
+                    await producer.publish(event)
+                    print(f"published: {event.id} {event.type} {event.affiliate_id}")
+            rows = await _settled(conn, [event.id for event in events])
 
     print("\nledger:")
     for row in rows:
@@ -142,6 +138,18 @@ async def run(settings: Settings) -> int:
         print(f"{unsettled} deliveries did not settle within {WAIT_SECONDS:.0f} s")
         return 1
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _running(worker: Worker) -> AsyncIterator[None]:
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
 
 
 async def _settled(conn: asyncpg.Connection, event_ids: list[str]) -> list[dict[str, object]]:

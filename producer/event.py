@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
 )
 
 EventType = Literal["order.created", "order.updated"]
@@ -40,12 +41,21 @@ def _currency_code(value: str) -> str:
     return value
 
 
-Money = Annotated[Decimal, Field(allow_inf_nan=False)]
+# Bounded so that no amount can make rendering it without an exponent explode in size.
+Money = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38, decimal_places=18)]
 
 
 class _Strict(BaseModel):
     # Unknown keys are refused: a misspelled `affiliateId` must fail loudly, not vanish.
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # Postgres text cannot hold U+0000; refuse it here, naming the field, not in a worker.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain the NUL character")
+        return value
 
 
 class Order(_Strict):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from producer.event import Event, parse_event
-from producer.queue import DEFAULT_QUEUE, JOB_NAME, deserialize, job_id, serialize
+from producer.queue import DEFAULT_QUEUE, JOB_EXPIRES, JOB_NAME, deserialize, job_id, serialize
 
 
 class Producer:
@@ -53,9 +52,13 @@ class Producer:
 
     async def publish(self, event: Event | Mapping[str, Any]) -> bool:
         """Enqueue one event. False when a job for the same event id is already queued."""
-        valid = _stamped(parse_event(event))
+        valid = parse_event(event)
         job = await self.redis.enqueue_job(
-            JOB_NAME, valid.to_json(), _job_id=job_id(valid.id), _queue_name=self.queue_name
+            JOB_NAME,
+            valid.to_json(),
+            _job_id=job_id(valid.id),
+            _queue_name=self.queue_name,
+            _expires=JOB_EXPIRES,
         )
         return job is not None
 
@@ -63,9 +66,3 @@ class Producer:
         """Validate all, then enqueue all: one invalid event means none is enqueued."""
         valid = [parse_event(event) for event in events]
         return [await self.publish(event) for event in valid]
-
-
-def _stamped(event: Event) -> Event:
-    if event.occurred_at is not None:
-        return event
-    return event.model_copy(update={"occurred_at": datetime.now(UTC)})

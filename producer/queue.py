@@ -7,6 +7,7 @@ worker, and a producer in any language can enqueue by writing the same shape as 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +16,11 @@ DEFAULT_QUEUE = "postback:queue"
 
 JOB_NAME = "deliver_event"
 """The worker function every event job calls, with the event object as its one argument."""
+
+
+JOB_EXPIRES = timedelta(days=30)
+"""How long a queued job waits for a worker before Redis drops it (arq's default is a day:
+too short for a relay whose workers may be stopped over a long weekend)."""
 
 
 def job_id(event_id: str) -> str:

@@ -47,14 +47,7 @@ def database_url() -> Iterator[str]:
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
     url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
 
-    async def init() -> None:
-        conn = await database.connect(url)
-        try:
-            await database.apply_schema(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(init())
+    asyncio.run(database.init(url))
     yield url
     asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
 

@@ -15,10 +15,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 import pytest
 
 from producer import Producer, parse_event
@@ -148,7 +150,13 @@ def test_usage_errors_exit_2_in_one_line(postback: Postback, args: list[str], na
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("POSTBACK_LOG_LEVEL", "loud"), ("POSTBACK_QUEUE_NAME", ""), ("POSTBACK_MAX_JOBS", "0")],
+    [
+        ("POSTBACK_LOG_LEVEL", "loud"),
+        ("POSTBACK_QUEUE_NAME", ""),
+        ("POSTBACK_MAX_JOBS", "0"),
+        ("POSTBACK_DATABASE_URL", "mysql://127.0.0.1/db"),
+        ("POSTBACK_DATABASE_URL", "postgresql://127.0.0.1:abc/db"),
+    ],
 )
 def test_bad_configuration_is_refused_in_one_line(
     postback: Postback, variable: str, value: str
@@ -195,12 +203,20 @@ async def test_db_init_creates_the_tables_and_can_run_again(
         result = postback("db", "init", env_overrides={"POSTBACK_DATABASE_URL": empty_database_url})
         assert succeeded(result) == "schema applied\n"
 
-    conn = await database.connect(empty_database_url)
-    try:
+    async with database.connection(empty_database_url) as conn:
         tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-    finally:
-        await conn.close()
     assert {row["tablename"] for row in tables} >= {"callbacks", "deliveries", "attempts"}
+
+
+def test_a_database_without_tables_asks_for_db_init(
+    postback: Postback, empty_database_url: str
+) -> None:
+    result = postback(
+        "callbacks", "list", env_overrides={"POSTBACK_DATABASE_URL": empty_database_url}
+    )
+    assert refusal(result) == (
+        "postback: error: the database has no relay tables yet: run `postback db init`"
+    )
 
 
 # --- callbacks set ---------------------------------------------------------------------
@@ -365,6 +381,11 @@ def test_callbacks_list_json_has_every_field_but_the_secret(postback: Postback) 
     stdout = succeeded(postback("callbacks", "list", "--json"))
 
     assert listed(stdout) == [ANN_LISTED, BOB_LISTED]
+    for item in json.loads(stdout):
+        assert set(item) == {*ANN_LISTED, "id", "created_at", "updated_at"}
+        assert isinstance(item["id"], int)
+        datetime.fromisoformat(item["created_at"])
+        datetime.fromisoformat(item["updated_at"])
     assert SECRET not in stdout
     assert all("secret" not in item for item in json.loads(stdout))
 
@@ -726,9 +747,16 @@ def test_demo_on_the_configured_servers(postback: Postback) -> None:
     assert "embedded" not in result.stderr
 
 
-def processes_mentioning(text: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True, check=False)
-    return found.stdout.splitlines()
+def processes_using(folder: Path) -> list[str]:
+    """Processes whose command line names `folder` (Postgres) or that run inside it (Redis
+    changes into its data folder; its command line names only a socket elsewhere)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        cwd = process.info["cwd"] or ""
+        if str(folder) in cmdline or cwd.startswith(str(folder)):
+            found.append(f"{process.info['pid']} {cmdline}")
+    return found
 
 
 def test_demo_with_embedded_postgres_and_redis(postback: Postback, tmp_path: Path) -> None:
@@ -744,6 +772,6 @@ def test_demo_with_embedded_postgres_and_redis(postback: Postback, tmp_path: Pat
     assert (data_dir / "pg").is_dir()
     # The servers stop as the command exits; allow them a moment to finish dying.
     deadline = time.monotonic() + 5
-    while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+    while processes_using(data_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert processes_mentioning(str(tmp_path)) == []
+    assert processes_using(data_dir) == []

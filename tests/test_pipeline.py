@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
+from aiohttp import web
 
+from ops.demo import serve
 from producer import Producer
-from tests.conftest import Receiver, drain, event_data, save_callback
+from tests.conftest import ADMIN_URL, Receiver, drain, event_data, save_callback
 from worker.config import Settings
 from worker.deliver import USER_AGENT
+from worker.pool import create_worker
 
 LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"
 
@@ -198,3 +204,142 @@ async def test_unreachable_receiver_is_recorded_with_its_error(
     assert attempt is not None
     assert attempt["status_code"] is None
     assert attempt["error_class"] == "connect_error"
+
+
+async def test_post_idempotency_key_is_the_ledger_delivery_id_and_occurred_at_defaults(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    await save_callback(db, "bob", "order.created", "POST", receiver.url + "/hook")
+    data = event_data("stamp", affiliate_id="bob")  # no occurred_at
+    before = datetime.now(UTC)
+    await producer.publish(data)
+    await drain(settings)
+
+    [got] = receiver.requests
+    row = await _delivery(db, data["id"])
+    assert got.headers["Idempotency-Key"] == str(row["id"])
+    stamped = datetime.fromisoformat(json.loads(got.body)["event"]["occurred_at"])
+    assert before - timedelta(seconds=1) <= stamped <= datetime.now(UTC)
+
+
+@pytest.mark.parametrize(("hops", "state"), [(3, "delivered"), (4, "failed")])
+async def test_redirects_are_followed_up_to_three_hops(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, hops: int, state: str
+) -> None:
+    seen: list[str] = []
+
+    async def chain(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        step = int(request.match_info["tail"] or 0)
+        if step < hops:
+            raise web.HTTPFound(f"/{step + 1}")
+        return web.Response(text="landed")
+
+    async with serve(chain) as url:
+        await save_callback(db, "ann", "order.created", "GET", url + "/0")
+        data = event_data(f"hops-{hops}")
+        await producer.publish(data)
+        await drain(settings)
+
+    row = await _delivery(db, data["id"])
+    assert row["state"] == state
+    attempt = await db.fetchrow("SELECT * FROM attempts WHERE delivery_id = $1", row["id"])
+    assert attempt is not None
+    if state == "delivered":
+        assert seen == ["/0", "/1", "/2", "/3"]
+        assert attempt["response_excerpt"] == "landed"
+    else:
+        assert seen == ["/0", "/1", "/2", "/3"]  # the fourth redirect is not followed
+        assert attempt["error_class"] == "too_many_redirects"
+
+
+async def test_a_huge_response_is_read_only_up_to_64_kib(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(64):  # 8 MiB in all, more than anyone should keep
+            await response.write(b"x" * 128 * 1024)
+        return response
+
+    async with serve(huge) as url:
+        await save_callback(db, "ann", "order.created", "GET", url + "/big")
+        data = event_data("huge")
+        await producer.publish(data)
+        await drain(settings)
+
+    row = await _delivery(db, data["id"])
+    assert row["state"] == "delivered"
+    excerpt = await db.fetchval(
+        "SELECT response_excerpt FROM attempts WHERE delivery_id = $1", row["id"]
+    )
+    assert excerpt == "x" * 64 * 1024
+
+
+async def test_a_receiver_slower_than_the_timeout_is_recorded_as_a_timeout(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    async with serve(slow) as url:
+        await save_callback(db, "ann", "order.created", "GET", url + "/slow")
+        data = event_data("slow")
+        await producer.publish(data)
+        await drain(settings.model_copy(update={"request_timeout": 0.5}))
+
+    row = await _delivery(db, data["id"])
+    attempt = await db.fetchrow("SELECT * FROM attempts WHERE delivery_id = $1", row["id"])
+    assert attempt is not None
+    assert (row["state"], attempt["error_class"]) == ("failed", "timeout")
+    assert 400 < attempt["duration_ms"] < 3000
+
+
+async def test_a_database_outage_keeps_the_event_until_postgres_is_back(
+    db: asyncpg.Connection,
+    producer: Producer,
+    receiver: Receiver,
+    settings: Settings,
+    database_url: str,
+) -> None:
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/outage")
+    name = database_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(ADMIN_URL)
+    worker = create_worker(settings, handle_signals=False, poll_delay=0.05)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        while "db" not in worker.ctx:  # noqa: ASYNC110 -- arq offers no start-up event
+            await asyncio.sleep(0.01)
+        # Postgres goes away for the worker: its connections cut, new ones refused.
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> $2",
+            name,
+            await db.fetchval("SELECT pg_backend_pid()"),
+        )
+        data = event_data("outage")
+        await producer.publish(data)
+        await asyncio.sleep(1)
+        assert receiver.requests == []
+        assert await producer.redis.zscore(producer.queue_name, f"event:{data['id']}") is not None
+
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        for _ in range(300):  # the job's next try comes INFRA_RETRY_SECONDS later
+            if receiver.requests:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        await admin.close()
+        running.cancel()
+        await worker.close()
+
+    assert len(receiver.requests) == 1
+    for _ in range(50):  # the ledger write follows the request by a moment
+        if (await _delivery(db, data["id"]))["state"] == "delivered":
+            break
+        await asyncio.sleep(0.05)
+    assert (await _delivery(db, data["id"]))["state"] == "delivered"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -40,6 +39,9 @@ def _refusal(data: Any) -> list[str]:
             {"order": {"number": "#1", "amount": "1", "commission": "1", "currency": "euro"}},
             "order.currency",
         ),
+        ({"order": {"number": "#1", "amount": "1e999999999", "commission": "1"}}, "order.amount"),
+        ({"order": {"number": "#1\x00", "amount": "1", "commission": "1"}}, "order.number"),
+        ({"affiliate_id": "ann\x00"}, "affiliate_id"),
         ({"link": {"url": "/relative/path"}}, "link.url"),
         ({"link": {"url": "ftp://shop.example/x"}}, "link.url"),
         ({"link": {}}, "link.url"),
@@ -120,8 +122,7 @@ async def test_publish_writes_a_json_job_once_per_event_id(
     [sent] = job["a"]
     assert sent["id"] == data["id"]
     assert sent["order"]["amount"] == "10.50"
-    stamped = datetime.fromisoformat(sent["occurred_at"])
-    assert abs((datetime.now(UTC) - stamped).total_seconds()) < 60
+    assert "occurred_at" not in sent  # the worker takes arq's enqueue time, for any producer
     assert queued.count(job_id(data["id"]).encode()) == 1
 
 

@@ -85,7 +85,7 @@ async def save(conn: asyncpg.Connection | asyncpg.Pool, spec: CallbackSpec) -> C
     """Create or replace the callback for the affiliate and event type.
 
     A spec without a secret keeps the stored one: re-pointing a URL must not silently
-    stop the signing the affiliate relies on.
+    stop the signatures the affiliate checks.
     """
     row = await conn.fetchrow(
         """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from arq.connections import RedisSettings
 from pydantic import Field, field_validator
@@ -51,8 +52,15 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("postgres://", "postgresql://")):
-            raise ValueError("must be a postgresql:// URL")
+        if value is None:
+            return value
+        message = "must be a postgresql://USER@HOST:PORT/DATABASE URL"
+        if not value.startswith(("postgres://", "postgresql://")):
+            raise ValueError(message)
+        try:
+            urlsplit(value).port  # noqa: B018 -- raises for a port that is not a number
+        except ValueError:
+            raise ValueError(message) from None
         return value
 
     @field_validator("redis_url")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -17,20 +19,53 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+class DatabaseUnavailable(Exception):
+    """Postgres could not be reached: down, wrong address, no such database, refused login."""
+
+
+# What asyncpg raises when the server is down, restarting, or refuses us, as opposed to a
+# query failing: worth waiting out, never a reason to drop work.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+)
+
+
 async def connect(database_url: str) -> asyncpg.Connection:
-    conn: asyncpg.Connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT)
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT)
+    except UNAVAILABLE as exc:
+        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
     await _init_connection(conn)
     return conn
 
 
+@asynccontextmanager
+async def connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        database_url,
-        min_size=1,
-        max_size=size,
-        timeout=CONNECT_TIMEOUT,
-        init=_init_connection,
-    )
+    try:
+        pool = await asyncpg.create_pool(
+            database_url,
+            min_size=1,
+            max_size=size,
+            timeout=CONNECT_TIMEOUT,
+            init=_init_connection,
+        )
+    except UNAVAILABLE as exc:
+        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
     assert pool is not None  # only None when used without await
     return pool
 
@@ -38,3 +73,8 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
 async def apply_schema(conn: asyncpg.Connection) -> None:
     """Create what is missing; safe to run on every start and on a live database."""
     await conn.execute(SCHEMA_PATH.read_text())
+
+
+async def init(database_url: str) -> None:
+    async with connection(database_url) as conn:
+        await apply_schema(conn)

@@ -14,7 +14,7 @@ import aiohttp
 from yarl import URL
 
 from producer.event import Event
-from worker import render
+from worker import render, sign
 
 USER_AGENT = f"postback-relay/{version('postback-relay')}"
 MAX_REDIRECTS = 3
@@ -47,14 +47,27 @@ class Request:
 
 
 def build_request(
-    method: str, template: render.Template, event: Event, delivery: uuid.UUID
+    method: str,
+    template: render.Template,
+    event: Event,
+    delivery: uuid.UUID,
+    secret: str | None = None,
+    timestamp: int | None = None,
 ) -> Request:
+    """The request one attempt sends; signed when the callback has a secret.
+
+    `timestamp` (Unix seconds, default now) is what the signature vouches for, so each
+    attempt is built afresh and a receiver can refuse stale replays.
+    """
     values = render.variables(event)
     headers = {"User-Agent": USER_AGENT, "Idempotency-Key": str(delivery)}
     body = None
     if method == "POST":
         headers["Content-Type"] = "application/json"
         body = json.dumps(render.body(values), separators=(",", ":")).encode()
+    if secret is not None:
+        signed_at = int(time.time()) if timestamp is None else timestamp
+        headers |= sign.headers(secret, str(delivery), signed_at, body or b"")
     return Request(method, render.render(template, values), headers, body)
 
 
@@ -75,7 +88,8 @@ class Outcome:
 
 def session(connect_timeout: float, request_timeout: float) -> aiohttp.ClientSession:
     """The one session a worker shares across deliveries, so connections are reused."""
-    timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
+    # `connect` covers name resolution and the TCP/TLS handshake, not just the socket.
+    timeout = aiohttp.ClientTimeout(total=request_timeout, connect=connect_timeout)
     # Cookies from one affiliate must never travel to another.
     return aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
 
@@ -91,7 +105,8 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
             headers=request.headers,
             data=request.body,
             allow_redirects=True,
-            max_redirects=MAX_REDIRECTS,
+            # aiohttp gives up when it receives its max_redirects-th redirect: +1 follows 3.
+            max_redirects=MAX_REDIRECTS + 1,
         ) as response:
             raw = await _read_capped(response.content)
             status = response.status

@@ -29,24 +29,20 @@ async def open_delivery(
     callback_id: int | None,
     state: State = "pending",
     reason: str | None = None,
-) -> tuple[Delivery, bool]:
-    """The delivery for this event, created if new. The flag says whether it was created.
+) -> Delivery:
+    """The delivery for this event, created in `state` if new.
 
-    An existing row wins: a repeated event id never makes a second delivery.
+    An existing row wins: a repeated event id never makes a second delivery. The no-op
+    update (rather than DO NOTHING) makes the statement wait for, and return, a row that
+    a concurrent worker is inserting.
     """
     row = await conn.fetchrow(
         """
-        WITH new AS (
-            INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
-                                    callback_id, event, state, reason)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            ON CONFLICT (id) DO NOTHING
-            RETURNING id, state, attempts, true AS created
-        )
-        SELECT * FROM new
-        UNION ALL
-        SELECT id, state, attempts, false FROM deliveries WHERE id = $1
-        LIMIT 1
+        INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
+                                callback_id, event, state, reason)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
+        RETURNING id, state, attempts
         """,
         delivery,
         event.id,
@@ -59,7 +55,7 @@ async def open_delivery(
         reason,
     )
     assert row is not None
-    return Delivery(row["id"], row["state"], row["attempts"]), row["created"]
+    return Delivery(row["id"], row["state"], row["attempts"])
 
 
 async def record_attempt(
@@ -70,8 +66,11 @@ async def record_attempt(
     outcome: Outcome,
     state: State,
     reason: str | None,
-) -> None:
-    """The attempt and the delivery's new state, in one transaction so they never disagree."""
+) -> int:
+    """Record the attempt and the delivery's new state together; returns the attempt number.
+
+    One transaction, so the delivery's state and its attempts never disagree.
+    """
     async with pool.acquire() as conn, conn.transaction():
         number: int = await conn.fetchval(
             """
@@ -100,3 +99,4 @@ async def record_attempt(
             outcome.error,
             outcome.excerpt,
         )
+    return number

@@ -1,4 +1,8 @@
-"""structlog set-up: readable lines for a person at a terminal, JSON lines for machines."""
+"""structlog set-up: readable lines for a person at a terminal, JSON lines for machines.
+
+arq and other libraries log through the standard library; their records go through the
+same renderer, so a log collector never has to parse two formats.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,44 @@ import sys
 
 import structlog
 
+LOGGER = "postback"
+"""Parent of every logger of the relay's own (`postback.worker`, ...)."""
+
 
 def configure(level: str = "info") -> None:
     """`level` is one of Settings.log_level's values, already checked there."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer()
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    final: list[structlog.typing.Processor] = (
+        [structlog.dev.ConsoleRenderer()]
         if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer()
+        else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     )
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    # arq reports each job in its own words; ours are the structured ones.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    # Libraries (arq narrates every job, pgserver every command) speak only to warn; the
+    # relay's own events, under "postback", say what matters at the level asked for.
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.getLogger(LOGGER).setLevel(numeric)

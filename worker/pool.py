@@ -11,7 +11,7 @@ from arq.worker import func
 from producer.queue import JOB_NAME, deserialize, serialize
 from worker import database, deliver
 from worker.config import Settings
-from worker.job import deliver_event
+from worker.job import INFRA_RETRY_SECONDS, deliver_event
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
@@ -51,6 +51,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # The ledger, not Redis, answers "was this event delivered?"; results would only
         # fill Redis.
         "keep_result": 0,
+        # arq counts every run of a job, including the waits for Postgres to come back;
+        # a day of those at one try per INFRA_RETRY_SECONDS must not drop the event.
+        "max_tries": 86_400 // INFRA_RETRY_SECONDS,
     }
 
 

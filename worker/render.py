@@ -69,11 +69,6 @@ class Template:
     source: str
     parts: tuple[str | Variable, ...]
 
-    @property
-    def variables(self) -> tuple[str, ...]:
-        """The variable names used, in order of first use, so a UI can list them."""
-        return tuple(dict.fromkeys(p.name for p in self.parts if isinstance(p, Variable)))
-
 
 def parse(source: str) -> Template:
     """Validate a template when the callback is saved, so mistakes surface to a person.
@@ -136,10 +131,7 @@ def render(template: Template, values: Mapping[str, str]) -> str:
     segment, a query parameter or a fragment. A variable without a value renders as "".
     """
     return "".join(
-        part
-        if isinstance(part, str)
-        # errors="replace": a lone surrogate from JSON must not crash a delivery.
-        else quote(values.get(part.name, ""), safe="", errors="replace")
+        part if isinstance(part, str) else quote(values.get(part.name, ""), safe="")
         for part in template.parts
     )
 
@@ -147,28 +139,17 @@ def render(template: Template, values: Mapping[str, str]) -> str:
 def body(values: Mapping[str, str]) -> dict[str, Any]:
     """The JSON body of a POST: the flat variables nested on their dots.
 
-    `link.query.NAME` always nests as one key NAME under `link.query`, even when NAME has
-    dots, because it is a query parameter name and not a path. `link.query` is present
-    (possibly empty) whenever any `link.*` value is, so receivers can rely on its shape.
+    `link.query.NAME` nests as one key NAME under `link.query`, even when NAME has dots,
+    because it is a query parameter name and not a path. `link.query` is always present
+    (possibly empty), so receivers can rely on the shape.
     """
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"link": {"query": {}}}
     for key, value in values.items():
         if key.startswith(_QUERY_PREFIX):
-            path = ["link", "query", key[len(_QUERY_PREFIX) :]]
+            out["link"]["query"][key.removeprefix(_QUERY_PREFIX)] = value
         else:
-            path = key.split(".")
-        node = out
-        for segment in path[:-1]:
-            child = node.setdefault(segment, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"variable {key!r} conflicts with a value at {segment!r}")
-            node = child
-        if isinstance(node.get(path[-1]), dict):
-            raise ValueError(f"variable {key!r} conflicts with nested variables under it")
-        node[path[-1]] = value
-    link = out.get("link")
-    if isinstance(link, dict):
-        link.setdefault("query", {})
+            group, name = key.split(".", 1)
+            out.setdefault(group, {})[name] = value
     return out
 
 
