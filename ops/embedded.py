@@ -31,12 +31,11 @@ def services(
     urls: dict[str, str] = {}
     with ExitStack() as stack:
         if start_database:
+            # Imported late: slow to import, and only needed here. platformdirs warns on
+            # import that XDG_RUNTIME_DIR is unset, as it is on servers; harmless here.
             with warnings.catch_warnings():
-                # platformdirs warns that XDG_RUNTIME_DIR is unset on servers; harmless here.
                 warnings.simplefilter("ignore")
-                from pgserver import (
-                    postgres_server,
-                )  # imported late: slow to import, and only needed here
+                from pgserver import postgres_server
 
             server = postgres_server.get_server(data_dir / "pg", cleanup_mode="stop")
             stack.callback(server.cleanup)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import asyncpg
 import structlog
 from arq import Retry
@@ -41,7 +42,7 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         raise Retry(defer=INFRA_RETRY_SECONDS) from exc
 
 
-async def _deliver(db: asyncpg.Pool, http: Any, event: Event) -> str:
+async def _deliver(db: asyncpg.Pool, http: aiohttp.ClientSession, event: Event) -> str:
     did = delivery_id(event)
     bound = log.bind(event_id=event.id, delivery_id=str(did), affiliate=event.affiliate_id)
 
