@@ -141,8 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _config_error(exc: pydantic.ValidationError) -> str:
     first = exc.errors(include_url=False)[0]
-    name = "POSTBACK_" + str(first["loc"][0]).upper() if first["loc"] else "configuration"
-    return f"bad configuration: {name}: {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a rule across settings names them itself
+        return f"bad configuration: {message}"
+    return f"bad configuration: POSTBACK_{str(first['loc'][0]).upper()}: {message}"
 
 
 def _first_line(exc: BaseException) -> str:

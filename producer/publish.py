@@ -9,7 +9,7 @@ from typing import Any, Self
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from producer.event import Event, parse_event
-from producer.queue import DEFAULT_QUEUE, JOB_EXPIRES, JOB_NAME, deserialize, job_id, serialize
+from producer.queue import DEFAULT_QUEUE, deserialize, enqueue, serialize
 
 
 class Producer:
@@ -52,15 +52,7 @@ class Producer:
 
     async def publish(self, event: Event | Mapping[str, Any]) -> bool:
         """Enqueue one event. False when a job for the same event id is already queued."""
-        valid = parse_event(event)
-        job = await self.redis.enqueue_job(
-            JOB_NAME,
-            valid.to_json(),
-            _job_id=job_id(valid.id),
-            _queue_name=self.queue_name,
-            _expires=JOB_EXPIRES,
-        )
-        return job is not None
+        return await enqueue(self.redis, parse_event(event).to_json(), self.queue_name)
 
     async def publish_many(self, events: Iterable[Event | Mapping[str, Any]]) -> list[bool]:
         """Validate all, then enqueue all: one invalid event means none is enqueued."""

@@ -11,6 +11,8 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from arq.connections import ArqRedis
+
 DEFAULT_QUEUE = "postback:queue"
 """The Redis key of the queue (a sorted set, as arq keeps it) unless configured otherwise."""
 
@@ -26,6 +28,18 @@ too short for a relay whose workers may be stopped over a long weekend)."""
 def job_id(event_id: str) -> str:
     """One job per event id, so publishing the same id while it is queued enqueues nothing."""
     return f"event:{event_id}"
+
+
+async def enqueue(redis: ArqRedis, event: dict[str, Any], queue_name: str) -> bool:
+    """Queue a validated event's job. False when that event's job is already in Redis.
+
+    arq's check and write are one transaction, so two callers racing on the same event
+    (a producer publishing twice, two sweeps) enqueue it once.
+    """
+    job = await redis.enqueue_job(
+        JOB_NAME, event, _job_id=job_id(event["id"]), _queue_name=queue_name, _expires=JOB_EXPIRES
+    )
+    return job is not None
 
 
 def _default(value: object) -> str:

@@ -70,14 +70,18 @@ def settings(database_url: str, redis_url: str, queue_name: str) -> Settings:
         queue_name=queue_name,
         request_timeout=3.0,
         connect_timeout=1.0,
+        # Two quick retries: the whole schedule runs out in well under a second.
+        retry_schedule="10ms,20ms",
+        job_timeout=5.0,
+        shutdown_wait=5,
     )
 
 
 async def _forget_redis_keys(redis_url: str, queue_name: str) -> None:
-    """Delete the run's queue and the job keys of events this run published, nothing else."""
+    """Delete the run's queue and the keys of its jobs (event ids and queue name hold RUN)."""
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
-        keys = [key async for key in client.scan_iter(match=f"arq:*event:{RUN}*")]
+        keys = [key async for key in client.scan_iter(match=f"arq:*{RUN}*")]
         await client.delete(queue_name, *keys)
     finally:
         await client.aclose()

@@ -10,6 +10,7 @@ import asyncpg
 
 from producer.event import EVENT_TYPES, EventType
 from worker import render
+from worker.database import Executor
 
 Method = Literal["GET", "POST"]
 METHODS: tuple[Method, ...] = ("GET", "POST")
@@ -81,7 +82,7 @@ def _from_row(row: asyncpg.Record) -> Callback:
     return Callback(**dict(row))
 
 
-async def save(conn: asyncpg.Connection | asyncpg.Pool, spec: CallbackSpec) -> Callback:
+async def save(conn: Executor, spec: CallbackSpec) -> Callback:
     """Create or replace the callback for the affiliate and event type.
 
     A spec without a secret keeps the stored one: re-pointing a URL must not silently
@@ -107,9 +108,7 @@ async def save(conn: asyncpg.Connection | asyncpg.Pool, spec: CallbackSpec) -> C
     return _from_row(row)
 
 
-async def get(
-    conn: asyncpg.Connection | asyncpg.Pool, affiliate_id: str, event_type: str
-) -> Callback | None:
+async def get(conn: Executor, affiliate_id: str, event_type: str) -> Callback | None:
     row = await conn.fetchrow(
         "SELECT * FROM callbacks WHERE affiliate_id = $1 AND event_type = $2",
         affiliate_id,
@@ -118,9 +117,7 @@ async def get(
     return None if row is None else _from_row(row)
 
 
-async def list_all(
-    conn: asyncpg.Connection | asyncpg.Pool, affiliate_id: str | None = None
-) -> list[Callback]:
+async def list_all(conn: Executor, affiliate_id: str | None = None) -> list[Callback]:
     rows = await conn.fetch(
         """
         SELECT * FROM callbacks
@@ -132,9 +129,7 @@ async def list_all(
     return [_from_row(row) for row in rows]
 
 
-async def remove(
-    conn: asyncpg.Connection | asyncpg.Pool, affiliate_id: str, event_type: str
-) -> bool:
+async def remove(conn: Executor, affiliate_id: str, event_type: str) -> bool:
     """Remove the callback; False when there was none. Past deliveries stay recorded."""
     status: str = await conn.execute(
         "DELETE FROM callbacks WHERE affiliate_id = $1 AND event_type = $2",

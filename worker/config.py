@@ -7,10 +7,12 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from arq.connections import RedisSettings
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.queue import DEFAULT_QUEUE
+from worker.deliver import QUICK_RETRY_SECONDS
+from worker.retry import DEFAULT_SCHEDULE, parse_schedule
 
 
 class Settings(BaseSettings):
@@ -41,6 +43,21 @@ class Settings(BaseSettings):
     request_timeout: float = Field(
         default=10.0, gt=0, description="Seconds for a whole request, body included."
     )
+    retry_schedule: str = Field(
+        default=DEFAULT_SCHEDULE,
+        description="Waits before each retry of a failed delivery (units ms, s, m, h, d); "
+        "empty for no retries.",
+    )
+    job_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds one delivery may take before it is cancelled and tried again.",
+    )
+    shutdown_wait: int = Field(
+        default=20,
+        ge=0,
+        description="Seconds a stopping worker lets in-flight deliveries finish.",
+    )
     max_jobs: int = Field(default=50, ge=1, description="Deliveries one worker runs at once.")
     db_pool_size: int = Field(
         default=10, ge=1, description="Postgres connections one worker process keeps."
@@ -48,6 +65,28 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Least severe log level written."
     )
+
+    @property
+    def schedule(self) -> tuple[float, ...]:
+        """`retry_schedule` in seconds."""
+        return parse_schedule(self.retry_schedule)
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        parse_schedule(value)
+        return value
+
+    @model_validator(mode="after")
+    def _job_outlasts_its_request(self) -> Settings:
+        # A job cancelled while its request can still succeed would send it twice.
+        least = self.connect_timeout + QUICK_RETRY_SECONDS + self.request_timeout
+        if self.job_timeout <= least:
+            raise ValueError(
+                f"POSTBACK_JOB_TIMEOUT must be more than {least:g} s: the connect timeout, "
+                "a quick retry and the request timeout"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod

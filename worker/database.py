@@ -8,6 +8,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+Conn = asyncpg.Connection | PoolConnectionProxy
+"""One connection, e.g. one a transaction runs on: from `connect` or from a pool."""
+
+Executor = Conn | asyncpg.Pool
+"""Anything a single statement can run on."""
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 

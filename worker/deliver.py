@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -11,6 +12,7 @@ from importlib.metadata import version
 from typing import Any
 
 import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_fixed
 from yarl import URL
 
 from producer.event import Event
@@ -20,6 +22,10 @@ USER_AGENT = f"postback-relay/{version('postback-relay')}"
 MAX_REDIRECTS = 3
 BODY_LIMIT = 64 * 1024
 """Bytes of a response body read and kept; a receiver cannot make the worker read more."""
+
+QUICK_RETRY_SECONDS = 0.5
+"""A failed connect is tried once more this soon, inside the same attempt: most are a
+receiver restarting, and the schedule's first wait (a minute) would be for nothing."""
 
 _DELIVERY_NAMESPACE = uuid.UUID("5d0b5c6e-7c1a-4f4e-9a55-0f6a2b8d4e21")
 
@@ -80,6 +86,8 @@ class Outcome:
     error_class: str | None = None
     error: str | None = None
     excerpt: str = ""
+    retry_after: str | None = None
+    """The response's Retry-After header, as sent; the retry policy reads it."""
 
     @property
     def ok(self) -> bool:
@@ -110,6 +118,7 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         ) as response:
             raw = await _read_capped(response.content)
             status = response.status
+            retry_after = response.headers.get("Retry-After")
     except TimeoutError:
         return _failure(started, "timeout", "no complete answer within the timeout")
     except aiohttp.TooManyRedirects:
@@ -118,7 +127,36 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         return _failure(started, "connect_error", str(exc))
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
         return _failure(started, "http_error", f"{type(exc).__name__}: {exc}")
-    return Outcome(status, _elapsed_ms(started), excerpt=excerpt(raw))
+    return Outcome(status, _elapsed_ms(started), excerpt=excerpt(raw), retry_after=retry_after)
+
+
+def _connect_failed(outcome: Outcome) -> bool:
+    return outcome.error_class == "connect_error"
+
+
+def _last_outcome(state: RetryCallState) -> Outcome:
+    assert state.outcome is not None
+    outcome: Outcome = state.outcome.result()
+    return outcome
+
+
+async def attempt(http: aiohttp.ClientSession, request: Request) -> Outcome:
+    """One attempt of a delivery: the request, sent a second time only if the connect failed.
+
+    Nothing reached the receiver when a connect fails, so the quick second try cannot
+    duplicate anything; the attempt is recorded once, with the time both tries took.
+    """
+    started = time.perf_counter()
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(2),
+        wait=wait_fixed(QUICK_RETRY_SECONDS),
+        retry=retry_if_result(_connect_failed),
+        retry_error_callback=_last_outcome,
+    )
+    outcome: Outcome = await retrying(send, http, request)
+    if _connect_failed(outcome):
+        outcome = dataclasses.replace(outcome, error=f"{outcome.error} (and again after a retry)")
+    return dataclasses.replace(outcome, duration_ms=_elapsed_ms(started))
 
 
 async def _read_capped(stream: aiohttp.StreamReader) -> bytes:

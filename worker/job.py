@@ -1,27 +1,55 @@
-"""The arq job: one queued event in, its postback sent and recorded."""
+"""The arq job: one queued event in, its postback sent, retried or dead-lettered, and recorded.
+
+A job runs until its delivery settles. Every wait (the retry schedule, an earlier delivery
+of the same order, a database outage) is an arq deferral of the same job, so the event
+stays in Redis until Postgres says it is done; the sweep re-enqueues it from Postgres if
+Redis loses it anyway.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import asyncpg
 import structlog
 from arq import Retry
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from yarl import URL
 
 from producer.event import Event, InvalidEvent, parse_event
-from worker import callbacks, database, ledger, render
-from worker.deliver import build_request, delivery_id, send
+from producer.queue import JOB_EXPIRES, job_id
+from worker import callbacks, database, deliver, ledger, render, retry
+from worker.config import Settings
 
 log = structlog.get_logger("postback.worker")
 
 INFRA_RETRY_SECONDS = 5
 """Wait before retrying a job whose database failed; the event stays queued meanwhile."""
 
+BLOCKED_RECHECK_SECONDS = 60
+"""How often a delivery waiting for an earlier one of its order looks again. The earlier one
+wakes it as soon as it settles; this only bounds the wait if that wake-up was lost."""
+
 # Any database failure is waited out rather than the event dropped: a lost postback costs
 # an affiliate money, a retried job costs a log line.
 _RETRYABLE: tuple[type[BaseException], ...] = (*database.UNAVAILABLE, asyncpg.PostgresError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What one run of the job works with."""
+
+    db: asyncpg.Pool
+    http: aiohttp.ClientSession
+    redis: ArqRedis
+    settings: Settings
+    job_id: str
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -35,57 +63,156 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
     if event.occurred_at is None:
         # DESIGN §2: defaults to enqueue time, whoever enqueued it.
         event = event.model_copy(update={"occurred_at": ctx["enqueue_time"].astimezone(UTC)})
+    run = _Run(ctx["db"], ctx["http"], ctx["redis"], ctx["settings"], ctx["job_id"])
     try:
-        return await _deliver(ctx["db"], ctx["http"], event)
+        return await _deliver(run, event)
     except _RETRYABLE as exc:
         log.warning("database_failed", event_id=event.id, error=f"{type(exc).__name__}: {exc}")
-        raise Retry(defer=INFRA_RETRY_SECONDS) from exc
+        raise await _defer(run, INFRA_RETRY_SECONDS) from exc
 
 
-async def _deliver(db: asyncpg.Pool, http: aiohttp.ClientSession, event: Event) -> str:
-    did = delivery_id(event)
+async def _deliver(run: _Run, event: Event) -> str:
+    did = deliver.delivery_id(event)
     bound = log.bind(event_id=event.id, delivery_id=str(did), affiliate=event.affiliate_id)
+    callback = await callbacks.get(run.db, event.affiliate_id, event.type)
+    callback_id = None if callback is None else callback.id
 
-    callback = await callbacks.get(db, event.affiliate_id, event.type)
-    if callback is None or not callback.enabled:
-        reason = (
-            f"no {event.type} callback configured for affiliate {event.affiliate_id}"
-            if callback is None
-            else "callback disabled"
+    async with run.db.acquire() as conn, conn.transaction():
+        delivery = await ledger.open_delivery(conn, did, event, callback_id)
+        if not delivery.open:
+            # The same event id again after it settled: at most one postback per event.
+            bound.info("delivery_repeat_ignored", state=delivery.state)
+            return delivery.state
+        if delivery.wait > 0:
+            # Run early (re-enqueued by the sweep, or woken): the schedule still holds.
+            raise await _defer(run, delivery.wait)
+        if (
+            delivery.claimed_by not in (None, run.job_id)
+            and delivery.claim_age is not None
+            and delivery.claim_age < run.settings.job_timeout
+        ):
+            # Another job is sending it right now (an event enqueued under a second job id).
+            bound.info("delivery_in_flight_elsewhere", job_id=delivery.claimed_by)
+            return delivery.state
+
+        unsendable = _unsendable(event, callback, delivery.attempts)
+        if unsendable is not None:
+            state, reason = unsendable
+            woken = await ledger.close(conn, did, state, reason, callback_id)
+        else:
+            earlier = await ledger.blocker(conn, did)
+            if earlier is not None:
+                await ledger.block(conn, did, earlier.id)
+            else:
+                await ledger.claim(conn, did, run.job_id)
+
+    if unsendable is not None:
+        if state == "dead":
+            bound.warning("delivery_dead", state=state, reason=reason, attempts=delivery.attempts)
+        else:
+            bound.info("delivery_skipped", state=state, reason=reason)
+        await _wake(run, woken)
+        return state
+    if earlier is not None:
+        bound.info(
+            "delivery_waiting", waiting_for=str(earlier.id), waiting_for_event=earlier.event_id
         )
-        callback_id = None if callback is None else callback.id
-        delivery = await ledger.open_delivery(db, did, event, callback_id, "skipped", reason)
-        bound.info("delivery_skipped", reason=reason, state=delivery.state)
-        return delivery.state
+        raise await _defer(run, BLOCKED_RECHECK_SECONDS)
 
-    try:
-        template = render.parse(callback.url_template)
-    except render.TemplateError as exc:
-        # Only a template written to the table by hand gets here; say so in the ledger.
-        reason = f"stored template is invalid: {exc}"
-        delivery = await ledger.open_delivery(db, did, event, callback.id, "failed", reason)
-        bound.error("delivery_failed", reason=reason, state=delivery.state)
-        return delivery.state
+    assert callback is not None
+    return await _attempt(
+        run, bound, did, callback, parse_event(delivery.event), delivery.attempts + 1
+    )
 
-    delivery = await ledger.open_delivery(db, did, event, callback.id)
-    if delivery.state != "pending":
-        # The same event id again after it settled: at most one postback per event.
-        bound.info("delivery_repeat_ignored", state=delivery.state)
-        return delivery.state
 
-    request = build_request(callback.method, template, event, did, callback.secret)
+def _unsendable(
+    event: Event, callback: callbacks.Callback | None, attempts: int
+) -> tuple[Literal["skipped", "dead"], str] | None:
+    """Why this delivery cannot be sent at all, and the state that leaves it in."""
+    if callback is None:
+        reason = f"no {event.type} callback configured for affiliate {event.affiliate_id}"
+    elif not callback.enabled:
+        reason = "callback disabled"
+    else:
+        try:
+            render.parse(callback.url_template)
+        except render.TemplateError as exc:
+            # Only a template written to the table by hand gets here.
+            return "dead", f"stored template is invalid: {exc}"
+        return None
+    # Never tried: nothing to replay. Tried before the callback went away: a dead letter,
+    # so ops can replay it once the callback is back.
+    return ("skipped" if attempts == 0 else "dead"), reason
+
+
+async def _attempt(
+    run: _Run,
+    bound: structlog.stdlib.BoundLogger,
+    did: uuid.UUID,
+    callback: callbacks.Callback,
+    event: Event,
+    number: int,
+) -> str:
+    template = render.parse(callback.url_template)
+    request = deliver.build_request(callback.method, template, event, did, callback.secret)
     started_at = datetime.now(UTC)
-    outcome = await send(http, request)
-    state: ledger.State = "delivered" if outcome.ok else "failed"
-    failure = None if outcome.ok else (outcome.error or f"HTTP {outcome.status}")
-    attempt = await ledger.record_attempt(
-        db, delivery, request, started_at, outcome, state, failure
+    try:
+        outcome = await deliver.attempt(run.http, request)
+    except asyncio.CancelledError:
+        # Stopped mid-request (shutdown, job timeout): the receiver may or may not have it.
+        # Free the delivery so the next run sends it again, with the same delivery id.
+        await asyncio.shield(ledger.release(run.db, did, run.job_id))
+        raise
+    verdict = retry.decide(outcome, number, run.settings.schedule, started_at)
+    _, woken = await ledger.record_attempt(
+        run.db, did, callback.id, request, started_at, outcome, verdict
     )
-    bound.info(
-        f"delivery_{state}",
-        attempt=attempt,
-        status_code=outcome.status,
-        error_class=outcome.error_class,
-        duration_ms=round(outcome.duration_ms, 1),
+    fields: dict[str, Any] = {
+        "state": verdict.state,
+        "attempt": number,
+        "outcome": verdict.kind,
+        "status_code": outcome.status,
+        "error_class": outcome.error_class,
+        "duration_ms": round(outcome.duration_ms, 1),
+        # The host only: the path and query may carry the affiliate's tokens.
+        "host": URL(request.url, encoded=True).host,
+    }
+    if verdict.state == "retrying":
+        assert verdict.delay is not None
+        bound.info(
+            "delivery_retrying", **fields, reason=verdict.reason, retry_in_s=round(verdict.delay, 3)
+        )
+        raise await _defer(run, verdict.delay)
+    if verdict.state == "dead":
+        bound.warning(
+            "delivery_dead",
+            **fields,
+            reason=verdict.reason,
+            callback_disabled=verdict.disable_callback,
+        )
+    else:
+        bound.info("delivery_delivered", **fields)
+    await _wake(run, woken)
+    return verdict.state
+
+
+async def _defer(run: _Run, seconds: float) -> Retry:
+    """The arq Retry that runs this job again in `seconds`, with its Redis key kept alive.
+
+    arq keeps a job's key only until the expiry given at enqueue; a long schedule (or a
+    long Retry-After) must not outlive it, or arq would drop the job as expired.
+    """
+    keep = JOB_EXPIRES.total_seconds() + seconds
+    await run.redis.expire(job_key_prefix + run.job_id, int(keep))
+    return Retry(defer=seconds)
+
+
+async def _wake(run: _Run, event_ids: list[str]) -> None:
+    """Run now the jobs of deliveries that were waiting for the one just settled."""
+    if not event_ids:
+        return
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    # XX: only jobs still queued; LT: never push a job later than it already was.
+    await run.redis.zadd(
+        run.settings.queue_name, {job_id(e): now_ms for e in event_ids}, xx=True, lt=True
     )
-    return state

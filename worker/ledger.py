@@ -1,96 +1,218 @@
-"""The delivery record in Postgres: what was sent for which event, every attempt, the outcome."""
+"""The delivery record in Postgres: each delivery's state, every attempt, and who may send next.
+
+Postgres is the truth and Redis only carries work: whatever a job is about to do, it first
+checks and claims the delivery here, and whatever it did is written here before the job
+ends. A job that dies between the two leaves a claim that its re-run, or the sweep, takes
+over.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 
 from producer.event import Event
+from worker.database import Conn, Executor
 from worker.deliver import Outcome, Request
+from worker.retry import Verdict
 
-State = Literal["pending", "delivered", "failed", "skipped"]
+State = Literal["pending", "retrying", "delivered", "dead", "skipped"]
+OPEN_STATES: tuple[State, ...] = ("pending", "retrying")
+"""The states a delivery can still leave; the others are final."""
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
     id: uuid.UUID
+    event: dict[str, Any]
+    """As first recorded: a repeated event id never changes what is sent."""
     state: State
     attempts: int
+    wait: float
+    """Seconds until the next try is due; 0 or less when it is due now."""
+    claimed_by: str | None
+    claim_age: float | None
+    """Seconds since `claimed_by` claimed it."""
+
+    @property
+    def open(self) -> bool:
+        return self.state in OPEN_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Blocker:
+    """An earlier delivery of the same order to the same affiliate, not settled yet."""
+
+    id: uuid.UUID
+    event_id: str
 
 
 async def open_delivery(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    delivery: uuid.UUID,
-    event: Event,
-    callback_id: int | None,
-    state: State = "pending",
-    reason: str | None = None,
+    conn: Conn, delivery: uuid.UUID, event: Event, callback_id: int | None
 ) -> Delivery:
-    """The delivery for this event, created in `state` if new.
+    """The delivery for this event, created `pending` and due now if new; locked until commit.
 
     An existing row wins: a repeated event id never makes a second delivery. The no-op
-    update (rather than DO NOTHING) makes the statement wait for, and return, a row that
-    a concurrent worker is inserting.
+    update (rather than DO NOTHING) locks the row and makes the statement wait for, and
+    return, a row that a concurrent worker is inserting.
     """
     row = await conn.fetchrow(
         """
         INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
-                                callback_id, event, state, reason)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                occurred_at, callback_id, event, state, next_attempt_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', now())
         ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
-        RETURNING id, state, attempts
+        RETURNING id, event, state, attempts, claimed_by,
+                  extract(epoch FROM next_attempt_at - now())::float8 AS wait,
+                  extract(epoch FROM now() - claimed_at)::float8 AS claim_age
         """,
         delivery,
         event.id,
         event.type,
         event.affiliate_id,
         event.order.number,
+        event.occurred_at,
         callback_id,
         event.to_json(),
-        state,
-        reason,
     )
     assert row is not None
-    return Delivery(row["id"], row["state"], row["attempts"])
+    return Delivery(
+        row["id"],
+        row["event"],
+        row["state"],
+        row["attempts"],
+        row["wait"] or 0.0,
+        row["claimed_by"],
+        row["claim_age"],
+    )
+
+
+async def blocker(conn: Conn, delivery: uuid.UUID) -> Blocker | None:
+    """The earliest open delivery this one must wait for, if any (DESIGN §6, issue: ordering).
+
+    Creates go before updates, then by `occurred_at`, then by arrival. The rows found are
+    share-locked until commit, so one settling at this moment either is seen settled or
+    sees this delivery's `blocked_by` when it looks for deliveries to wake.
+    """
+    rows = await conn.fetch(
+        """
+        SELECT p.id, p.event_id
+        FROM deliveries d
+        JOIN deliveries p
+          ON p.affiliate_id = d.affiliate_id AND p.order_number = d.order_number
+        WHERE d.id = $1
+          AND p.state IN ('pending', 'retrying')
+          AND p.id <> d.id
+          AND ((p.event_type <> 'order.created')::int, p.occurred_at, p.created_at, p.id)
+            < ((d.event_type <> 'order.created')::int, d.occurred_at, d.created_at, d.id)
+        ORDER BY (p.event_type <> 'order.created')::int, p.occurred_at, p.created_at, p.id
+        FOR SHARE OF p
+        """,
+        delivery,
+    )
+    return Blocker(rows[0]["id"], rows[0]["event_id"]) if rows else None
+
+
+async def block(conn: Conn, delivery: uuid.UUID, by: uuid.UUID) -> None:
+    await conn.execute("UPDATE deliveries SET blocked_by = $2 WHERE id = $1", delivery, by)
+
+
+async def claim(conn: Conn, delivery: uuid.UUID, job_id: str) -> None:
+    """Mark the delivery in flight for this job; a claim older than the job timeout is stale."""
+    await conn.execute(
+        """
+        UPDATE deliveries SET claimed_by = $2, claimed_at = now(), blocked_by = NULL
+        WHERE id = $1
+        """,
+        delivery,
+        job_id,
+    )
+
+
+async def release(conn: Executor, delivery: uuid.UUID, job_id: str) -> None:
+    """Give up this job's claim without an outcome, so the delivery can be tried again."""
+    await conn.execute(
+        """
+        UPDATE deliveries SET claimed_by = NULL, claimed_at = NULL
+        WHERE id = $1 AND claimed_by = $2
+        """,
+        delivery,
+        job_id,
+    )
+
+
+async def close(
+    conn: Conn,
+    delivery: uuid.UUID,
+    state: Literal["skipped", "dead"],
+    reason: str,
+    callback_id: int | None,
+) -> list[str]:
+    """Settle a delivery without sending it (no callback, a broken stored template).
+
+    Returns the event ids of deliveries that were waiting for this one.
+    """
+    await conn.execute(
+        """
+        UPDATE deliveries
+        SET state = $2, reason = $3, callback_id = $4, next_attempt_at = NULL,
+            claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, updated_at = now()
+        WHERE id = $1
+        """,
+        delivery,
+        state,
+        reason,
+        callback_id,
+    )
+    return await _waiting_for(conn, delivery)
 
 
 async def record_attempt(
     pool: asyncpg.Pool,
-    delivery: Delivery,
+    delivery: uuid.UUID,
+    callback_id: int,
     request: Request,
     started_at: datetime,
     outcome: Outcome,
-    state: State,
-    reason: str | None,
-) -> int:
-    """Record the attempt and the delivery's new state together; returns the attempt number.
+    verdict: Verdict,
+) -> tuple[int, list[str]]:
+    """Record an attempt and what follows from it, in one transaction.
 
-    One transaction, so the delivery's state and its attempts never disagree.
+    Returns the attempt's number, and the event ids of deliveries that were waiting for
+    this one when it settles. A 410 disables the callback in the same transaction, so no
+    later delivery can slip through to an endpoint that said it is gone.
     """
     async with pool.acquire() as conn, conn.transaction():
         number: int = await conn.fetchval(
             """
             UPDATE deliveries
-            SET attempts = attempts + 1, state = $2, reason = $3, request = $4, updated_at = now()
+            SET attempts = attempts + 1, state = $2, reason = $3, error_class = $4,
+                request = $5, callback_id = $6,
+                next_attempt_at = now() + make_interval(secs => $7),
+                claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, updated_at = now()
             WHERE id = $1
             RETURNING attempts
             """,
-            delivery.id,
-            state,
-            reason,
+            delivery,
+            verdict.state,
+            verdict.reason,
+            outcome.error_class,
             request.as_json(),
+            callback_id,
+            verdict.delay,
         )
         await conn.execute(
             """
             INSERT INTO attempts (delivery_id, number, started_at, duration_ms, status_code,
-                                  error_class, error, response_excerpt)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                  error_class, error, response_excerpt, request)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             """,
-            delivery.id,
+            delivery,
             number,
             started_at,
             outcome.duration_ms,
@@ -98,5 +220,49 @@ async def record_attempt(
             outcome.error_class,
             outcome.error,
             outcome.excerpt,
+            request.as_json(),
         )
-    return number
+        if verdict.disable_callback:
+            await conn.execute(
+                "UPDATE callbacks SET enabled = false, updated_at = now() WHERE id = $1",
+                callback_id,
+            )
+        waiting = [] if verdict.state == "retrying" else await _waiting_for(conn, delivery)
+    return number, waiting
+
+
+async def _waiting_for(conn: Conn, delivery: uuid.UUID) -> list[str]:
+    rows: Sequence[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT event_id FROM deliveries
+        WHERE blocked_by = $1 AND state IN ('pending', 'retrying')
+        """,
+        delivery,
+    )
+    return [row["event_id"] for row in rows]
+
+
+async def due_without_claim(
+    pool: asyncpg.Pool, job_timeout: float, after: tuple[datetime, uuid.UUID] | None, limit: int
+) -> list[asyncpg.Record]:
+    """Open deliveries due now that no live job holds: what the sweep checks against Redis.
+
+    A page of `limit`, in (next_attempt_at, id) order after `after`.
+    """
+    return list(
+        await pool.fetch(
+            """
+            SELECT id, event, next_attempt_at FROM deliveries
+            WHERE state IN ('pending', 'retrying')
+              AND next_attempt_at <= now()
+              AND (claimed_at IS NULL OR claimed_at < now() - make_interval(secs => $1))
+              AND ($2::timestamptz IS NULL OR (next_attempt_at, id) > ($2, $3))
+            ORDER BY next_attempt_at, id
+            LIMIT $4
+            """,
+            job_timeout,
+            None if after is None else after[0],
+            None if after is None else after[1],
+            limit,
+        )
+    )

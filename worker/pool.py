@@ -6,12 +6,19 @@ from typing import Any
 
 from arq import Worker
 from arq.connections import RedisSettings
+from arq.cron import cron
 from arq.worker import func
 
 from producer.queue import JOB_NAME, deserialize, serialize
 from worker import database, deliver
 from worker.config import Settings
-from worker.job import INFRA_RETRY_SECONDS, deliver_event
+from worker.job import deliver_event
+from worker.sweep import sweep_job
+
+MAX_TRIES = 10**9
+"""arq's cap on runs of one job, set out of reach: every wait of a delivery (its retry
+schedule, an earlier delivery of its order, a database outage) is a run, and when to give up
+is the retry policy's decision, made from the ledger."""
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
@@ -40,6 +47,16 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     redis_settings.conn_retries = 0
     return {
         "functions": [func(deliver_event, name=JOB_NAME)],
+        "cron_jobs": [
+            # Named per queue: relays sharing a Redis each sweep their own deliveries.
+            cron(
+                sweep_job,
+                name=f"{settings.queue_name}:sweep",
+                second=0,
+                run_at_startup=True,
+                timeout=settings.job_timeout,
+            )
+        ],
         "queue_name": settings.queue_name,
         "redis_settings": redis_settings,
         "job_serializer": serialize,
@@ -51,9 +68,11 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # The ledger, not Redis, answers "was this event delivered?"; results would only
         # fill Redis.
         "keep_result": 0,
-        # arq counts every run of a job, including the waits for Postgres to come back;
-        # a day of those at one try per INFRA_RETRY_SECONDS must not drop the event.
-        "max_tries": 86_400 // INFRA_RETRY_SECONDS,
+        "max_tries": MAX_TRIES,
+        "job_timeout": settings.job_timeout,
+        # On SIGTERM or SIGINT: take no new jobs, let those in flight finish for this long,
+        # then cancel the rest, which arq puts back in the queue to run again.
+        "job_completion_wait": settings.shutdown_wait,
     }
 
 

@@ -1,0 +1,135 @@
+"""The retry policy: which failures are worth another try, and when.
+
+Plain functions of an attempt's outcome, the attempts made so far and the schedule; the job
+does the waiting. Kept free of I/O so every branch is tested without a server.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Literal
+
+from worker.deliver import Outcome
+
+DEFAULT_SCHEDULE = "1m,5m,30m,2h,6h,12h,24h"
+"""Waits before the 2nd, 3rd, ... attempt (DESIGN §4): about two days of trying in all."""
+
+JITTER = 0.2
+"""Each wait is stretched or shrunk by up to this share, so deliveries that failed together
+(an affiliate's outage) do not all come back in the same second."""
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_STEP = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+# Status codes that say "not now" rather than "never" (DESIGN §4).
+_TRANSIENT_STATUS = frozenset({408, 425, 429})
+# Errors before any answer: the receiver may be back in a minute.
+_TRANSIENT_ERRORS = frozenset({"connect_error", "timeout", "http_error"})
+# Overloaded or slow: the first wait is a floor, never shortened by jitter.
+_SLOW_DOWN_STATUS = frozenset({429})
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """`"1m,5m,30m"` as seconds. Units: ms, s, m, h, d. An empty schedule means no retries."""
+    if not text.strip():
+        return ()
+    steps: list[float] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        match = _STEP.fullmatch(item)
+        if match is None:
+            raise ValueError(
+                f"{item!r} is not a duration; write steps like 30s, 1m, 2h or 250ms, "
+                "separated by commas"
+            )
+        steps.append(float(match[1]) * _UNITS[match[2]])
+    return tuple(steps)
+
+
+def retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds a `Retry-After` header asks for, in either form RFC 9110 allows.
+
+    Unreadable values are ignored rather than trusted: the schedule still applies.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT even when it forgets to say so
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+Kind = Literal["success", "transient", "permanent"]
+
+
+def classify(outcome: Outcome) -> Kind:
+    if outcome.ok:
+        return "success"
+    if outcome.status is None:
+        return "transient" if outcome.error_class in _TRANSIENT_ERRORS else "permanent"
+    if outcome.status in _TRANSIENT_STATUS or 500 <= outcome.status < 600:
+        return "transient"
+    # Other 4xx, and answers no client can act on (a 3xx without a usable Location, 1xx).
+    return "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What follows an attempt: the delivery's next state and, for a retry, the wait."""
+
+    state: Literal["delivered", "retrying", "dead"]
+    kind: Kind
+    delay: float | None = None
+    reason: str | None = None
+    disable_callback: bool = False
+
+
+def decide(
+    outcome: Outcome,
+    attempts: int,
+    schedule: tuple[float, ...],
+    now: datetime,
+    rng: random.Random | None = None,
+) -> Verdict:
+    """The verdict on attempt number `attempts` (1 for the first)."""
+    kind = classify(outcome)
+    if kind == "success":
+        return Verdict("delivered", kind)
+    failure = describe(outcome)
+    if kind == "permanent":
+        if outcome.status == 410:
+            return Verdict(
+                "dead", kind, reason=f"{failure}: callback disabled", disable_callback=True
+            )
+        return Verdict("dead", kind, reason=failure)
+    if attempts > len(schedule):
+        tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        return Verdict("dead", kind, reason=f"gave up after {tries}, last: {failure}")
+    step = schedule[attempts - 1]
+    delay = step * (rng or random).uniform(1 - JITTER, 1 + JITTER)
+    if outcome.error_class == "timeout" or outcome.status in _SLOW_DOWN_STATUS:
+        # A receiver that is too slow or says "too many" gets at least the schedule's first
+        # wait (a minute by default): coming back sooner only adds to its load.
+        delay = max(delay, schedule[0])
+    asked = retry_after(outcome.retry_after, now)
+    if asked is not None:
+        # Honoured, but a receiver cannot park a delivery beyond the schedule's longest wait.
+        delay = max(delay, min(asked, max(schedule)))
+    return Verdict("retrying", kind, delay=delay, reason=failure)
+
+
+def describe(outcome: Outcome) -> str:
+    """One line for the ledger's reason and the logs."""
+    if outcome.status is not None:
+        return f"HTTP {outcome.status}"
+    return f"{outcome.error_class}: {outcome.error}"
