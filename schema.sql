@@ -54,14 +54,22 @@ ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS claimed_at timestamptz;
 ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS blocked_by uuid;
 DO $$
 BEGIN
-    IF EXISTS (SELECT FROM pg_constraint WHERE conname = 'deliveries_state_check'
+    IF EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'deliveries'::regclass
+               AND conname = 'deliveries_state_check'
                AND pg_get_constraintdef(oid) NOT LIKE '%retrying%') THEN
         ALTER TABLE deliveries DROP CONSTRAINT deliveries_state_check;
-        UPDATE deliveries SET state = 'dead' WHERE state = 'failed';
+        UPDATE deliveries d SET state = 'dead', error_class = (
+            SELECT a.error_class FROM attempts a WHERE a.delivery_id = d.id
+            ORDER BY a.number DESC LIMIT 1)
+        WHERE state = 'failed';
+        -- Open deliveries of the old version were due at once; the sweep finds them now.
+        UPDATE deliveries SET next_attempt_at = updated_at
+        WHERE state = 'pending' AND next_attempt_at IS NULL;
         ALTER TABLE deliveries ADD CONSTRAINT deliveries_state_check
             CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped'));
     END IF;
-    IF EXISTS (SELECT FROM information_schema.columns WHERE table_name = 'deliveries'
+    IF EXISTS (SELECT FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = 'deliveries'
                AND column_name = 'occurred_at' AND is_nullable = 'YES') THEN
         UPDATE deliveries SET occurred_at = created_at WHERE occurred_at IS NULL;
         ALTER TABLE deliveries ALTER COLUMN occurred_at SET NOT NULL;

@@ -15,6 +15,7 @@ from producer.event import EVENT_TYPES, Event, parse_event
 from producer.publish import Producer
 from worker import callbacks, database, logs
 from worker.config import Settings
+from worker.ledger import OPEN_STATES
 from worker.pool import create_worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -133,7 +134,7 @@ async def run(settings: Settings) -> int:
     for row in rows:
         detail = row["reason"] or f"{row['attempts']} attempt(s)"
         print(f"  {row['event_id']:<24} {row['affiliate_id']:<11} {row['state']:<10} {detail}")
-    unsettled = len(events) - sum(row["state"] != "pending" for row in rows)
+    unsettled = sum(row["state"] in OPEN_STATES for row in rows)
     if unsettled:
         print(f"{unsettled} deliveries did not settle within {WAIT_SECONDS:.0f} s")
         return 1
@@ -153,7 +154,7 @@ async def _running(worker: Worker) -> AsyncIterator[None]:
 
 
 async def _settled(conn: asyncpg.Connection, event_ids: list[str]) -> list[dict[str, object]]:
-    """The ledger rows of these events, once each has left `pending` (or time is up)."""
+    """The ledger rows of these events, once each has settled (or time is up)."""
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
         rows = await conn.fetch(
@@ -163,7 +164,7 @@ async def _settled(conn: asyncpg.Connection, event_ids: list[str]) -> list[dict[
             """,
             event_ids,
         )
-        done = len(rows) == len(event_ids) and all(row["state"] != "pending" for row in rows)
+        done = len(rows) == len(event_ids) and all(row["state"] not in OPEN_STATES for row in rows)
         if done or time.monotonic() > deadline:
             return [dict(row) for row in rows]
         await asyncio.sleep(0.1)

@@ -22,6 +22,9 @@ JITTER = 0.2
 """Each wait is stretched or shrunk by up to this share, so deliveries that failed together
 (an affiliate's outage) do not all come back in the same second."""
 
+RETRY_AFTER_CAP = 86_400.0
+"""Longest wait a receiver's Retry-After can impose: it cannot park a delivery for weeks."""
+
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _STEP = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
@@ -58,7 +61,7 @@ def retry_after(value: str | None, now: datetime) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²", which isdigit() also accepts
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -123,8 +126,7 @@ def decide(
         delay = max(delay, schedule[0])
     asked = retry_after(outcome.retry_after, now)
     if asked is not None:
-        # Honoured, but a receiver cannot park a delivery beyond the schedule's longest wait.
-        delay = max(delay, min(asked, max(schedule)))
+        delay = max(delay, min(asked, RETRY_AFTER_CAP))
     return Verdict("retrying", kind, delay=delay, reason=failure)
 
 
