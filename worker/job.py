@@ -114,9 +114,10 @@ async def _deliver(run: _Run, event: Event) -> str:
         await _wake(run, woken)
         return state
     if earlier is not None:
-        bound.info(
-            "delivery_waiting", waiting_for=str(earlier.id), waiting_for_event=earlier.event_id
-        )
+        if earlier.id != delivery.blocked_by:  # logged once per delivery waited for
+            bound.info(
+                "delivery_waiting", waiting_for=str(earlier.id), waiting_for_event=earlier.event_id
+            )
         raise await _defer(run, BLOCKED_RECHECK_SECONDS)
 
     assert callback is not None

@@ -38,6 +38,7 @@ class Delivery:
     claimed_by: str | None
     claim_age: float | None
     """Seconds since `claimed_by` claimed it."""
+    blocked_by: uuid.UUID | None
 
     @property
     def open(self) -> bool:
@@ -67,7 +68,7 @@ async def open_delivery(
                                 occurred_at, callback_id, event, state, next_attempt_at)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', now())
         ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
-        RETURNING id, event, state, attempts, claimed_by,
+        RETURNING id, event, state, attempts, claimed_by, blocked_by,
                   extract(epoch FROM next_attempt_at - now())::float8 AS wait,
                   extract(epoch FROM now() - claimed_at)::float8 AS claim_age
         """,
@@ -89,6 +90,7 @@ async def open_delivery(
         row["wait"] or 0.0,
         row["claimed_by"],
         row["claim_age"],
+        row["blocked_by"],
     )
 
 
