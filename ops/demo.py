@@ -74,17 +74,32 @@ def _events(run: str) -> list[Event]:
     return events
 
 
-async def _print_request(request: web.Request) -> web.Response:
-    body = await request.text()
-    print(f"receiver got: {request.method} {request.path_qs}", flush=True)
-    print(
-        f"    Idempotency-Key: {request.headers.get('Idempotency-Key')}"
-        f"  User-Agent: {request.headers.get('User-Agent')}",
-        flush=True,
-    )
-    if body:
-        print(f"    body: {body}", flush=True)
-    return web.Response(text="ok")
+DEMO_SCHEDULE = "1s"
+"""The demo's retry schedule unless POSTBACK_RETRY_SCHEDULE is set: its one failure is
+retried within seconds rather than the production minute."""
+
+
+class _Receiver:
+    """Prints each request; refuses the first try of bob's create, to show a retry."""
+
+    def __init__(self) -> None:
+        self.refused: set[str] = set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.text()
+        key = request.headers.get("Idempotency-Key", "")
+        print(f"receiver got: {request.method} {request.path_qs}", flush=True)
+        print(
+            f"    Idempotency-Key: {key}  User-Agent: {request.headers.get('User-Agent')}",
+            flush=True,
+        )
+        if body:
+            print(f"    body: {body}", flush=True)
+        if request.path == "/bob/order.created" and key not in self.refused:
+            self.refused.add(key)
+            print("    answered 503: the relay will retry; bob's update waits for it", flush=True)
+            return web.Response(status=503, text="busy")
+        return web.Response(text="ok")
 
 
 @contextlib.asynccontextmanager
@@ -106,6 +121,8 @@ async def serve(handler: Handler) -> AsyncIterator[str]:
 async def run(settings: Settings) -> int:
     assert settings.database_url is not None
     assert settings.redis_url is not None
+    if "retry_schedule" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"retry_schedule": DEMO_SCHEDULE})
     if "log_level" not in settings.model_fields_set:
         # The demo narrates on stdout; the worker's own log lines would only repeat it.
         logs.configure("warning")
@@ -113,7 +130,7 @@ async def run(settings: Settings) -> int:
     events = _events(run_id)
     async with (
         database.connection(settings.database_url) as conn,
-        serve(_print_request) as base,
+        serve(_Receiver().handle) as base,
     ):
         await database.apply_schema(conn)
         print(f"demo receiver listening on {base}")

@@ -724,18 +724,27 @@ def check_demo_output(stdout: str) -> None:
         "GET /ann/postback",
         "GET /ann/postback",
         "POST /bob/order.created",
+        "POST /bob/order.created",
         "POST /bob/order.updated",
     ]
+    # bob's create is refused once and retried; his update waits until it is delivered.
+    bob = [line for line in stdout.splitlines() if line.startswith("receiver got: POST /bob/")]
+    assert [line.split("?")[0][14:] for line in bob] == [
+        "POST /bob/order.created",
+        "POST /bob/order.created",
+        "POST /bob/order.updated",
+    ]
+    assert "answered 503" in stdout
     assert "receiver got: GET /ann/postback?order=%231001&amount=10.50&commission=1.05" in stdout
     assert "receiver got: POST /bob/order.created?order=%231002&amount=249.00" in stdout
 
     ledger = stdout.split("\nledger:\n", 1)[1].splitlines()
-    assert [line.split()[1:3] for line in ledger] == [
-        ["demo-ann", "delivered"],
-        ["demo-bob", "delivered"],
-        ["demo-ann", "delivered"],
-        ["demo-bob", "delivered"],
-        ["demo-carol", "skipped"],
+    assert [line.split()[1:4] for line in ledger] == [
+        ["demo-ann", "delivered", "1"],
+        ["demo-bob", "delivered", "2"],
+        ["demo-ann", "delivered", "1"],
+        ["demo-bob", "delivered", "1"],
+        ["demo-carol", "skipped", "no"],
     ]
 
 

@@ -242,8 +242,10 @@ async def test_a_huge_response_is_read_only_up_to_64_kib(
 async def test_a_receiver_slower_than_the_timeout_is_recorded_as_a_timeout(
     db: asyncpg.Connection, producer: Producer, settings: Settings
 ) -> None:
+    done = asyncio.Event()
+
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(5)
+        await done.wait()
         return web.Response(text="too late")
 
     async with serve(slow) as url:
@@ -251,6 +253,7 @@ async def test_a_receiver_slower_than_the_timeout_is_recorded_as_a_timeout(
         data = event_data("slow")
         await producer.publish(data)
         await drain(settings.model_copy(update={"request_timeout": 0.5, "retry_schedule": ""}))
+        done.set()
 
     row = await _delivery(db, data["id"])
     attempt = await db.fetchrow("SELECT * FROM attempts WHERE delivery_id = $1", row["id"])

@@ -78,6 +78,7 @@ async def _deliver(run: _Run, event: Event) -> str:
     callback_id = None if callback is None else callback.id
 
     async with run.db.acquire() as conn, conn.transaction():
+        await ledger.lock_order(conn, event.affiliate_id, event.order.number)
         delivery = await ledger.open_delivery(conn, did, event, callback_id)
         if not delivery.open:
             # The same event id again after it settled: at most one postback per event.
@@ -166,7 +167,7 @@ async def _attempt(
         raise
     verdict = retry.decide(outcome, number, run.settings.schedule, started_at)
     _, woken = await ledger.record_attempt(
-        run.db, did, callback.id, request, started_at, outcome, verdict
+        run.db, event, did, callback.id, request, started_at, outcome, verdict
     )
     fields: dict[str, Any] = {
         "state": verdict.state,

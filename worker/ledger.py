@@ -94,14 +94,25 @@ async def open_delivery(
     )
 
 
-async def blocker(conn: Conn, delivery: uuid.UUID) -> Blocker | None:
-    """The earliest open delivery this one must wait for, if any (DESIGN §6, issue: ordering).
+async def lock_order(conn: Conn, affiliate_id: str, order_number: str) -> None:
+    """Serialise, until commit, the transactions that order one affiliate's order.
 
-    Creates go before updates, then by `occurred_at`, then by arrival. The rows found are
-    share-locked until commit, so one settling at this moment either is seen settled or
-    sees this delivery's `blocked_by` when it looks for deliveries to wake.
+    Taken before a delivery looks for earlier ones (`blocker`) and before one settles
+    (`record_attempt`, `close`), so a delivery either sees an earlier one that is open, or
+    that one sees it waiting when it settles and wakes it: never neither.
     """
-    rows = await conn.fetch(
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{affiliate_id}\n{order_number}"
+    )
+
+
+async def blocker(conn: Conn, delivery: uuid.UUID) -> Blocker | None:
+    """The earliest open delivery of the same affiliate and order that must go first.
+
+    Creates go before updates, then by `occurred_at`, then by arrival. Call it holding
+    `lock_order`.
+    """
+    row = await conn.fetchrow(
         """
         SELECT p.id, p.event_id
         FROM deliveries d
@@ -113,11 +124,11 @@ async def blocker(conn: Conn, delivery: uuid.UUID) -> Blocker | None:
           AND ((p.event_type <> 'order.created')::int, p.occurred_at, p.created_at, p.id)
             < ((d.event_type <> 'order.created')::int, d.occurred_at, d.created_at, d.id)
         ORDER BY (p.event_type <> 'order.created')::int, p.occurred_at, p.created_at, p.id
-        FOR SHARE OF p
+        LIMIT 1
         """,
         delivery,
     )
-    return Blocker(rows[0]["id"], rows[0]["event_id"]) if rows else None
+    return None if row is None else Blocker(row["id"], row["event_id"])
 
 
 async def block(conn: Conn, delivery: uuid.UUID, by: uuid.UUID) -> None:
@@ -157,7 +168,8 @@ async def close(
 ) -> list[str]:
     """Settle a delivery without sending it (no callback, a broken stored template).
 
-    Returns the event ids of deliveries that were waiting for this one.
+    Returns the event ids of deliveries that were waiting for this one. Call it holding
+    `lock_order`.
     """
     await conn.execute(
         """
@@ -176,6 +188,7 @@ async def close(
 
 async def record_attempt(
     pool: asyncpg.Pool,
+    event: Event,
     delivery: uuid.UUID,
     callback_id: int,
     request: Request,
@@ -190,6 +203,8 @@ async def record_attempt(
     later delivery can slip through to an endpoint that said it is gone.
     """
     async with pool.acquire() as conn, conn.transaction():
+        if verdict.state != "retrying":
+            await lock_order(conn, event.affiliate_id, event.order.number)
         number: int = await conn.fetchval(
             """
             UPDATE deliveries
