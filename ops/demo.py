@@ -119,10 +119,10 @@ async def serve(handler: Handler) -> AsyncIterator[str]:
 
 
 async def run(settings: Settings) -> int:
-    assert settings.database_url is not None
-    assert settings.redis_url is not None
     if "retry_schedule" not in settings.model_fields_set:
         settings = settings.model_copy(update={"retry_schedule": DEMO_SCHEDULE})
+    assert settings.database_url is not None
+    assert settings.redis_url is not None
     if "log_level" not in settings.model_fields_set:
         # The demo narrates on stdout; the worker's own log lines would only repeat it.
         logs.configure("warning")

@@ -41,6 +41,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
+    # A connection cut mid-statement can leave asyncpg's protocol in a state it reports
+    # this way (MagicStack/asyncpg#1069); the next connection works.
+    asyncpg.InternalClientError,
 )
 
 

@@ -126,8 +126,19 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
     except aiohttp.ClientConnectorError as exc:
         return _failure(started, "connect_error", str(exc))
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-        return _failure(started, "http_error", f"{type(exc).__name__}: {exc}")
+        return _failure(started, "http_error", _without_url(exc))
     return Outcome(status, _elapsed_ms(started), excerpt=excerpt(raw), retry_after=retry_after)
+
+
+def _without_url(exc: BaseException) -> str:
+    """The error's text without the URL some aiohttp errors quote: its query may hold the
+    affiliate's token, and error texts reach the logs."""
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{name}: {exc.message}"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return f"{name}: invalid URL"
+    return f"{name}: {exc}"
 
 
 def _connect_failed(outcome: Outcome) -> bool:

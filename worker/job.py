@@ -32,6 +32,9 @@ log = structlog.get_logger("postback.worker")
 INFRA_RETRY_SECONDS = 5
 """Wait before retrying a job whose database failed; the event stays queued meanwhile."""
 
+CRASH_RETRY_MAX_SECONDS = 3600
+"""Longest wait before re-running a job that raised something unexpected."""
+
 BLOCKED_RECHECK_SECONDS = 60
 """How often a delivery waiting for an earlier one of its order looks again. The earlier one
 wakes it as soon as it settles; this only bounds the wait if that wake-up was lost."""
@@ -66,9 +69,18 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
     run = _Run(ctx["db"], ctx["http"], ctx["redis"], ctx["settings"], ctx["job_id"])
     try:
         return await _deliver(run, event)
+    except Retry:
+        raise
     except _RETRYABLE as exc:
         log.warning("database_failed", event_id=event.id, error=f"{type(exc).__name__}: {exc}")
         raise await _defer(run, INFRA_RETRY_SECONDS) from exc
+    except Exception as exc:
+        # Nobody foresaw it (a bug, most likely). A job that fails is deleted by arq, and
+        # before the ledger has the delivery nothing else knows of the event: keep the job,
+        # waiting longer each time, so a fix can still deliver it.
+        log.exception("delivery_crashed", event_id=event.id, job_try=ctx["job_try"])
+        wait = min(INFRA_RETRY_SECONDS * 2 ** min(ctx["job_try"], 10), CRASH_RETRY_MAX_SECONDS)
+        raise await _defer(run, wait) from exc
 
 
 async def _deliver(run: _Run, event: Event) -> str:

@@ -1,0 +1,585 @@
+"""A worker process stopped the hard way: killed, told to stop, its database cut off.
+
+Each test runs `postback worker` as a subprocess on the run's real Postgres and Redis, with
+a real receiver on 127.0.0.1 in the test's event loop, and judges the outcome as a user
+would: what the receiver got (every Idempotency-Key, how often), what the ledger says, the
+exit code, and the worker's log lines on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio
+from aiohttp import web
+
+from ops.demo import serve
+from producer import Producer
+from producer.queue import job_id
+from tests.conftest import ADMIN_URL, event_data, save_callback
+from worker.config import Settings
+
+SETTLED = ("delivered", "dead")
+
+FAST: dict[str, Any] = {
+    # Small enough that a job orphaned by a dead worker is run again after 13 s
+    # (arq: job timeout + 10 s), large enough for the rule job > connect + 0.5 + request.
+    "job_timeout": 3.0,
+    "request_timeout": 2.0,
+    "connect_timeout": 0.4,
+    "log_level": "info",
+}
+
+
+# --- a worker subprocess -----------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """`python -m ops worker` with its stdout and stderr read line by line as they come."""
+
+    process: asyncio.subprocess.Process
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    async def exited(self, within: float) -> int:
+        """The exit code, once the process has exited and its output has all been read."""
+        async with asyncio.timeout(within):
+            code = await self.process.wait()
+            await asyncio.gather(*self.readers)
+        return code
+
+    async def stop(self, within: float) -> tuple[int, float]:
+        """SIGTERM, as a supervisor stops it; the exit code and the seconds it took."""
+        started = time.monotonic()
+        self.signal(signal.SIGTERM)
+        code = await self.exited(within)
+        return code, time.monotonic() - started
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The JSON log lines of stderr (any other line is skipped here; see `errors`)."""
+        found = []
+        for line in self.stderr:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    found.append(record)
+        return found
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [record for record in self.logs() if record.get("event") == name]
+
+    def about(self, event_ids: Iterable[str]) -> str:
+        """For a failure message: the log lines naming these events, and every error."""
+        wanted = set(event_ids)
+        lines = [json.dumps(r) for r in self.logs() if r.get("event_id") in wanted]
+        return "\n".join([f"events: {sorted(wanted)}", *lines, "errors:", *self.errors()])
+
+    def errors(self) -> list[str]:
+        """Lines logged at error level or above, or not JSON at all (a traceback, a crash)."""
+        plain = [line for line in self.stderr if not _json_object(line)]
+        logged = [json.dumps(r) for r in self.logs() if r.get("level") in ("error", "critical")]
+        return plain + logged
+
+
+def _json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+async def _read_lines(stream: asyncio.StreamReader | None, into: list[str]) -> None:
+    assert stream is not None
+    while line := await stream.readline():
+        into.append(line.decode())
+
+
+def worker_settings(settings: Settings, **overrides: Any) -> Settings:
+    """The run's settings with FAST and `overrides`, validated as the subprocess will."""
+    return Settings(**{**settings.model_dump(), **FAST, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def worker_process(settings: Settings, cwd: Path) -> AsyncIterator[WorkerProcess]:
+    """A running worker subprocess configured with `settings`; killed if still running after."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"POSTBACK_{name.upper()}"] = str(value)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ops",
+        "worker",
+        env=env,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=2**20,
+    )
+    worker = WorkerProcess(process)
+    worker.readers = [
+        asyncio.create_task(_read_lines(process.stdout, worker.stdout)),
+        asyncio.create_task(_read_lines(process.stderr, worker.stderr)),
+    ]
+    try:
+        yield worker
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        if await worker.exited(30) != 0:
+            await _forget_health_check(settings)
+
+
+async def _forget_health_check(settings: Settings) -> None:
+    """A killed worker leaves its health-check key behind for an hour: the run's queue name
+    is in it, but not under `arq:`, where the run's clean-up looks."""
+    assert settings.redis_url is not None
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    try:
+        await client.delete(f"{settings.queue_name}:health-check")
+    finally:
+        await client.aclose()
+
+
+async def kill_hard(worker: WorkerProcess) -> None:
+    worker.signal(signal.SIGKILL)
+    assert await worker.exited(10) == -signal.SIGKILL
+
+
+# --- a receiver that records every Idempotency-Key ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: str
+    event_id: str
+
+
+@dataclass
+class Hits:
+    """What the receiver saw, in arrival order."""
+
+    arrived: list[Hit] = field(default_factory=list)
+    answered: list[Hit] = field(default_factory=list)
+
+    def record(self, request: web.Request) -> Hit:
+        hit = Hit(request.headers["Idempotency-Key"], request.query["e"])
+        self.arrived.append(hit)
+        return hit
+
+    def at_least(self, count: int) -> Callable[[], bool]:
+        return lambda: len(self.arrived) >= count
+
+    def keys(self) -> Counter[str]:
+        return Counter(hit.key for hit in self.arrived)
+
+
+PATH = "/pb?e={{event.id}}&o={{order.number}}"
+
+
+def events(label: str, count: int, affiliate: str = "ann") -> list[dict[str, Any]]:
+    """`count` events, each of its own order, so none waits for another (per-order order)."""
+    return [
+        event_data(
+            label,
+            affiliate_id=affiliate,
+            order={"number": f"#{label}-{n}", "amount": "10.50", "commission": "1.05"},
+        )
+        for n in range(count)
+    ]
+
+
+async def publish(producer: Producer, batch: Iterable[dict[str, Any]]) -> list[str]:
+    ids = []
+    for data in batch:
+        assert await producer.publish(data)
+        ids.append(data["id"])
+    return ids
+
+
+async def eventually(condition: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.005)
+
+
+# --- the ledger --------------------------------------------------------------------------
+
+
+async def ledger(db: asyncpg.Connection, event_ids: list[str]) -> dict[str, asyncpg.Record]:
+    rows = await db.fetch(
+        """
+        SELECT event_id, id::text AS id, state, attempts, claimed_by FROM deliveries
+        WHERE event_id = ANY($1::text[])
+        """,
+        event_ids,
+    )
+    return {row["event_id"]: row for row in rows}
+
+
+async def settled(
+    db: asyncpg.Connection, event_ids: list[str], within: float
+) -> dict[str, asyncpg.Record]:
+    """The ledger rows once every event's delivery is delivered or dead, or time is up."""
+    deadline = time.monotonic() + within
+    while True:
+        rows = await ledger(db, event_ids)
+        done = len(rows) == len(event_ids) and all(r["state"] in SETTLED for r in rows.values())
+        if done or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+def states(rows: dict[str, asyncpg.Record], event_ids: list[str]) -> Counter[str]:
+    return Counter(rows[e]["state"] if e in rows else "no row" for e in event_ids)
+
+
+@dataclass(frozen=True)
+class Figures:
+    lost: int
+    """Events not delivered, or delivered in the ledger without the receiver seeing it."""
+    repeats: int
+    """Requests beyond the first for a key."""
+    wrong_keys: list[Hit]
+    """Requests whose Idempotency-Key is not the ledger's delivery id of their event."""
+
+
+def figures(rows: dict[str, asyncpg.Record], event_ids: list[str], hits: Hits) -> Figures:
+    seen = hits.keys()
+    lost = sum(
+        1
+        for e in event_ids
+        if e not in rows or rows[e]["state"] != "delivered" or rows[e]["id"] not in seen
+    )
+    wrong = [h for h in hits.arrived if h.event_id not in rows or rows[h.event_id]["id"] != h.key]
+    return Figures(lost, sum(seen.values()) - len(seen), wrong)
+
+
+# --- the tests ---------------------------------------------------------------------------
+
+
+async def test_sigkill_mid_run_loses_nothing_and_repeats_keep_their_key(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, tmp_path: Path
+) -> None:
+    hits = Hits()
+
+    async def receive(request: web.Request) -> web.Response:
+        hits.record(request)
+        await asyncio.sleep(0.01)
+        return web.Response(text="ok")
+
+    total = 500
+    chosen = worker_settings(settings)
+    async with serve(receive) as url:
+        await save_callback(db, "ann", "order.created", "GET", url + PATH)
+        event_ids = await publish(producer, events("kill", total))
+        async with worker_process(chosen, tmp_path) as first:
+            await eventually(hits.at_least(total // 3), 30, "a third arrived")
+            await kill_hard(first)
+        arrived_at_kill = len(hits.arrived)
+        before = states(await ledger(db, event_ids), event_ids)
+        assert before["delivered"] < total, "the kill came too late to test anything"
+
+        async with worker_process(chosen, tmp_path) as second:
+            rows = await settled(db, event_ids, within=90)
+            code, _ = await second.stop(within=chosen.shutdown_wait + 5)
+
+    result = figures(rows, event_ids, hits)
+    print(
+        f"\nSIGKILL after {arrived_at_kill} of {total} requests arrived"
+        f" ({before['delivered']} recorded delivered):"
+        f" lost={result.lost} repeats={result.repeats}"
+        f" requests={len(hits.arrived)} unique keys={len(hits.keys())}"
+    )
+    assert states(rows, event_ids) == {"delivered": total}
+    assert result.lost == 0
+    assert set(hits.keys()) == {row["id"] for row in rows.values()}
+    assert result.wrong_keys == []
+    # Only a request in flight at the kill can go out again, and only once.
+    assert result.repeats <= chosen.max_jobs
+    assert max(hits.keys().values()) <= 2
+    assert code == 0
+    assert second.errors() == []
+
+
+async def test_sigterm_lets_in_flight_deliveries_finish(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, tmp_path: Path
+) -> None:
+    hits = Hits()
+
+    async def slow(request: web.Request) -> web.Response:
+        hit = hits.record(request)
+        await asyncio.sleep(1.5)
+        hits.answered.append(hit)
+        return web.Response(text="ok")
+
+    chosen = worker_settings(settings, shutdown_wait=5)
+    async with serve(slow) as url:
+        await save_callback(db, "ann", "order.created", "GET", url + PATH)
+        event_ids = await publish(producer, events("term", 3))
+        async with worker_process(chosen, tmp_path) as worker:
+            await eventually(hits.at_least(3), 30, "all three in flight")
+            code, took = await worker.stop(within=chosen.shutdown_wait + 3)
+
+    assert code == 0
+    assert took < chosen.shutdown_wait + 2
+    rows = await ledger(db, event_ids)
+    assert states(rows, event_ids) == {"delivered": 3}
+    assert all(row["attempts"] == 1 for row in rows.values())
+    assert hits.keys() == Counter({row["id"]: 1 for row in rows.values()})
+    assert len(hits.answered) == 3
+    assert sorted(r["event_id"] for r in worker.events("delivery_delivered")) == sorted(event_ids)
+    for event in event_ids:  # done: nothing left queued to run again
+        assert await producer.redis.zscore(producer.queue_name, job_id(event)) is None
+    assert worker.errors() == []
+
+
+async def test_sigterm_shorter_than_the_receiver_requeues_and_the_next_worker_delivers(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, tmp_path: Path
+) -> None:
+    hits = Hits()
+    release = asyncio.Event()
+
+    async def slow_the_first_time(request: web.Request) -> web.Response:
+        hit = hits.record(request)
+        if hits.keys()[hit.key] == 1:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(4):
+                    await release.wait()
+        hits.answered.append(hit)
+        return web.Response(text="ok")
+
+    # The request may take longer than the shutdown wait: it is cut by the shutdown.
+    chosen = worker_settings(settings, shutdown_wait=1, request_timeout=5.0, job_timeout=6.0)
+    async with serve(slow_the_first_time) as url:
+        try:
+            await save_callback(db, "ann", "order.created", "GET", url + PATH)
+            event_ids = await publish(producer, events("cut", 3))
+            async with worker_process(chosen, tmp_path) as first:
+                await eventually(hits.at_least(3), 30, "all three in flight")
+                code, took = await first.stop(within=10)
+                assert code == 0
+                assert took < chosen.shutdown_wait + 2  # the receiver needs 4 s
+            cut = await ledger(db, event_ids)
+            assert states(cut, event_ids) == {"pending": 3}
+            assert all(row["claimed_by"] is None for row in cut.values())  # released
+            for event in event_ids:  # back in the queue for the next worker
+                assert await producer.redis.zscore(producer.queue_name, job_id(event)) is not None
+
+            async with worker_process(chosen, tmp_path) as second:
+                rows = await settled(db, event_ids, within=30)
+                code, _ = await second.stop(within=chosen.shutdown_wait + 5)
+        finally:
+            release.set()
+
+    assert code == 0
+    assert states(rows, event_ids) == {"delivered": 3}
+    result = figures(rows, event_ids, hits)
+    assert result.lost == 0
+    assert result.wrong_keys == []
+    # Each was sent twice, with the same key: the cut request, then the one that landed.
+    assert hits.keys() == Counter({row["id"]: 2 for row in rows.values()})
+    assert first.errors() == []
+    assert second.errors() == []
+
+
+async def test_postgres_connections_cut_mid_run_lose_nothing(
+    db: asyncpg.Connection,
+    producer: Producer,
+    settings: Settings,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    hits = Hits()
+
+    async def receive(request: web.Request) -> web.Response:
+        hits.record(request)
+        await asyncio.sleep(0.01)
+        return web.Response(text="ok")
+
+    total = 200
+    name = database_url.rsplit("/", 1)[1]
+    own = await db.fetchval("SELECT pg_backend_pid()")
+    admin = await asyncpg.connect(ADMIN_URL)
+    terminated: list[int] = []
+    chosen = worker_settings(settings)
+    try:
+        async with serve(receive) as url:
+            await save_callback(db, "ann", "order.created", "GET", url + PATH)
+            event_ids = await publish(producer, events("pgcut", total))
+            async with worker_process(chosen, tmp_path) as worker:
+                for share in (4, 2):  # cut after a quarter has arrived, and after half
+                    await eventually(hits.at_least(total // share), 60, f"1/{share} arrived")
+                    cut = await admin.fetchval(
+                        "SELECT count(*) FILTER (WHERE gone) FROM ("
+                        " SELECT pg_terminate_backend(pid) AS gone FROM pg_stat_activity"
+                        " WHERE datname = $1 AND pid <> $2) AS cut",
+                        name,
+                        own,
+                    )
+                    terminated.append(cut)
+                rows = await settled(db, event_ids, within=30)
+                code, _ = await worker.stop(within=chosen.shutdown_wait + 5)
+    finally:
+        await admin.close()
+
+    result = figures(rows, event_ids, hits)
+    print(
+        f"\npg_terminate_backend mid-run: backends cut {terminated},"
+        f" database_failed logged {len(worker.events('database_failed'))} times,"
+        f" lost={result.lost} repeats={result.repeats}"
+    )
+    assert all(cut > 0 for cut in terminated), "the worker had no connection to cut"
+    assert states(rows, event_ids) == {"delivered": total}, worker.about(
+        e for e in event_ids if e not in rows or rows[e]["state"] != "delivered"
+    )
+    assert result.lost == 0
+    assert result.wrong_keys == []
+    assert set(hits.keys()) == {row["id"] for row in rows.values()}
+    assert code == 0
+    assert worker.errors() == []
+
+
+async def test_logs_are_json_lines_with_the_outcome_and_never_a_secret(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, tmp_path: Path
+) -> None:
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    token = "SeCrEt123"
+    signatures: list[str] = []
+    paths: list[str] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        paths.append(request.raw_path)
+        if request.path == "/missing":
+            return web.Response(status=404, text="no such page")
+        signatures.append(request.headers["webhook-signature"])
+        if len(signatures) == 1:  # the signed one fails once, so it is logged retrying too
+            return web.Response(status=503, text="busy")
+        return web.Response(text="ok")
+
+    chosen = worker_settings(settings)
+    async with serve(receive) as url:
+        await save_callback(db, "gone", "order.created", "GET", url + "/missing?o={{order.number}}")
+        await save_callback(
+            db,
+            "bob",
+            "order.created",
+            "POST",
+            url + f"/hook?token={token}&o={{{{order.number}}}}",
+            secret=secret,
+        )
+        missing = event_data("log404", affiliate_id="gone")
+        signed = event_data(
+            "logpost", affiliate_id="bob", order={**missing["order"], "number": "#2"}
+        )
+        event_ids = await publish(producer, [missing, signed])
+        async with worker_process(chosen, tmp_path) as worker:
+            rows = await settled(db, event_ids, within=30)
+            code, _ = await worker.stop(within=chosen.shutdown_wait + 5)
+
+    assert code == 0
+    assert states(rows, event_ids) == {"dead": 1, "delivered": 1}
+    assert worker.stderr, "the worker logged nothing"
+    assert [line for line in worker.stderr if not _json_object(line)] == []
+
+    [dead] = worker.events("delivery_dead")
+    assert dead["event_id"] == missing["id"]
+    assert dead["delivery_id"] == rows[missing["id"]]["id"]
+    assert dead["affiliate"] == "gone"
+    assert dead["attempt"] == 1
+    assert dead["status_code"] == 404
+    assert dead["state"] == "dead"
+    assert dead["duration_ms"] > 0
+    [retrying] = worker.events("delivery_retrying")
+    assert (retrying["event_id"], retrying["status_code"]) == (signed["id"], 503)
+    [delivered] = worker.events("delivery_delivered")
+    assert delivered["event_id"] == signed["id"]
+    assert delivered["delivery_id"] == rows[signed["id"]]["id"]
+    assert delivered["affiliate"] == "bob"
+    assert delivered["attempt"] == 2
+    assert delivered["status_code"] == 200
+    assert delivered["duration_ms"] > 0
+    assert delivered["host"] == "127.0.0.1"
+
+    # The secrets did go out (so their absence from the logs means something) ...
+    assert len(signatures) == 2
+    assert any(f"token={token}" in path for path in paths)
+    # ... and none of them is in anything the worker wrote.
+    key = secret.removeprefix("whsec_")
+    hidden = [secret, key, token, *signatures, *(s.removeprefix("v1,") for s in signatures)]
+    leaked = leaks(worker, hidden)
+    assert not leaked, "".join(leaked)
+
+
+def leaks(worker: WorkerProcess, hidden: list[str]) -> list[str]:
+    """The lines of the worker's output that hold any of the `hidden` values."""
+    return [line for line in worker.stderr + worker.stdout if any(v in line for v in hidden)]
+
+
+async def test_a_garbled_answer_does_not_put_the_url_token_in_the_logs(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, tmp_path: Path
+) -> None:
+    token = "SeCrEt123"
+    heads: list[bytes] = []
+
+    async def garbled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n")  # not a status code
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(garbled, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    chosen = worker_settings(settings)
+    try:
+        await save_callback(
+            db,
+            "bob",
+            "order.created",
+            "GET",
+            f"http://127.0.0.1:{port}/pb?token={token}&o={{{{order.number}}}}",
+        )
+        data = event_data("garbled", affiliate_id="bob")
+        event_ids = await publish(producer, [data])
+        async with worker_process(chosen, tmp_path) as worker:
+            rows = await settled(db, event_ids, within=30)
+            code, _ = await worker.stop(within=chosen.shutdown_wait + 5)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert code == 0
+    # Every try failed the same way (the schedule has two retries), then it was dead-lettered.
+    assert states(rows, event_ids) == {"dead": 1}
+    assert len(heads) == 3
+    assert all(f"token={token}".encode() in head for head in heads)
+    assert len(worker.events("delivery_retrying")) == 2
+    [dead] = worker.events("delivery_dead")
+    assert (dead["event_id"], dead["error_class"]) == (data["id"], "http_error")
+    leaked = leaks(worker, [token])
+    assert not leaked, "".join(leaked)
