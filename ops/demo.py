@@ -20,6 +20,9 @@ from worker.pool import create_worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+STOP_WAIT_SECONDS = 10.0
+"""How long stopping a worker started by `running` waits for the jobs it has in flight."""
+
 WAIT_SECONDS = 30.0
 """How long the demo waits for its deliveries before saying which did not settle."""
 
@@ -160,7 +163,11 @@ async def run(settings: Settings) -> int:
 
 @contextlib.asynccontextmanager
 async def running(worker: Worker) -> AsyncIterator[None]:
-    """The worker runs (not in burst mode) for the block, then stops."""
+    """The worker runs (not in burst mode) for the block, then stops.
+
+    Jobs in flight are let finish first, as on SIGTERM: cancelled in the middle of their
+    last writes, they would only run again.
+    """
     task = asyncio.create_task(worker.async_run())
     try:
         yield
@@ -168,6 +175,8 @@ async def running(worker: Worker) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if worker.tasks:
+            await asyncio.wait(worker.tasks.values(), timeout=STOP_WAIT_SECONDS)
         await worker.close()
 
 

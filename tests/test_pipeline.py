@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from ops.demo import serve
+from ops.demo import running, serve
 from producer import Producer
 from tests.conftest import ADMIN_URL, Receiver, drain, event_data, save_callback
 from worker.config import Settings
@@ -273,34 +273,33 @@ async def test_a_database_outage_keeps_the_event_until_postgres_is_back(
     name = database_url.rsplit("/", 1)[1]
     admin = await asyncpg.connect(ADMIN_URL)
     worker = create_worker(settings, handle_signals=False, poll_delay=0.05)
-    running = asyncio.create_task(worker.async_run())
     try:
-        while "db" not in worker.ctx:  # noqa: ASYNC110 -- arq offers no start-up event
-            await asyncio.sleep(0.01)
-        # Postgres goes away for the worker: its connections cut, new ones refused.
-        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = $1 AND pid <> $2",
-            name,
-            await db.fetchval("SELECT pg_backend_pid()"),
-        )
-        data = event_data("outage")
-        await producer.publish(data)
-        await asyncio.sleep(1)
-        assert receiver.requests == []
-        assert await producer.redis.zscore(producer.queue_name, f"event:{data['id']}") is not None
+        async with running(worker):
+            while "db" not in worker.ctx:  # noqa: ASYNC110 -- arq offers no start-up event
+                await asyncio.sleep(0.01)
+            # Postgres goes away for the worker: its connections cut, new ones refused.
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> $2",
+                name,
+                await db.fetchval("SELECT pg_backend_pid()"),
+            )
+            data = event_data("outage")
+            await producer.publish(data)
+            await asyncio.sleep(1)
+            assert receiver.requests == []
+            job = await producer.redis.zscore(producer.queue_name, f"event:{data['id']}")
+            assert job is not None
 
-        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-        for _ in range(300):  # the job's next try comes INFRA_RETRY_SECONDS later
-            if receiver.requests:
-                break
-            await asyncio.sleep(0.1)
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            for _ in range(300):  # the job's next try comes INFRA_RETRY_SECONDS later
+                if receiver.requests:
+                    break
+                await asyncio.sleep(0.1)
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
         await admin.close()
-        running.cancel()
-        await worker.close()
 
     assert len(receiver.requests) == 1
     for _ in range(50):  # the ledger write follows the request by a moment

@@ -270,6 +270,7 @@ async def test_a_long_schedule_outlives_the_job_expiry_the_producer_set(
         async with running_worker(slow):
             await until(lambda: len(receiver.hits) == 1)
             await until(lambda: _retrying(db, data["id"]))
+        # Stopped: the job has had its say in Redis too.
 
     ttl = await producer.redis.ttl(f"arq:job:{job_id(data['id'])}")
     assert ttl > JOB_EXPIRES.total_seconds() + 0.8 * 3600 - 60
