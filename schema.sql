@@ -46,14 +46,21 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 
 -- A database made before retries existed: add what is missing, and call its failures dead.
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS occurred_at timestamptz;
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS error_class text;
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz;
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS claimed_by text;
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS claimed_at timestamptz;
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS blocked_by uuid;
+-- Checked first, because ALTER TABLE locks the table out even when it has nothing to do,
+-- and this file runs against live databases.
 DO $$
 BEGIN
+    IF NOT EXISTS (SELECT FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'deliveries'
+                   AND column_name = 'next_attempt_at') THEN
+        ALTER TABLE deliveries
+            ADD COLUMN IF NOT EXISTS occurred_at timestamptz,
+            ADD COLUMN IF NOT EXISTS error_class text,
+            ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz,
+            ADD COLUMN IF NOT EXISTS claimed_by text,
+            ADD COLUMN IF NOT EXISTS claimed_at timestamptz,
+            ADD COLUMN IF NOT EXISTS blocked_by uuid;
+    END IF;
     IF EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'deliveries'::regclass
                AND conname = 'deliveries_state_check'
                AND pg_get_constraintdef(oid) NOT LIKE '%retrying%') THEN
@@ -101,4 +108,11 @@ CREATE TABLE IF NOT EXISTS attempts (
     UNIQUE (delivery_id, number)
 );
 
-ALTER TABLE attempts ADD COLUMN IF NOT EXISTS request jsonb;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'attempts'
+                   AND column_name = 'request') THEN
+        ALTER TABLE attempts ADD COLUMN request jsonb;
+    END IF;
+END $$;

@@ -25,10 +25,10 @@ from aiohttp import web
 from ops.demo import running, serve
 from producer import Producer
 from producer.queue import JOB_EXPIRES, JOB_NAME, job_id
-from tests.conftest import drain, event_data, save_callback
+from tests.conftest import Receiver, drain, event_data, save_callback
 from worker import database
 from worker.config import Settings
-from worker.pool import create_worker
+from worker.pool import JOB_TIMEOUT_BACKSTOP, create_worker
 from worker.sweep import sweep
 
 
@@ -566,3 +566,43 @@ async def test_a_delivery_whose_worker_died_and_whose_job_redis_lost_is_swept_ba
     row = await _delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["claimed_by"]) == ("delivered", 1, None)
     assert keys == [str(row["id"])] * 2
+
+
+async def test_a_job_held_up_past_its_timeout_before_the_ledger_has_it_is_not_lost(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    """arq deletes a job that outruns its timeout; the job's own budget must fire first."""
+    quick = settings.model_copy(
+        update={"connect_timeout": 0.2, "request_timeout": 0.5, "job_timeout": 1.5}
+    )
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/late")
+    data = event_data("held")
+    async with running_worker(quick):
+        # Whatever holds the table (a migration, a long report) stalls the first write.
+        async with db.transaction():
+            await db.execute("LOCK TABLE deliveries IN SHARE MODE")
+            await producer.publish(data)
+            # Past the job's own budget and arq's timeout behind it.
+            await asyncio.sleep(quick.job_timeout + JOB_TIMEOUT_BACKSTOP + 1)
+        await until(lambda: _count(db, "delivered", 1), seconds=15)
+
+    assert len(receiver.requests) == 1
+
+
+async def test_a_redirect_to_a_url_that_cannot_be_followed_is_dead_and_quotes_no_token(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    async def to_ftp(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"ftp://track.example/pb?{request.query_string}")
+
+    async with serve(to_ftp) as url:
+        await save_callback(db, "ann", "order.created", "GET", url + "/pb?token=SeCrEt123")
+        data = event_data("ftp")
+        await producer.publish(data)
+        await drain(settings)
+
+    row = await _delivery(db, data["id"])
+    assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 1, "invalid_url")
+    [attempt] = await _attempts(db, data["id"])
+    assert "SeCrEt123" not in row["reason"]
+    assert "SeCrEt123" not in attempt["error"]

@@ -13,10 +13,12 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
+import asyncpg
 import pydantic
 import pytest
 
 from tests.test_cli import UNREACHABLE_DATABASE, UNREACHABLE_REDIS, Postback, refusal
+from worker import database
 from worker.config import Settings
 from worker.deliver import Outcome
 from worker.retry import (
@@ -682,3 +684,34 @@ def test_worker_with_too_short_a_job_timeout_is_refused_in_one_line(
     line = refusal(result)
     assert "bad configuration" in line
     assert "POSTBACK_JOB_TIMEOUT" in line
+
+
+# --- which database failures are waited out --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (OSError("connection refused"), True),
+        (TimeoutError(), True),
+        (asyncpg.ConnectionDoesNotExistError("gone"), True),
+        (asyncpg.InternalClientError("cannot switch to state 15"), True),
+        (asyncpg.AdminShutdownError("terminating connection"), True),
+        (asyncpg.DeadlockDetectedError("deadlock"), True),
+        (asyncpg.SerializationError("could not serialize"), True),
+        (asyncpg.LockNotAvailableError("lock"), True),
+        (asyncpg.ObjectNotInPrerequisiteStateError("not accepting connections"), True),
+        (asyncpg.CheckViolationError("violates check constraint"), False),
+        (asyncpg.UndefinedColumnError("column does not exist"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_only_passing_database_failures_are_waited_out(exc: Exception, transient: bool) -> None:
+    assert database.transient(exc) is transient
+
+
+def test_a_postgres_error_is_described_without_the_row_it_quotes() -> None:
+    exc = asyncpg.CheckViolationError("violates check constraint")
+    exc.detail = "Failing row contains (https://t.example/pb?token=SeCrEt123)."
+    assert "SeCrEt123" in str(exc)
+    assert database.describe(exc) == "CheckViolationError (SQLSTATE 23514)"

@@ -47,6 +47,33 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+# SQLSTATE classes of failures that pass: connection exceptions, transaction rollbacks
+# (serialization, deadlock), insufficient resources, object not in prerequisite state (a
+# database not accepting connections, a lock not available), operator intervention
+# (shutdown, cancelled statements).
+_TRANSIENT_SQLSTATES = ("08", "40", "53", "55", "57")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a database failure is worth waiting out, as opposed to one that will recur."""
+    if isinstance(exc, UNAVAILABLE):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate).startswith(
+        _TRANSIENT_SQLSTATES
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """An error as one line fit for the logs.
+
+    Postgres's own text can quote the row it refused (DETAIL), and a row holds the
+    affiliate's URL and its token: for those, only the kind of error and its SQLSTATE.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{type(exc).__name__} (SQLSTATE {exc.sqlstate})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def connect(database_url: str) -> asyncpg.Connection:
     try:
         conn: asyncpg.Connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT)

@@ -27,6 +27,10 @@ QUICK_RETRY_SECONDS = 0.5
 """A failed connect is tried once more this soon, inside the same attempt: most are a
 receiver restarting, and the schedule's first wait (a minute) would be for nothing."""
 
+_UNUSABLE_URL = (aiohttp.InvalidURL, aiohttp.RedirectClientError, aiohttp.NonHttpUrlClientError)
+"""A URL aiohttp will not request: malformed, or not http(s), from the template or a
+redirect's Location."""
+
 _DELIVERY_NAMESPACE = uuid.UUID("5d0b5c6e-7c1a-4f4e-9a55-0f6a2b8d4e21")
 
 
@@ -123,6 +127,10 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         return _failure(started, "timeout", "no complete answer within the timeout")
     except aiohttp.TooManyRedirects:
         return _failure(started, "too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
+    except _UNUSABLE_URL as exc:
+        # Their text quotes the URL, whose query may hold the affiliate's token.
+        where = "a redirect to" if isinstance(exc, aiohttp.RedirectClientError) else "the"
+        return _failure(started, "invalid_url", f"{where} URL cannot be requested over HTTP(S)")
     except aiohttp.ClientConnectorError as exc:
         return _failure(started, "connect_error", str(exc))
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
@@ -131,14 +139,11 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
 
 
 def _without_url(exc: BaseException) -> str:
-    """The error's text without the URL some aiohttp errors quote: its query may hold the
+    """The error's text without the URL a response error quotes: its query may hold the
     affiliate's token, and error texts reach the logs."""
-    name = type(exc).__name__
     if isinstance(exc, aiohttp.ClientResponseError):
-        return f"{name}: {exc.message}"
-    if isinstance(exc, aiohttp.InvalidURL):
-        return f"{name}: invalid URL"
-    return f"{name}: {exc}"
+        return f"{type(exc).__name__}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _connect_failed(outcome: Outcome) -> bool:

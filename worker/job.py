@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -20,6 +21,7 @@ import structlog
 from arq import Retry
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
+from redis.exceptions import RedisError
 from yarl import URL
 
 from producer.event import Event, InvalidEvent, parse_event
@@ -32,16 +34,13 @@ log = structlog.get_logger("postback.worker")
 INFRA_RETRY_SECONDS = 5
 """Wait before retrying a job whose database failed; the event stays queued meanwhile."""
 
-CRASH_RETRY_MAX_SECONDS = 3600
-"""Longest wait before re-running a job that raised something unexpected."""
+CRASH_RETRY_SECONDS = 60
+"""Wait before re-running a job that raised something nobody foresaw."""
 
-BLOCKED_RECHECK_SECONDS = 60
+BLOCKED_RECHECK_SECONDS = 15
 """How often a delivery waiting for an earlier one of its order looks again. The earlier one
-wakes it as soon as it settles; this only bounds the wait if that wake-up was lost."""
-
-# Any database failure is waited out rather than the event dropped: a lost postback costs
-# an affiliate money, a retried job costs a log line.
-_RETRYABLE: tuple[type[BaseException], ...] = (*database.UNAVAILABLE, asyncpg.PostgresError)
+wakes it as soon as it settles; this bounds the wait when that wake-up comes while the
+waiting job is between runs and misses it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,84 +66,128 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         # DESIGN §2: defaults to enqueue time, whoever enqueued it.
         event = event.model_copy(update={"occurred_at": ctx["enqueue_time"].astimezone(UTC)})
     run = _Run(ctx["db"], ctx["http"], ctx["redis"], ctx["settings"], ctx["job_id"])
+    # arq deletes a job that outruns its timeout, and before the ledger has the delivery
+    # nothing else knows of the event; so the job keeps a budget of its own, shorter
+    # than arq's, and running out of it means "try again", like every failure here.
+    budget = asyncio.timeout(run.settings.job_timeout)
     try:
-        return await _deliver(run, event)
+        async with budget:
+            return await _deliver(run, event)
     except Retry:
         raise
-    except _RETRYABLE as exc:
-        log.warning("database_failed", event_id=event.id, error=f"{type(exc).__name__}: {exc}")
-        raise await _defer(run, INFRA_RETRY_SECONDS) from exc
     except Exception as exc:
-        # Nobody foresaw it (a bug, most likely). A job that fails is deleted by arq, and
-        # before the ledger has the delivery nothing else knows of the event: keep the job,
-        # waiting longer each time, so a fix can still deliver it.
-        log.exception("delivery_crashed", event_id=event.id, job_try=ctx["job_try"])
-        wait = min(INFRA_RETRY_SECONDS * 2 ** min(ctx["job_try"], 10), CRASH_RETRY_MAX_SECONDS)
+        if budget.expired():
+            log.warning("job_timed_out", event_id=event.id, seconds=run.settings.job_timeout)
+            wait = INFRA_RETRY_SECONDS
+        elif database.transient(exc):
+            log.warning("database_failed", event_id=event.id, error=database.describe(exc))
+            wait = INFRA_RETRY_SECONDS
+        else:
+            # Nobody foresaw it: a bug, most likely. Kept, not dropped, so a fix can still
+            # deliver it; the traceback only when it cannot quote stored data.
+            log.error(
+                "job_crashed",
+                event_id=event.id,
+                error=database.describe(exc),
+                exc_info=not isinstance(exc, asyncpg.PostgresError),
+            )
+            wait = CRASH_RETRY_SECONDS
         raise await _defer(run, wait) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the job does once its transaction on the ledger has committed."""
+
+    action: Literal["return", "wait", "send"]
+    state: str
+    wait: float = 0.0
+    event: Event | None = None
+    """For "send": the event as the ledger first recorded it."""
+    attempt: int = 0
+    woken: tuple[str, ...] = ()
 
 
 async def _deliver(run: _Run, event: Event) -> str:
     did = deliver.delivery_id(event)
     bound = log.bind(event_id=event.id, delivery_id=str(did), affiliate=event.affiliate_id)
     callback = await callbacks.get(run.db, event.affiliate_id, event.type)
-    callback_id = None if callback is None else callback.id
-
     async with run.db.acquire() as conn, conn.transaction():
         await ledger.lock_order(conn, event.affiliate_id, event.order.number)
-        delivery = await ledger.open_delivery(conn, did, event, callback_id)
-        if not delivery.open:
-            # The same event id again after it settled: at most one postback per event.
-            bound.info("delivery_repeat_ignored", state=delivery.state)
-            return delivery.state
-        if delivery.wait > 0:
-            # Run early (re-enqueued by the sweep, or woken): the schedule still holds.
-            raise await _defer(run, delivery.wait)
-        if (
-            delivery.claimed_by not in (None, run.job_id)
-            and delivery.claim_age is not None
-            and delivery.claim_age < run.settings.job_timeout
-        ):
-            # Another job is sending it right now (an event enqueued under a second job id).
-            bound.info("delivery_in_flight_elsewhere", job_id=delivery.claimed_by)
-            return delivery.state
+        plan = await _plan(conn, run, bound, did, event, callback)
+    # Redis is touched only after the commit: never while holding the order's lock.
+    await _wake(run, plan.woken)
+    if plan.action == "wait":
+        raise await _defer(run, plan.wait)
+    if plan.action == "return":
+        return plan.state
+    assert callback is not None
+    assert plan.event is not None
+    return await _attempt(run, bound, did, callback, plan.event, plan.attempt)
 
-        unsendable = _unsendable(event, callback, delivery.attempts)
-        if unsendable is not None:
-            state, reason = unsendable
-            woken = await ledger.close(conn, did, state, reason, callback_id)
-        else:
-            earlier = await ledger.blocker(conn, did)
-            if earlier is not None:
-                await ledger.block(conn, did, earlier.id)
-            else:
-                await ledger.claim(conn, did, run.job_id)
 
+async def _plan(
+    conn: database.Conn,
+    run: _Run,
+    bound: structlog.stdlib.BoundLogger,
+    did: uuid.UUID,
+    event: Event,
+    callback: callbacks.Callback | None,
+) -> _Plan:
+    """Open (or find) the delivery and decide, under the order's lock, what happens next."""
+    delivery = await ledger.open_delivery(
+        conn, did, event, None if callback is None else callback.id
+    )
+    if not delivery.open:
+        # The same event id again after it settled: at most one postback per event.
+        bound.info("delivery_repeat_ignored", state=delivery.state)
+        return _Plan("return", delivery.state)
+    if delivery.wait > 0:
+        # Run early (re-enqueued by the sweep, or woken): the schedule still holds.
+        return _Plan("wait", delivery.state, wait=delivery.wait)
+    if (
+        delivery.claimed_by not in (None, run.job_id)
+        and delivery.claim_age is not None
+        and delivery.claim_age < run.settings.job_timeout
+    ):
+        # Another job is sending it right now (an event enqueued under a second job id).
+        bound.info("delivery_in_flight_elsewhere", job_id=delivery.claimed_by)
+        return _Plan("return", delivery.state)
+
+    stored, unsendable = _unsendable(delivery, callback)
     if unsendable is not None:
+        state, reason = unsendable
+        woken = await ledger.close(conn, did, state, reason)
         if state == "dead":
             bound.warning("delivery_dead", state=state, reason=reason, attempts=delivery.attempts)
         else:
             bound.info("delivery_skipped", state=state, reason=reason)
-        await _wake(run, woken)
-        return state
+        return _Plan("return", state, woken=tuple(woken))
+
+    earlier = await ledger.blocker(conn, did)
     if earlier is not None:
-        if earlier.id != delivery.blocked_by:  # logged once per delivery waited for
+        await ledger.block(conn, did, earlier.id)
+        if earlier.id != delivery.blocked_by:  # said once per delivery waited for
             bound.info(
                 "delivery_waiting", waiting_for=str(earlier.id), waiting_for_event=earlier.event_id
             )
-        raise await _defer(run, BLOCKED_RECHECK_SECONDS)
+        return _Plan("wait", delivery.state, wait=BLOCKED_RECHECK_SECONDS)
 
-    assert callback is not None
-    return await _attempt(
-        run, bound, did, callback, parse_event(delivery.event), delivery.attempts + 1
-    )
+    await ledger.claim(conn, did, run.job_id)
+    return _Plan("send", delivery.state, event=stored, attempt=delivery.attempts + 1)
 
 
 def _unsendable(
-    event: Event, callback: callbacks.Callback | None, attempts: int
-) -> tuple[Literal["skipped", "dead"], str] | None:
-    """Why this delivery cannot be sent at all, and the state that leaves it in."""
+    delivery: ledger.Delivery, callback: callbacks.Callback | None
+) -> tuple[Event | None, tuple[Literal["skipped", "dead"], str] | None]:
+    """The stored event, or why this delivery cannot be sent and the state that leaves it in."""
+    try:
+        stored = parse_event(delivery.event)
+    except InvalidEvent as exc:
+        # Only a row edited by hand, or one from a version with other rules, gets here.
+        return None, ("dead", f"stored event is invalid: {exc}")
     if callback is None:
-        reason = f"no {event.type} callback configured for affiliate {event.affiliate_id}"
+        reason = f"no {stored.type} callback configured for affiliate {stored.affiliate_id}"
     elif not callback.enabled:
         reason = "callback disabled"
     else:
@@ -152,11 +195,11 @@ def _unsendable(
             render.parse(callback.url_template)
         except render.TemplateError as exc:
             # Only a template written to the table by hand gets here.
-            return "dead", f"stored template is invalid: {exc}"
-        return None
+            return stored, ("dead", f"stored template is invalid: {exc}")
+        return stored, None
     # Never tried: nothing to replay. Tried before the callback went away: a dead letter,
     # so ops can replay it once the callback is back.
-    return ("skipped" if attempts == 0 else "dead"), reason
+    return stored, ("skipped" if delivery.attempts == 0 else "dead", reason)
 
 
 async def _attempt(
@@ -178,7 +221,7 @@ async def _attempt(
         await asyncio.shield(ledger.release(run.db, did, run.job_id))
         raise
     verdict = retry.decide(outcome, number, run.settings.schedule, started_at)
-    _, woken = await ledger.record_attempt(
+    woken = await ledger.record_attempt(
         run.db, event, did, callback.id, request, started_at, outcome, verdict
     )
     fields: dict[str, Any] = {
@@ -217,11 +260,15 @@ async def _defer(run: _Run, seconds: float) -> Retry:
     long Retry-After) must not outlive it, or arq would drop the job as expired.
     """
     keep = JOB_EXPIRES.total_seconds() + seconds
-    await run.redis.expire(job_key_prefix + run.job_id, int(keep))
+    try:
+        await run.redis.expire(job_key_prefix + run.job_id, int(keep))
+    except RedisError as exc:
+        # The key still has days to live; failing the job here would have arq drop it.
+        log.warning("job_expiry_not_extended", job_id=run.job_id, error=str(exc))
     return Retry(defer=seconds)
 
 
-async def _wake(run: _Run, event_ids: list[str]) -> None:
+async def _wake(run: _Run, event_ids: Sequence[str]) -> None:
     """Run now the jobs of deliveries that were waiting for the one just settled."""
     if not event_ids:
         return

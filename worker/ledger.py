@@ -53,25 +53,29 @@ class Blocker:
     event_id: str
 
 
+_DELIVERY_COLUMNS = """
+    id, event, state, attempts, claimed_by, blocked_by,
+    extract(epoch FROM next_attempt_at - now())::float8 AS wait,
+    extract(epoch FROM now() - claimed_at)::float8 AS claim_age
+"""
+
+
 async def open_delivery(
     conn: Conn, delivery: uuid.UUID, event: Event, callback_id: int | None
 ) -> Delivery:
     """The delivery for this event, created `pending` and due now if new; locked until commit.
 
-    An existing row wins: a repeated event id never makes a second delivery. The no-op
-    update (rather than DO NOTHING) locks the row and makes the statement wait for, and
-    return, a row that a concurrent worker is inserting.
+    An existing row wins: a repeated event id never makes a second delivery. A concurrent
+    insert of the same row makes the INSERT wait for it, and the SELECT then finds it.
     """
     row = await conn.fetchrow(
-        """
+        f"""
         INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
                                 occurred_at, callback_id, event, state, next_attempt_at)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', now())
-        ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
-        RETURNING id, event, state, attempts, claimed_by, blocked_by,
-                  extract(epoch FROM next_attempt_at - now())::float8 AS wait,
-                  extract(epoch FROM now() - claimed_at)::float8 AS claim_age
-        """,
+        ON CONFLICT (id) DO NOTHING
+        RETURNING {_DELIVERY_COLUMNS}
+        """,  # noqa: S608 -- a constant column list; values go as parameters
         delivery,
         event.id,
         event.type,
@@ -81,6 +85,11 @@ async def open_delivery(
         callback_id,
         event.to_json(),
     )
+    if row is None:  # it exists: a repeat, a retry, or a re-check of a waiting delivery
+        row = await conn.fetchrow(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = $1 FOR UPDATE",  # noqa: S608
+            delivery,
+        )
     assert row is not None
     return Delivery(
         row["id"],
@@ -164,7 +173,6 @@ async def close(
     delivery: uuid.UUID,
     state: Literal["skipped", "dead"],
     reason: str,
-    callback_id: int | None,
 ) -> list[str]:
     """Settle a delivery without sending it (no callback, a broken stored template).
 
@@ -174,14 +182,13 @@ async def close(
     await conn.execute(
         """
         UPDATE deliveries
-        SET state = $2, reason = $3, callback_id = $4, next_attempt_at = NULL,
+        SET state = $2, reason = $3, next_attempt_at = NULL,
             claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, updated_at = now()
         WHERE id = $1
         """,
         delivery,
         state,
         reason,
-        callback_id,
     )
     return await _waiting_for(conn, delivery)
 
@@ -195,12 +202,12 @@ async def record_attempt(
     started_at: datetime,
     outcome: Outcome,
     verdict: Verdict,
-) -> tuple[int, list[str]]:
+) -> list[str]:
     """Record an attempt and what follows from it, in one transaction.
 
-    Returns the attempt's number, and the event ids of deliveries that were waiting for
-    this one when it settles. A 410 disables the callback in the same transaction, so no
-    later delivery can slip through to an endpoint that said it is gone.
+    Returns the event ids of deliveries that were waiting for this one, when it settles.
+    A 410 disables the callback in the same transaction: a delivery that starts after it
+    commits is skipped (one already sending when the 410 came still finishes).
     """
     async with pool.acquire() as conn, conn.transaction():
         if verdict.state != "retrying":
@@ -244,8 +251,7 @@ async def record_attempt(
                 "UPDATE callbacks SET enabled = false, updated_at = now() WHERE id = $1",
                 callback_id,
             )
-        waiting = [] if verdict.state == "retrying" else await _waiting_for(conn, delivery)
-    return number, waiting
+        return [] if verdict.state == "retrying" else await _waiting_for(conn, delivery)
 
 
 async def _waiting_for(conn: Conn, delivery: uuid.UUID) -> list[str]:

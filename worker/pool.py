@@ -15,6 +15,9 @@ from worker.config import Settings
 from worker.job import deliver_event
 from worker.sweep import sweep_job
 
+JOB_TIMEOUT_BACKSTOP = 5.0
+"""Seconds arq waits beyond a job's own budget before it cancels the job itself."""
+
 MAX_TRIES = 10**9
 """arq's cap on runs of one job, set out of reach: every wait of a delivery (its retry
 schedule, an earlier delivery of its order, a database outage) is a run, and when to give up
@@ -69,7 +72,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # fill Redis.
         "keep_result": 0,
         "max_tries": MAX_TRIES,
-        "job_timeout": settings.job_timeout,
+        # The job stops itself at job_timeout and asks to run again (worker.job); arq's
+        # own limit, which would delete the job, is only a backstop behind it.
+        "job_timeout": settings.job_timeout + JOB_TIMEOUT_BACKSTOP,
         # On SIGTERM or SIGINT: take no new jobs, let those in flight finish for this long,
         # then cancel the rest, which arq puts back in the queue to run again.
         "job_completion_wait": settings.shutdown_wait,

@@ -32,8 +32,8 @@ _STEP = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 # Errors before any answer: the receiver may be back in a minute.
 _TRANSIENT_ERRORS = frozenset({"connect_error", "timeout", "http_error"})
-# Overloaded or slow: the first wait is a floor, never shortened by jitter.
-_SLOW_DOWN_STATUS = frozenset({429})
+# "Too many requests": like a timeout, its wait has a floor that jitter cannot lower.
+_TOO_MANY = 429
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
@@ -99,12 +99,12 @@ class Verdict:
 
 def decide(
     outcome: Outcome,
-    attempts: int,
+    number: int,
     schedule: tuple[float, ...],
     now: datetime,
     rng: random.Random | None = None,
 ) -> Verdict:
-    """The verdict on attempt number `attempts` (1 for the first)."""
+    """The verdict on attempt `number` (1 for the first)."""
     kind = classify(outcome)
     if kind == "success":
         return Verdict("delivered", kind)
@@ -115,12 +115,12 @@ def decide(
                 "dead", kind, reason=f"{failure}: callback disabled", disable_callback=True
             )
         return Verdict("dead", kind, reason=failure)
-    if attempts > len(schedule):
-        tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+    if number > len(schedule):
+        tries = "1 attempt" if number == 1 else f"{number} attempts"
         return Verdict("dead", kind, reason=f"gave up after {tries}, last: {failure}")
-    step = schedule[attempts - 1]
+    step = schedule[number - 1]
     delay = step * (rng or random).uniform(1 - JITTER, 1 + JITTER)
-    if outcome.error_class == "timeout" or outcome.status in _SLOW_DOWN_STATUS:
+    if outcome.error_class == "timeout" or outcome.status == _TOO_MANY:
         # A receiver that is too slow or says "too many" gets at least the schedule's first
         # wait (a minute by default): coming back sooner only adds to its load.
         delay = max(delay, schedule[0])
