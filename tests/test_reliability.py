@@ -606,3 +606,26 @@ async def test_a_redirect_to_a_url_that_cannot_be_followed_is_dead_and_quotes_no
     [attempt] = await _attempts(db, data["id"])
     assert "SeCrEt123" not in row["reason"]
     assert "SeCrEt123" not in attempt["error"]
+
+
+async def test_a_delivery_whose_stored_event_was_edited_invalid_is_dead_not_stuck(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    async with scripted(503, 200) as receiver:
+        await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
+        data = event_data("edited")
+        async with running_worker(settings.model_copy(update={"retry_schedule": "1s"})):
+            await producer.publish(data)
+            await until(lambda: _retrying(db, data["id"]))
+            # By hand, as only a person at a SQL prompt would.
+            await db.execute(
+                """UPDATE deliveries SET event = jsonb_set(event, '{order,amount}', '"ten"')
+                   WHERE event_id = $1""",
+                data["id"],
+            )
+            await until(lambda: _count(db, "dead", 1), seconds=10)
+
+    row = await _delivery(db, data["id"])
+    assert row["reason"].startswith("stored event is invalid: ")
+    assert "order.amount" in row["reason"]
+    assert len(receiver.hits) == 1
