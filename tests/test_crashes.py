@@ -189,6 +189,12 @@ class Hits:
         self.arrived.append(hit)
         return hit
 
+    async def answer_after_10ms(self, request: web.Request) -> web.Response:
+        """A receiver a little slow, so that many deliveries are in flight at once."""
+        self.record(request)
+        await asyncio.sleep(0.01)
+        return web.Response(text="ok")
+
     def at_least(self, count: int) -> Callable[[], bool]:
         return lambda: len(self.arrived) >= count
 
@@ -286,14 +292,9 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_keep_their_key(
 ) -> None:
     hits = Hits()
 
-    async def receive(request: web.Request) -> web.Response:
-        hits.record(request)
-        await asyncio.sleep(0.01)
-        return web.Response(text="ok")
-
     total = 500
     chosen = worker_settings(settings)
-    async with serve(receive) as url:
+    async with serve(hits.answer_after_10ms) as url:
         await save_callback(db, "ann", "order.created", "GET", url + PATH)
         event_ids = await publish(producer, events("kill", total))
         async with worker_process(chosen, tmp_path) as first:
@@ -415,11 +416,6 @@ async def test_postgres_connections_cut_mid_run_lose_nothing(
 ) -> None:
     hits = Hits()
 
-    async def receive(request: web.Request) -> web.Response:
-        hits.record(request)
-        await asyncio.sleep(0.01)
-        return web.Response(text="ok")
-
     total = 200
     name = database_url.rsplit("/", 1)[1]
     own = await db.fetchval("SELECT pg_backend_pid()")
@@ -427,7 +423,7 @@ async def test_postgres_connections_cut_mid_run_lose_nothing(
     terminated: list[int] = []
     chosen = worker_settings(settings)
     try:
-        async with serve(receive) as url:
+        async with serve(hits.answer_after_10ms) as url:
             await save_callback(db, "ann", "order.created", "GET", url + PATH)
             event_ids = await publish(producer, events("pgcut", total))
             async with worker_process(chosen, tmp_path) as worker:

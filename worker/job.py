@@ -96,14 +96,23 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Ready:
+    """A delivery that can be sent: its event as the ledger first recorded it, and how."""
+
+    event: Event
+    callback: callbacks.Callback
+    template: render.Template
+
+
+@dataclass(frozen=True, slots=True)
 class _Plan:
     """What the job does once its transaction on the ledger has committed."""
 
     action: Literal["return", "wait", "send"]
     state: str
     wait: float = 0.0
-    event: Event | None = None
-    """For "send": the event as the ledger first recorded it."""
+    ready: _Ready | None = None
+    """For "send": what to send."""
     attempt: int = 0
     woken: tuple[str, ...] = ()
 
@@ -121,9 +130,8 @@ async def _deliver(run: _Run, event: Event) -> str:
         raise await _defer(run, plan.wait)
     if plan.action == "return":
         return plan.state
-    assert callback is not None
-    assert plan.event is not None
-    return await _attempt(run, bound, did, callback, plan.event, plan.attempt)
+    assert plan.ready is not None
+    return await _attempt(run, bound, did, plan.ready, plan.attempt)
 
 
 async def _plan(
@@ -154,9 +162,9 @@ async def _plan(
         bound.info("delivery_in_flight_elsewhere", job_id=delivery.claimed_by)
         return _Plan("return", delivery.state)
 
-    stored, unsendable = _unsendable(delivery, callback)
-    if unsendable is not None:
-        state, reason = unsendable
+    ready = _ready(delivery, callback)
+    if not isinstance(ready, _Ready):
+        state, reason = ready
         woken = await ledger.close(conn, did, state, reason)
         if state == "dead":
             bound.warning("delivery_dead", state=state, reason=reason, attempts=delivery.attempts)
@@ -174,44 +182,42 @@ async def _plan(
         return _Plan("wait", delivery.state, wait=BLOCKED_RECHECK_SECONDS)
 
     await ledger.claim(conn, did, run.job_id)
-    return _Plan("send", delivery.state, event=stored, attempt=delivery.attempts + 1)
+    return _Plan("send", delivery.state, ready=ready, attempt=delivery.attempts + 1)
 
 
-def _unsendable(
+def _ready(
     delivery: ledger.Delivery, callback: callbacks.Callback | None
-) -> tuple[Event | None, tuple[Literal["skipped", "dead"], str] | None]:
-    """The stored event, or why this delivery cannot be sent and the state that leaves it in."""
+) -> _Ready | tuple[Literal["skipped", "dead"], str]:
+    """What to send, or why this delivery cannot be sent and the state that leaves it in."""
     try:
         stored = parse_event(delivery.event)
     except InvalidEvent as exc:
         # Only a row edited by hand, or one from a version with other rules, gets here.
-        return None, ("dead", f"stored event is invalid: {exc}")
+        return "dead", f"stored event is invalid: {exc}"
     if callback is None:
         reason = f"no {stored.type} callback configured for affiliate {stored.affiliate_id}"
     elif not callback.enabled:
         reason = "callback disabled"
     else:
         try:
-            render.parse(callback.url_template)
+            return _Ready(stored, callback, render.parse(callback.url_template))
         except render.TemplateError as exc:
             # Only a template written to the table by hand gets here.
-            return stored, ("dead", f"stored template is invalid: {exc}")
-        return stored, None
+            return "dead", f"stored template is invalid: {exc}"
     # Never tried: nothing to replay. Tried before the callback went away: a dead letter,
     # so ops can replay it once the callback is back.
-    return stored, ("skipped" if delivery.attempts == 0 else "dead", reason)
+    return ("skipped" if delivery.attempts == 0 else "dead"), reason
 
 
 async def _attempt(
     run: _Run,
     bound: structlog.stdlib.BoundLogger,
     did: uuid.UUID,
-    callback: callbacks.Callback,
-    event: Event,
+    ready: _Ready,
     number: int,
 ) -> str:
-    template = render.parse(callback.url_template)
-    request = deliver.build_request(callback.method, template, event, did, callback.secret)
+    callback, event = ready.callback, ready.event
+    request = deliver.build_request(callback.method, ready.template, event, did, callback.secret)
     started_at = datetime.now(UTC)
     try:
         outcome = await deliver.attempt(run.http, request)
