@@ -145,8 +145,15 @@ async def run(settings: Settings) -> int:
 
         async with running(create_worker(settings, handle_signals=False, poll_delay=0.05)):
             async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
+                published: list[str] = []
                 for event in events:
+                    if event.type == "order.updated":
+                        # As in a shop, an update follows its create, here by the moment it
+                        # takes a worker to record the create: the relay orders what its
+                        # ledger has seen, and this keeps the demo's order the same each run.
+                        await _recorded(conn, published)
                     await producer.publish(event)
+                    published.append(event.id)
                     print(f"published: {event.id} {event.type} {event.affiliate_id}")
             rows = await _settled(conn, [event.id for event in events])
 
@@ -178,6 +185,18 @@ async def running(worker: Worker) -> AsyncIterator[None]:
         if worker.tasks:
             await asyncio.wait(worker.tasks.values(), timeout=STOP_WAIT_SECONDS)
         await worker.close()
+
+
+async def _recorded(conn: asyncpg.Connection, event_ids: list[str]) -> None:
+    """Wait (briefly) until the ledger has a delivery for each of these events."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM deliveries WHERE event_id = ANY($1::text[])", event_ids
+        )
+        if count == len(event_ids):
+            return
+        await asyncio.sleep(0.01)
 
 
 async def _settled(conn: asyncpg.Connection, event_ids: list[str]) -> list[dict[str, object]]:
