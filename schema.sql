@@ -20,7 +20,9 @@ CREATE TABLE IF NOT EXISTS callbacks (
 --
 -- States: pending (not tried yet), retrying (tried, another try is due at next_attempt_at),
 -- delivered, dead (dead-lettered: a permanent failure or the schedule ran out), skipped (no
--- enabled callback when the event came). Only pending and retrying change again.
+-- enabled callback when the event came), discarded (a dead letter ops chose to drop, with a
+-- note in actions). Only pending and retrying change again, and a replay reopens a dead or
+-- discarded one.
 CREATE TABLE IF NOT EXISTS deliveries (
     id              uuid        PRIMARY KEY,
     event_id        text        NOT NULL,
@@ -39,10 +41,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     claimed_by      text,       -- the job sending it right now, if any
     claimed_at      timestamptz,
     blocked_by      uuid,       -- an earlier delivery of the same order it waits for
+    retry_base      integer     NOT NULL DEFAULT 0,  -- attempts before the last replay: the
+                                                     -- retry schedule starts again after it
+    resend          boolean     NOT NULL DEFAULT false,  -- the last replay asked for `request`
+                                                         -- as it was, not a fresh rendering
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT deliveries_state_check
-        CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped'))
+        CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped', 'discarded'))
 );
 
 -- A database made before retries existed: add what is missing, and call its failures dead.
@@ -73,7 +79,7 @@ BEGIN
         UPDATE deliveries SET next_attempt_at = updated_at
         WHERE state = 'pending' AND next_attempt_at IS NULL;
         ALTER TABLE deliveries ADD CONSTRAINT deliveries_state_check
-            CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped'));
+            CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped', 'discarded'));
     END IF;
     IF EXISTS (SELECT FROM information_schema.columns
                WHERE table_schema = current_schema() AND table_name = 'deliveries'
@@ -83,8 +89,29 @@ BEGIN
     END IF;
 END $$;
 
+-- A database made before replays existed (issue 3's schema).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'deliveries'
+                   AND column_name = 'retry_base') THEN
+        ALTER TABLE deliveries
+            ADD COLUMN IF NOT EXISTS retry_base integer NOT NULL DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS resend boolean NOT NULL DEFAULT false;
+    END IF;
+    IF EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'deliveries'::regclass
+               AND conname = 'deliveries_state_check'
+               AND pg_get_constraintdef(oid) NOT LIKE '%discarded%') THEN
+        ALTER TABLE deliveries DROP CONSTRAINT deliveries_state_check;
+        ALTER TABLE deliveries ADD CONSTRAINT deliveries_state_check
+            CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped', 'discarded'));
+    END IF;
+END $$;
+
 CREATE INDEX IF NOT EXISTS deliveries_affiliate_created ON deliveries (affiliate_id, created_at);
 CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries (order_number);
+-- Listings page newest first, on (created_at, id).
+CREATE INDEX IF NOT EXISTS deliveries_created ON deliveries (created_at, id);
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state) WHERE state <> 'delivered';
 -- What the sweep and the per-order ordering look at: the few deliveries still open.
 CREATE INDEX IF NOT EXISTS deliveries_open_due ON deliveries (next_attempt_at)
@@ -116,3 +143,35 @@ BEGIN
         ALTER TABLE attempts ADD COLUMN request jsonb;
     END IF;
 END $$;
+
+-- What ops did to a delivery, and who: replays (from which attempt on) and discards (with
+-- the note that says why). Kept forever, like the attempts.
+CREATE TABLE IF NOT EXISTS actions (
+    id          bigserial   PRIMARY KEY,
+    delivery_id uuid        NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+    action      text        NOT NULL CHECK (action IN ('replay', 'discard')),
+    mode        text        CHECK (mode IN ('rerender', 'resend')),  -- of a replay
+    actor       text        NOT NULL,
+    note        text,
+    attempt     integer     NOT NULL,  -- replay: the number of its first attempt;
+                                       -- discard: the attempts made before it
+    at          timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS actions_delivery ON actions (delivery_id, id);
+
+-- Test fires: a callback sent a sample or given event on request, outside any delivery.
+CREATE TABLE IF NOT EXISTS test_fires (
+    id               bigserial   PRIMARY KEY,
+    callback_id      bigint,     -- no foreign key: the record outlives a removed callback
+    affiliate_id     text        NOT NULL,
+    event_type       text        NOT NULL,
+    actor            text        NOT NULL,
+    fired_at         timestamptz NOT NULL DEFAULT now(),
+    request          jsonb       NOT NULL,
+    duration_ms      double precision NOT NULL,
+    status_code      integer,
+    error_class      text,
+    error            text,
+    response_headers jsonb,
+    response_excerpt text
+);

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import getpass
 import json
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -19,13 +21,17 @@ import asyncpg
 import pydantic
 import redis.exceptions
 
-from ops import demo
+from ops import console, demo, records, replay, service
 from ops.embedded import services
+from ops.records import FILTER_FIELDS, Cursor, Filter, InputError, parse_id, parse_limit
+from ops.service import Insecure
 from producer.event import EVENT_TYPES, Event, InvalidEvent, loads_json, parse_event
 from producer.publish import Producer
+from producer.queue import open_redis
 from worker import callbacks, database, logs, render
 from worker.config import Settings
 from worker.deliver import build_request, delivery_id
+from worker.ledger import STATES
 from worker.pool import create_worker
 
 EXIT_USAGE = 2
@@ -89,6 +95,15 @@ def _parser() -> _Parser:
     cb_rm.add_argument("--affiliate", required=True)
     cb_rm.add_argument("--event", required=True, choices=EVENT_TYPES)
     cb_rm.set_defaults(run=callbacks_remove)
+    for switch, enabled in (("enable", True), ("disable", False)):
+        cb_switch = cb.add_parser(
+            switch,
+            help=f"{switch} a callback"
+            + (" (its events are skipped, its dead letters not replayed)" if not enabled else ""),
+        )
+        cb_switch.add_argument("--affiliate", required=True)
+        cb_switch.add_argument("--event", required=True, choices=EVENT_TYPES)
+        cb_switch.set_defaults(run=callbacks_switch, enabled=enabled)
 
     preview = commands.add_parser("preview", help="render a request without sending it")
     preview.add_argument("--url", required=True, help="URL template")
@@ -105,10 +120,87 @@ def _parser() -> _Parser:
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.set_defaults(run=run_worker, needs=("database", "redis"))
 
+    serve = commands.add_parser("serve", help="run the HTTP service: ingest, ops API and page")
+    serve.add_argument("--host", help="address to listen on (default POSTBACK_API_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (default POSTBACK_API_PORT)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve endpoints whose token is not configured to anyone (local use only)",
+    )
+    serve.set_defaults(run=run_serve, needs=("database", "redis"))
+
+    _ledger_commands(commands)
+
     commands.add_parser(
         "demo", help="run everything on this machine and show postbacks arriving"
     ).set_defaults(run=run_demo, needs=("database", "redis"))
     return parser
+
+
+def _filters(parser: argparse.ArgumentParser, with_state: bool) -> None:
+    parser.add_argument("--affiliate", help="affiliate id")
+    parser.add_argument("--event", dest="event_type", choices=EVENT_TYPES, help="event type")
+    parser.add_argument("--order", help="order number")
+    if with_state:
+        parser.add_argument("--state", choices=STATES)
+    parser.add_argument("--error-class", help="of the last failed attempt, e.g. timeout")
+    parser.add_argument("--since", help="taken at or after: ISO 8601 time, or 30m, 2h, 7d ago")
+    parser.add_argument("--until", help="taken before: ISO 8601 time, or a duration ago")
+
+
+def _ledger_commands(commands: Any) -> None:
+    """`deliveries list|show` and `dlq list|show|replay|discard`."""
+    groups = {}
+    for name, dead, title in (
+        ("deliveries", False, "deliveries: every event's postback and its attempts"),
+        ("dlq", True, "dead letters: deliveries that failed for good"),
+    ):
+        group = commands.add_parser(name, help=title).add_subparsers(
+            dest=f"{name}_command", metavar="COMMAND", required=True, parser_class=_Parser
+        )
+        groups[name] = group
+        listing = group.add_parser("list", help="list, newest first")
+        _filters(listing, with_state=not dead)
+        listing.add_argument("--limit", default="50", help="at most this many (1 to 500)")
+        listing.add_argument("--cursor", help="where the previous listing said to go on")
+        listing.add_argument("--json", action="store_true", help="JSON for scripts")
+        listing.set_defaults(run=ledger_list, dead_letters=dead)
+        show = group.add_parser("show", help="one delivery with its request and attempts")
+        show.add_argument("id", help="delivery id")
+        show.add_argument("--json", action="store_true", help="JSON for scripts")
+        show.set_defaults(run=ledger_show)
+
+    dlq = groups["dlq"]
+    replay_cmd = dlq.add_parser(
+        "replay", help="send dead letters again: one by id, or all matching filters"
+    )
+    replay_cmd.add_argument("id", nargs="?", help="delivery id; omitted: all matching filters")
+    _filters(replay_cmd, with_state=False)
+    replay_cmd.add_argument(
+        "--all", action="store_true", help="with no id and no filter: replay every dead letter"
+    )
+    replay_cmd.add_argument(
+        "--mode",
+        choices=replay.MODES,
+        default="rerender",
+        help="rerender with the callback as it is now (default), or resend the last request",
+    )
+    replay_cmd.add_argument("--actor", default=_default_actor(), help="recorded as who did it")
+    replay_cmd.set_defaults(run=dlq_replay, needs=("database", "redis"))
+    discard = dlq.add_parser("discard", help="drop a dead letter from the list, with a note")
+    discard.add_argument("id", help="delivery id")
+    discard.add_argument("--note", required=True, help="why (kept in the record)")
+    discard.add_argument("--actor", default=_default_actor(), help="recorded as who did it")
+    discard.set_defaults(run=dlq_discard)
+
+
+def _default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()} (cli)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,8 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Refused as exc:
         return _refuse(str(exc))
-    except (InvalidEvent, callbacks.CallbackError, render.TemplateError) as exc:
+    except (InvalidEvent, callbacks.CallbackError, render.TemplateError, Insecure) as exc:
         return _refuse(str(exc))
+    except InputError as exc:
+        return _refuse(f"--{exc.field.replace('_', '-')}: {exc.message}")
     except pydantic.ValidationError as exc:
         return _refuse(_config_error(exc))
     except database.DatabaseUnavailable as exc:
@@ -200,10 +294,17 @@ async def callbacks_list(args: argparse.Namespace, settings: Settings) -> int:
         )
         for cb in found
     ]
-    # Pad every column but the last: URLs are long and would push the table apart.
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for *cells, url in rows:
-        print("  ".join([*(c.ljust(w) for c, w in zip(cells, widths, strict=True)), url]))
+    print(console.table(rows))
+    return 0
+
+
+@_sync
+async def callbacks_switch(args: argparse.Namespace, settings: Settings) -> int:
+    async with database.connection(_database_url(settings)) as conn:
+        found = await callbacks.set_enabled(conn, args.affiliate, args.event, args.enabled)
+    if not found:
+        raise Refused(f"no {args.event} callback for affiliate {args.affiliate}")
+    print(f"{'enabled' if args.enabled else 'disabled'}: {args.affiliate} {args.event}")
     return 0
 
 
@@ -311,3 +412,94 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 @_sync
 async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     return await demo.run(settings)
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    host = args.host or settings.api_host
+    port = settings.api_port if args.port is None else args.port
+    asyncio.run(service.serve(settings, host, port, args.insecure))
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    return Filter.parse({name: getattr(args, name, None) for name in FILTER_FIELDS})
+
+
+@_sync
+async def ledger_list(args: argparse.Namespace, settings: Settings) -> int:
+    where = _filter(args)
+    if args.dead_letters:
+        where = where.dead_letters()
+    cursor = None if args.cursor is None else Cursor.decode(args.cursor)
+    async with database.connection(_database_url(settings)) as conn:
+        page = await records.list_deliveries(conn, where, parse_limit(args.limit), cursor)
+    if args.json:
+        print(json.dumps({"items": page.items, "next": page.next}, indent=2))
+        return 0
+    what = "dead letters" if args.dead_letters else "deliveries"
+    print(console.deliveries_table(page.items) if page.items else f"no {what}")
+    if page.next is not None:
+        print(f"more {what}: add --cursor {page.next}", file=sys.stderr)
+    return 0
+
+
+@_sync
+async def ledger_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with database.connection(_database_url(settings)) as conn:
+        found = await records.show_delivery(conn, parse_id(args.id))
+    if found is None:
+        raise Refused(f"no delivery {args.id}")
+    print(json.dumps(found, indent=2) if args.json else console.delivery_text(found))
+    return 0
+
+
+@_sync
+async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    where = _filter(args)
+    if args.id is not None and where != Filter():
+        raise Refused("give a delivery id or filters, not both")
+    if args.id is None and where == Filter() and not args.all:
+        raise Refused("give a delivery id, filters, or --all to replay every dead letter")
+    assert settings.redis_url is not None
+    db = await database.create_pool(_database_url(settings), 2)
+    redis = open_redis(settings.redis_url, settings.queue_name)
+    try:
+        if args.id is not None:
+            result = await replay.replay(
+                db, redis, settings.queue_name, parse_id(args.id), args.mode, args.actor
+            )
+            if result.outcome != "replayed":
+                raise Refused(f"{args.id}: not replayed: {result.reason}")
+            print(f"replayed: {args.id} ({args.mode})")
+            return 0
+        summary = await replay.replay_matching(
+            db,
+            redis,
+            settings.queue_name,
+            where,
+            args.mode,
+            args.actor,
+            console.ProgressBar("replaying"),
+        )
+    finally:
+        await redis.aclose()
+        await db.close()
+    for problem in summary.problems:
+        print(f"{problem['outcome']}: {problem['delivery_id']}: {problem['reason']}")
+    print(f"replayed {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}")
+    return 1 if summary.failed else 0
+
+
+@_sync
+async def dlq_discard(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.note.strip():
+        raise Refused("--note: say why it is discarded")
+    db = await database.create_pool(_database_url(settings), 1)
+    try:
+        result = await replay.discard(db, parse_id(args.id), args.note, args.actor)
+    finally:
+        await db.close()
+    if result.outcome != "discarded":
+        raise Refused(f"{args.id}: not discarded: {result.reason}")
+    print(f"discarded: {args.id}")
+    return 0

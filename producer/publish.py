@@ -6,10 +6,10 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 
 from producer.event import Event, parse_event
-from producer.queue import DEFAULT_QUEUE, deserialize, enqueue, serialize
+from producer.queue import DEFAULT_QUEUE, enqueue, open_redis
 
 
 class Producer:
@@ -25,15 +25,13 @@ class Producer:
 
     @classmethod
     async def connect(cls, redis_url: str, queue_name: str = DEFAULT_QUEUE) -> Self:
-        settings = RedisSettings.from_dsn(redis_url)
-        # One quick try: a producer should learn at once that Redis is down, not in 5 s.
-        settings.conn_retries = 0
-        redis = await create_pool(
-            settings,
-            job_serializer=serialize,
-            job_deserializer=deserialize,
-            default_queue_name=queue_name,
-        )
+        redis = open_redis(redis_url, queue_name)
+        try:
+            # One quick try: a producer should learn at once that Redis is down.
+            await redis.ping()
+        except BaseException:
+            await redis.aclose()
+            raise
         return cls(redis, queue_name)
 
     async def close(self) -> None:

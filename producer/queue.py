@@ -25,6 +25,22 @@ JOB_EXPIRES = timedelta(days=30)
 too short for a relay whose workers may be stopped over a long weekend)."""
 
 
+REDIS_TIMEOUT = 5.0
+"""Seconds to connect to Redis, or to wait for one answer, before saying it is unreachable."""
+
+
+def open_redis(redis_url: str, queue_name: str = DEFAULT_QUEUE) -> ArqRedis:
+    """A client for the relay's queue. It connects on first use, so a service can start
+    (and say on its health check that Redis is down) while Redis is away."""
+    redis: ArqRedis = ArqRedis.from_url(
+        redis_url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT
+    )
+    redis.job_serializer = serialize
+    redis.job_deserializer = deserialize
+    redis.default_queue_name = queue_name
+    return redis
+
+
 def job_id(event_id: str) -> str:
     """One job per event id, so publishing the same id while it is queued enqueues nothing."""
     return f"event:{event_id}"

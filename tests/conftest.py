@@ -78,10 +78,10 @@ def settings(database_url: str, redis_url: str, queue_name: str) -> Settings:
 
 
 async def _forget_redis_keys(redis_url: str, queue_name: str) -> None:
-    """Delete the run's queue and the keys of its jobs (event ids and queue name hold RUN)."""
+    """Delete the run's queue, its jobs and its metrics (event ids and queue name hold RUN)."""
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
-        keys = [key async for key in client.scan_iter(match=f"arq:*{RUN}*")]
+        keys = [key async for key in client.scan_iter(match=f"*{RUN}*")]
         await client.delete(queue_name, *keys)
     finally:
         await client.aclose()
@@ -97,7 +97,7 @@ def _leave_redis_clean(redis_url: str, queue_name: str) -> Iterator[None]:
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the run's database, emptied before each test."""
     conn = await database.connect(database_url)
-    await conn.execute("TRUNCATE callbacks, deliveries, attempts")
+    await conn.execute("TRUNCATE callbacks, deliveries, attempts, actions, test_fires")
     yield conn
     await conn.close()
 

@@ -54,7 +54,8 @@ LOWEST, HIGHEST = Extreme(high=False), Extreme(high=True)
 
 
 def status(code: int, retry_after: str | None = None) -> Outcome:
-    return Outcome(code, 12.5, excerpt="body", retry_after=retry_after)
+    headers = () if retry_after is None else (("Retry-After", retry_after),)
+    return Outcome(code, 12.5, excerpt="body", headers=headers)
 
 
 def error(error_class: str, message: str = "it broke") -> Outcome:
@@ -496,7 +497,7 @@ def test_the_retry_after_cap_is_a_day() -> None:
 )
 @pytest.mark.parametrize("outcome", [status(503), status(429)], ids=["503", "429"])
 def test_retry_after_is_capped(outcome: Outcome, value: str) -> None:
-    asking = dataclasses.replace(outcome, retry_after=value)
+    asking = dataclasses.replace(outcome, headers=(("retry-after", value),))
     for rng in (LOWEST, HIGHEST, random.Random(7)):
         assert wait(asking, 1, SCHEDULE, rng) == RETRY_AFTER_CAP
 

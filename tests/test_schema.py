@@ -353,7 +353,7 @@ async def test_a_new_database_can_have_the_schema_applied_twice() -> None:
         assert await rows_of(conn) == rows
         assert [row["id"] for row in rows["deliveries"]] == [delivery]
         tables = {table for table, *_ in schema["columns"]}
-        assert tables == {"callbacks", "deliveries", "attempts"}
+        assert tables == {"callbacks", "deliveries", "attempts", "actions", "test_fires"}
         deliveries = await column_types(conn, "deliveries")
         assert deliveries["occurred_at"] == ("timestamp with time zone", "NO")
         assert set(NEW_DELIVERY_COLUMNS) <= set(deliveries)

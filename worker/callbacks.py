@@ -17,7 +17,12 @@ METHODS: tuple[Method, ...] = ("GET", "POST")
 
 
 class CallbackError(ValueError):
-    """A callback was refused; the message names what is wrong."""
+    """A callback was refused; `field` names what is wrong, the message says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +67,20 @@ def validate(
     affiliate_id: str, event_type: str, method: str, url_template: str, secret: str | None = None
 ) -> CallbackSpec:
     if not 1 <= len(affiliate_id) <= 64:
-        raise CallbackError("affiliate id must be 1 to 64 characters")
+        raise CallbackError("affiliate_id", "affiliate id must be 1 to 64 characters")
     if event_type not in EVENT_TYPES:
-        raise CallbackError(f"event must be one of {', '.join(EVENT_TYPES)}, got {event_type!r}")
+        raise CallbackError(
+            "event_type", f"event must be one of {', '.join(EVENT_TYPES)}, got {event_type!r}"
+        )
     method = method.upper()
     if method not in METHODS:
-        raise CallbackError(f"method must be GET or POST, got {method!r}")
+        raise CallbackError("method", f"method must be GET or POST, got {method!r}")
     if secret is not None and not secret:
-        raise CallbackError("secret must not be empty")
+        raise CallbackError("secret", "secret must not be empty")
     try:
         template = render.parse(url_template)
     except render.TemplateError as exc:
-        raise CallbackError(str(exc)) from None
+        raise CallbackError("url", str(exc)) from None
     return CallbackSpec(affiliate_id, event_type, method, template, secret)
 
 
@@ -137,3 +144,21 @@ async def remove(conn: Executor, affiliate_id: str, event_type: str) -> bool:
         event_type,
     )
     return status != "DELETE 0"
+
+
+async def set_enabled(conn: Executor, affiliate_id: str, event_type: str, enabled: bool) -> bool:
+    """Enable or disable the callback; False when there is none.
+
+    A disabled callback keeps its URL and secret: new events for it are skipped, and a
+    dead letter cannot be replayed to it until it is enabled again.
+    """
+    status: str = await conn.execute(
+        """
+        UPDATE callbacks SET enabled = $3, updated_at = now()
+        WHERE affiliate_id = $1 AND event_type = $2
+        """,
+        affiliate_id,
+        event_type,
+        enabled,
+    )
+    return status != "UPDATE 0"

@@ -7,12 +7,14 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from arq.connections import RedisSettings
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.queue import DEFAULT_QUEUE
 from worker.deliver import QUICK_RETRY_SECONDS
 from worker.retry import DEFAULT_SCHEDULE, parse_schedule
+
+MIN_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -62,6 +64,20 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         default=10, ge=1, description="Postgres connections one worker process keeps."
     )
+    api_host: str = Field(
+        default="127.0.0.1", min_length=1, description="Address `postback serve` listens on."
+    )
+    api_port: int = Field(
+        default=8080, ge=0, le=65535, description="Port `postback serve` listens on."
+    )
+    ingest_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the order system sends to POST /v1/events.",
+    )
+    ops_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for the ops API (deliveries, dead letters, callbacks).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Least severe log level written."
     )
@@ -87,6 +103,16 @@ class Settings(BaseSettings):
                 "a quick retry and the request timeout"
             )
         return self
+
+    @field_validator("ingest_token", "ops_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_TOKEN_LENGTH} characters; "
+                "`openssl rand -hex 32` makes a good one"
+            )
+        return value
 
     @field_validator("database_url")
     @classmethod

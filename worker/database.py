@@ -92,11 +92,13 @@ async def connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
+async def create_pool(database_url: str, size: int, min_size: int = 1) -> asyncpg.Pool:
+    """A pool of up to `size` connections; `min_size=0` opens none until one is needed,
+    so a service can start, and report it, while Postgres is down."""
     try:
         pool = await asyncpg.create_pool(
             database_url,
-            min_size=1,
+            min_size=min_size,
             max_size=size,
             timeout=CONNECT_TIMEOUT,
             init=_init_connection,

@@ -81,6 +81,26 @@ def build_request(
     return Request(method, render.render(template, values), headers, body)
 
 
+def resend_request(
+    stored: dict[str, Any], secret: str | None, timestamp: int | None = None
+) -> Request:
+    """A recorded request (`Request.as_json`) to send again as it was: same method, URL,
+    body and Idempotency-Key, signed afresh with the callback's secret as it is now, since a
+    receiver refuses an old signature timestamp."""
+    headers = {
+        name: value
+        for name, value in stored["headers"].items()
+        if name.lower() not in sign.HEADER_NAMES
+    }
+    body = None
+    if stored.get("body") is not None:
+        body = json.dumps(stored["body"], separators=(",", ":")).encode()
+    if secret is not None:
+        signed_at = int(time.time()) if timestamp is None else timestamp
+        headers |= sign.headers(secret, headers["Idempotency-Key"], signed_at, body or b"")
+    return Request(stored["method"], stored["url"], headers, body)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one attempt got: a status code, or an error class and message."""
@@ -90,8 +110,13 @@ class Outcome:
     error_class: str | None = None
     error: str | None = None
     excerpt: str = ""
-    retry_after: str | None = None
-    """The response's Retry-After header, as sent; the retry policy reads it."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """The response's headers, as sent (a test fire shows them)."""
+
+    @property
+    def retry_after(self) -> str | None:
+        """The response's Retry-After header, as sent; the retry policy reads it."""
+        return next((v for k, v in self.headers if k.lower() == "retry-after"), None)
 
     @property
     def ok(self) -> bool:
@@ -122,7 +147,7 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         ) as response:
             raw = await _read_capped(response.content)
             status = response.status
-            retry_after = response.headers.get("Retry-After")
+            headers = tuple(response.headers.items())
     except TimeoutError:
         return _failure(started, "timeout", "no complete answer within the timeout")
     except aiohttp.TooManyRedirects:
@@ -135,7 +160,7 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         return _failure(started, "connect_error", str(exc))
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
         return _failure(started, "http_error", _without_url(exc))
-    return Outcome(status, _elapsed_ms(started), excerpt=excerpt(raw), retry_after=retry_after)
+    return Outcome(status, _elapsed_ms(started), excerpt=excerpt(raw), headers=headers)
 
 
 def _without_url(exc: BaseException) -> str:

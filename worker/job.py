@@ -26,7 +26,7 @@ from yarl import URL
 
 from producer.event import Event, InvalidEvent, parse_event
 from producer.queue import JOB_EXPIRES, job_id
-from worker import callbacks, database, deliver, ledger, render, retry
+from worker import callbacks, database, deliver, ledger, metrics, render, retry
 from worker.config import Settings
 
 log = structlog.get_logger("postback.worker")
@@ -102,6 +102,10 @@ class _Ready:
     event: Event
     callback: callbacks.Callback
     template: render.Template
+    retry_base: int
+    """Attempts made before the last replay: the retry schedule counts from there."""
+    resend: dict[str, Any] | None
+    """A replay's request to send as it was, rather than rendering the template again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,8 @@ class _Plan:
     """For "send": what to send."""
     attempt: int = 0
     woken: tuple[str, ...] = ()
+    closed: bool = False
+    """Settled without being sent (skipped, or dead without an attempt)."""
 
 
 async def _deliver(run: _Run, event: Event) -> str:
@@ -126,6 +132,10 @@ async def _deliver(run: _Run, event: Event) -> str:
         plan = await _plan(conn, run, bound, did, event, callback)
     # Redis is touched only after the commit: never while holding the order's lock.
     await _wake(run, plan.woken)
+    if plan.closed:
+        await metrics.count(
+            run.redis, run.settings.queue_name, event.affiliate_id, settled=plan.state
+        )
     if plan.action == "wait":
         raise await _defer(run, plan.wait)
     if plan.action == "return":
@@ -170,7 +180,7 @@ async def _plan(
             bound.warning("delivery_dead", state=state, reason=reason, attempts=delivery.attempts)
         else:
             bound.info("delivery_skipped", state=state, reason=reason)
-        return _Plan("return", state, woken=tuple(woken))
+        return _Plan("return", state, woken=tuple(woken), closed=True)
 
     earlier = await ledger.blocker(conn, did)
     if earlier is not None:
@@ -200,7 +210,8 @@ def _ready(
         reason = "callback disabled"
     else:
         try:
-            return _Ready(stored, callback, render.parse(callback.url_template))
+            template = render.parse(callback.url_template)
+            return _Ready(stored, callback, template, delivery.retry_base, delivery.resend)
         except render.TemplateError as exc:
             # Only a template written to the table by hand gets here.
             return "dead", f"stored template is invalid: {exc}"
@@ -217,7 +228,12 @@ async def _attempt(
     number: int,
 ) -> str:
     callback, event = ready.callback, ready.event
-    request = deliver.build_request(callback.method, ready.template, event, did, callback.secret)
+    if ready.resend is not None:
+        request = deliver.resend_request(ready.resend, callback.secret)
+    else:
+        request = deliver.build_request(
+            callback.method, ready.template, event, did, callback.secret
+        )
     started_at = datetime.now(UTC)
     try:
         outcome = await deliver.attempt(run.http, request)
@@ -226,9 +242,16 @@ async def _attempt(
         # Free the delivery so the next run sends it again, with the same delivery id.
         await asyncio.shield(ledger.release(run.db, did, run.job_id))
         raise
-    verdict = retry.decide(outcome, number, run.settings.schedule, started_at)
+    verdict = retry.decide(outcome, number - ready.retry_base, run.settings.schedule, started_at)
     woken = await ledger.record_attempt(
         run.db, event, did, callback.id, request, started_at, outcome, verdict
+    )
+    await metrics.count(
+        run.redis,
+        run.settings.queue_name,
+        event.affiliate_id,
+        attempt=(verdict.state, outcome.duration_ms / 1000),
+        settled=None if verdict.state == "retrying" else verdict.state,
     )
     fields: dict[str, Any] = {
         "state": verdict.state,

@@ -21,7 +21,8 @@ from worker.database import Conn, Executor
 from worker.deliver import Outcome, Request
 from worker.retry import Verdict
 
-State = Literal["pending", "retrying", "delivered", "dead", "skipped"]
+State = Literal["pending", "retrying", "delivered", "dead", "skipped", "discarded"]
+STATES: tuple[State, ...] = ("pending", "retrying", "delivered", "dead", "skipped", "discarded")
 OPEN_STATES: tuple[State, ...] = ("pending", "retrying")
 """The states a delivery can still leave; the others are final."""
 
@@ -39,6 +40,10 @@ class Delivery:
     claim_age: float | None
     """Seconds since `claimed_by` claimed it."""
     blocked_by: uuid.UUID | None
+    retry_base: int
+    """Attempts made before the last replay; the retry schedule counts from there."""
+    resend: dict[str, Any] | None
+    """The request to send again as it was, when a replay asked for that."""
 
     @property
     def open(self) -> bool:
@@ -54,7 +59,8 @@ class Blocker:
 
 
 _DELIVERY_COLUMNS = """
-    id, event, state, attempts, claimed_by, blocked_by,
+    id, event, state, attempts, claimed_by, blocked_by, retry_base,
+    CASE WHEN resend THEN request END AS resend,
     extract(epoch FROM next_attempt_at - now())::float8 AS wait,
     extract(epoch FROM now() - claimed_at)::float8 AS claim_age
 """
@@ -100,6 +106,8 @@ async def open_delivery(
         row["claimed_by"],
         row["claim_age"],
         row["blocked_by"],
+        row["retry_base"],
+        row["resend"],
     )
 
 

@@ -24,6 +24,11 @@ schedule, an earlier delivery of its order, a database outage) is a run, and whe
 is the retry policy's decision, made from the ledger."""
 
 
+HEALTH_CHECK_SECONDS = 10
+"""How often a worker writes arq's health check key (which lives a second longer), so
+`/healthz` knows within seconds that no worker is running."""
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     assert settings.database_url is not None
@@ -78,6 +83,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # On SIGTERM or SIGINT: take no new jobs, let those in flight finish for this long,
         # then cancel the rest, which arq puts back in the queue to run again.
         "job_completion_wait": settings.shutdown_wait,
+        "health_check_interval": HEALTH_CHECK_SECONDS,
     }
 
 

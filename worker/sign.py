@@ -12,6 +12,7 @@ import hashlib
 import hmac
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 -- the format's marker, not a secret
+HEADER_NAMES = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
 
 def _key(secret: str) -> bytes:
@@ -31,8 +32,5 @@ def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 
 
 def headers(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    return {
-        "webhook-id": message_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": signature(secret, message_id, timestamp, body),
-    }
+    values = (message_id, str(timestamp), signature(secret, message_id, timestamp, body))
+    return dict(zip(HEADER_NAMES, values, strict=True))

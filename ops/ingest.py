@@ -1,0 +1,61 @@
+"""HTTP ingest: the order system posts events, validated exactly as the producer library does.
+
+A request is all or nothing: one refused event means none of the batch is enqueued, so
+the order system can fix the batch and send it again without working out which got in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from producer.event import Event, InvalidEvent, loads_json, parse_event
+
+MAX_BATCH = 1000
+MAX_BODY = 1024 * 1024
+"""Bytes of one ingest request body: 1000 events of about 1 KiB each."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """One thing wrong with a request: which event (None for the body as a whole), which
+    field, and why."""
+
+    index: int | None
+    field: str
+    message: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"index": self.index, "field": self.field, "message": self.message}
+
+
+class Refused(Exception):
+    def __init__(self, refusals: list[Refusal]) -> None:
+        self.refusals = refusals
+        super().__init__("; ".join(f"{r.index}: {r.field}: {r.message}" for r in refusals))
+
+
+def parse_batch(body: bytes) -> list[Event]:
+    """Every event of an ingest body (one JSON event, or an array of them), or `Refused`
+    naming each bad one by its index (0 for a single event) and field."""
+    try:
+        document = loads_json(body)
+    except InvalidEvent as exc:
+        raise Refused([Refusal(None, e.field, e.message) for e in exc.errors]) from None
+    items = document if isinstance(document, list) else [document]
+    if not items:
+        raise Refused([Refusal(None, "events", "the array holds no event")])
+    if len(items) > MAX_BATCH:
+        raise Refused(
+            [Refusal(None, "events", f"at most {MAX_BATCH} events per request, got {len(items)}")]
+        )
+    events: list[Event] = []
+    refusals: list[Refusal] = []
+    for index, item in enumerate(items):
+        try:
+            events.append(parse_event(item))
+        except InvalidEvent as exc:
+            refusals.extend(Refusal(index, e.field, e.message) for e in exc.errors)
+    if refusals:
+        raise Refused(refusals)
+    return events

@@ -1,0 +1,253 @@
+"""`postback serve`: one aiohttp service for the order system and for ops.
+
+- `POST /v1/events`: ingest, with the ingest token;
+- `/v1/deliveries`, `/v1/dead-letters`, `/v1/callbacks`: the ops API, with the ops token;
+- `/healthz`, `/metrics`, `/openapi.json` and the ops page at `/`: no token (the page asks
+  for the ops token and sends it with each call it makes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import SecretStr
+from redis.exceptions import RedisError
+
+from ops import api, ingest
+from ops.api import SERVICES, Services, error
+from ops.openapi import document
+from ops.records import InputError
+from producer.publish import Producer
+from producer.queue import open_redis
+from worker import database, deliver, metrics
+from worker.config import Settings
+from worker.pool import HEALTH_CHECK_SECONDS
+
+log = structlog.get_logger("postback.serve")
+
+PAGE = Path(__file__).resolve().parent / "page"
+HEALTH_TIMEOUT = 3.0
+"""Seconds each health check may take before its part is called down."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_INGEST_TOKEN = web.AppKey("ingest_token", bytes)
+_OPS_TOKEN = web.AppKey("ops_token", bytes)
+
+
+_DOWN: tuple[type[BaseException], ...] = (
+    RedisError,
+    database.DatabaseUnavailable,
+    *database.UNAVAILABLE,
+)
+"""What a health check's call raises when its part is down."""
+
+
+class Insecure(Exception):
+    """A token is not configured and the service was not told to run without it."""
+
+
+def _token(value: SecretStr | None) -> bytes:
+    return b"" if value is None else value.get_secret_value().encode()
+
+
+def create_app(settings: Settings, insecure: bool = False) -> web.Application:
+    """The service's application. Without `insecure`, both tokens must be configured."""
+    missing = [
+        name
+        for name, value in (
+            ("POSTBACK_INGEST_TOKEN", settings.ingest_token),
+            ("POSTBACK_OPS_TOKEN", settings.ops_token),
+        )
+        if value is None
+    ]
+    if missing and not insecure:
+        raise Insecure(
+            f"{' and '.join(missing)} not set: set them, or run `postback serve --insecure` "
+            "to serve those endpoints to anyone who can reach this port"
+        )
+    app = web.Application(client_max_size=ingest.MAX_BODY, middlewares=[_errors, _authorize])
+    app[_INGEST_TOKEN] = _token(settings.ingest_token)
+    app[_OPS_TOKEN] = _token(settings.ops_token)
+    for name in missing:
+        log.warning("serving_without_token", setting=name)
+    app.cleanup_ctx.append(_connections(settings))
+    app.router.add_post("/v1/events", post_events)
+    app.router.add_routes(api.routes)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/", page)
+    app.router.add_static("/page/", PAGE, append_version=True)
+    return app
+
+
+def _connections(
+    settings: Settings,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def connections(app: web.Application) -> AsyncIterator[None]:
+        assert settings.database_url is not None
+        assert settings.redis_url is not None
+        db = await database.create_pool(settings.database_url, settings.db_pool_size, min_size=0)
+        redis = open_redis(settings.redis_url, settings.queue_name)
+        http = deliver.session(settings.connect_timeout, settings.request_timeout)
+        app[SERVICES] = Services(settings, db, redis, http)
+        try:
+            yield
+        finally:
+            await http.close()
+            await redis.aclose()
+            await db.close()
+
+    return connections
+
+
+def _required_token(app: web.Application, path: str) -> bytes | None:
+    """The token a path needs: None for the open endpoints, b"" when not configured."""
+    if path == "/v1/events":
+        return app[_INGEST_TOKEN]
+    if path.startswith("/v1/"):
+        return app[_OPS_TOKEN]
+    return None
+
+
+@web.middleware
+async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+    expected = _required_token(request.app, request.path)
+    if expected:  # None: open endpoint; b"": no token configured (insecure mode)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return _unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
+        # Constant time: how much of a guess is right must not show in the timing.
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            return _unauthorized("wrong token")
+    return await handler(request)
+
+
+def _unauthorized(message: str) -> web.Response:
+    response = error(401, message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="postback"'
+    return response
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as JSON that says what went wrong, never an HTML page or a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"the body is larger than {ingest.MAX_BODY} bytes (1 MiB)")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
+    except InputError as exc:
+        return error(422, str(exc), [{"field": exc.field, "message": exc.message}])
+    except RedisError as exc:
+        log.warning("redis_unavailable", path=request.path, error=str(exc))
+        return error(503, "Redis is unreachable; nothing was changed there, try again")
+    except Exception as exc:
+        if not database.transient(exc) and not isinstance(exc, database.DatabaseUnavailable):
+            raise
+        log.warning("database_unavailable", path=request.path, error=database.describe(exc))
+        return error(503, "Postgres is unreachable; try again")
+
+
+async def post_events(request: web.Request) -> web.Response:
+    """Validate the whole batch, then enqueue it; 202 with the ids taken."""
+    body = await request.read()
+    try:
+        events = ingest.parse_batch(body)
+    except ingest.Refused as exc:
+        errors = [refusal.as_json() for refusal in exc.refusals]
+        return error(422, "refused; nothing was enqueued", errors)
+    services = request.app[SERVICES]
+    producer = Producer(services.redis, services.settings.queue_name)
+    fresh = await producer.publish_many(events)
+    return web.json_response(
+        {
+            "accepted": [event.id for event in events],
+            "already_queued": [e.id for e, new in zip(events, fresh, strict=True) if not new],
+        },
+        status=202,
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 when Redis, Postgres and at least one worker are up; 503 naming what is down."""
+    services = request.app[SERVICES]
+    (redis_ok, _), (postgres_ok, _) = await asyncio.gather(
+        _check(services.redis.ping()), _check(services.db.fetchval("SELECT 1"))
+    )
+    checks: dict[str, dict[str, Any]] = {"redis": redis_ok, "postgres": postgres_ok}
+    if redis_ok["ok"]:
+        # arq's health check: each worker rewrites this key every few seconds.
+        key = services.settings.queue_name + ":health-check"
+        beat, report = await _check(services.redis.get(key))
+        if beat["ok"] and report is None:
+            seconds = HEALTH_CHECK_SECONDS + 1
+            beat = {"ok": False, "error": f"no worker has reported in the last {seconds} s"}
+        elif beat["ok"]:
+            beat["report"] = report.decode(errors="replace")
+        checks["worker"] = beat
+    else:
+        checks["worker"] = {"ok": False, "error": "unknown: Redis is unreachable"}
+    down = [name for name, check in checks.items() if not check["ok"]]
+    return web.json_response(
+        {"status": "down" if down else "ok", "down": down, "checks": checks},
+        status=503 if down else 200,
+    )
+
+
+async def _check(call: Awaitable[Any]) -> tuple[dict[str, Any], Any]:
+    """A part's health as shown, and what the call returned when it worked."""
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            value = await call
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {HEALTH_TIMEOUT:g} s"}, None
+    except _DOWN as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, None
+    return {"ok": True}, value
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await metrics.exposition(services.redis, services.db, services.settings.queue_name)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(PAGE / "index.html")
+
+
+async def serve(settings: Settings, host: str, port: int, insecure: bool = False) -> None:
+    """Run the service until SIGTERM or SIGINT, then finish the requests in flight."""
+    app = create_app(settings, insecure)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("serving", url=f"http://{host}:{port}/")
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,103 @@
+"""Test fire: send a callback a sample (or given) event now, and show what came back.
+
+An affiliate manager setting up a callback wants to see the request their affiliate will
+get and what the affiliate's server answers, without waiting for a real order. A test fire
+is not a delivery: it never enters the ledger's state machine, is never retried, and has an
+Idempotency-Key of its own; it is recorded in `test_fires`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from producer.event import Event, parse_event
+from worker import deliver, render
+from worker.callbacks import Callback
+
+
+def sample_event(callback: Callback) -> Event:
+    """A made-up order for the callback's affiliate and event type, every field filled."""
+    return parse_event(
+        {
+            "id": f"test-{uuid.uuid4()}",
+            "type": callback.event_type,
+            "affiliate_id": callback.affiliate_id,
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "order": {
+                "number": "TEST-1001",
+                "amount": "100.00",
+                "commission": "10.00",
+                "currency": "EUR",
+                "status": "pending",
+            },
+            "link": {
+                "url": "https://shop.example/landing/summer?campaign=test&ref=sample#top",
+                "sub_id": "test-sub",
+            },
+        }
+    )
+
+
+class EventMismatch(ValueError):
+    """A given event is for another affiliate or event type than the callback."""
+
+
+async def fire(
+    db: asyncpg.Pool,
+    http: aiohttp.ClientSession,
+    callback: Callback,
+    event: Event | None,
+    actor: str,
+) -> dict[str, Any]:
+    """Send one request to the callback and record it; returns what was sent and got."""
+    if event is None:
+        event = sample_event(callback)
+    elif (event.affiliate_id, event.type) != (callback.affiliate_id, callback.event_type):
+        raise EventMismatch(
+            f"the event is {event.type} for affiliate {event.affiliate_id}, but the callback "
+            f"is {callback.event_type} for affiliate {callback.affiliate_id}"
+        )
+    template = render.parse(callback.url_template)
+    request = deliver.build_request(callback.method, template, event, uuid.uuid4(), callback.secret)
+    fired_at = datetime.now(UTC)
+    outcome = await deliver.attempt(http, request)
+    headers = dict(outcome.headers)
+    test_id: int = await db.fetchval(
+        """
+        INSERT INTO test_fires (callback_id, affiliate_id, event_type, actor, fired_at,
+                                request, duration_ms, status_code, error_class, error,
+                                response_headers, response_excerpt)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+        RETURNING id
+        """,
+        callback.id,
+        callback.affiliate_id,
+        callback.event_type,
+        actor,
+        fired_at,
+        request.as_json(),
+        outcome.duration_ms,
+        outcome.status,
+        outcome.error_class,
+        outcome.error,
+        headers if outcome.status is not None else None,
+        outcome.excerpt if outcome.status is not None else None,
+    )
+    response = None
+    if outcome.status is not None:
+        response = {"status": outcome.status, "headers": headers, "body_excerpt": outcome.excerpt}
+    return {
+        "id": test_id,
+        "fired_at": fired_at.isoformat(),
+        "duration_ms": round(outcome.duration_ms, 1),
+        "request": request.as_json(),
+        "response": response,
+        "error_class": outcome.error_class,
+        "error": outcome.error,
+        "delivered": outcome.ok,
+    }

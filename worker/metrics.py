@@ -1,0 +1,151 @@
+"""Delivery metrics: counted by every worker in Redis, read by the service for Prometheus.
+
+Counters live in Redis, not in a worker's memory, because there are many workers and the
+one `/metrics` endpoint is served by another process; a scrape adds them up once. Gauges
+(queue depth, retries waiting, dead letters) are read at scrape time from where they are
+true: the queue in Redis and the ledger in Postgres.
+
+Counting is best effort: a Redis error costs a count, never a delivery. The counters start
+again from zero if Redis loses its data, which Prometheus reads as a counter reset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import structlog
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = structlog.get_logger("postback.metrics")
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds, in seconds, of the attempt duration histogram (and +Inf)."""
+
+_INF = "+Inf"
+
+
+def _counters_key(queue_name: str) -> str:
+    return f"{queue_name}:metrics"
+
+
+def _failures_key(queue_name: str) -> str:
+    return f"{queue_name}:metrics:affiliate-failures"
+
+
+def _bucket(seconds: float) -> str:
+    return next((repr(b) for b in DURATION_BUCKETS if seconds <= b), _INF)
+
+
+async def count(
+    redis: Redis,
+    queue_name: str,
+    affiliate: str,
+    *,
+    attempt: tuple[str, float] | None = None,
+    settled: str | None = None,
+) -> None:
+    """Count an attempt (the state it left the delivery in, and its duration in seconds),
+    and the state a delivery settled in, if it did."""
+    pipe = redis.pipeline(transaction=False)
+    key = _counters_key(queue_name)
+    if attempt is not None:
+        state, seconds = attempt
+        pipe.hincrby(key, f"attempts:{state}", 1)
+        pipe.hincrby(key, f"duration:{_bucket(seconds)}", 1)
+        pipe.hincrbyfloat(key, "duration:sum", seconds)
+        if state != "delivered":
+            pipe.hincrby(_failures_key(queue_name), affiliate, 1)
+    if settled is not None:
+        pipe.hincrby(key, f"deliveries:{settled}", 1)
+    try:
+        await pipe.execute()
+    except RedisError as exc:
+        log.warning("metrics_not_counted", error=str(exc))
+
+
+class _Families:
+    """What `generate_latest` wants: something whose `collect` yields metric families."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+async def exposition(redis: Redis, db: asyncpg.Pool, queue_name: str) -> bytes:
+    """The Prometheus text exposition of every metric, read now."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(_counters_key(queue_name))
+    pipe.hgetall(_failures_key(queue_name))
+    pipe.zcount(queue_name, "-inf", int(time.time() * 1000))
+    pipe.zcard(queue_name)
+    raw_counters, raw_failures, due, queued = await pipe.execute()
+    counters = {k.decode(): float(v) for k, v in raw_counters.items()}
+    rows = await db.fetch(
+        "SELECT state, count(*) AS n FROM deliveries WHERE state IN ('retrying', 'dead')"
+        " GROUP BY state"
+    )
+    by_state = {row["state"]: row["n"] for row in rows}
+
+    deliveries = CounterMetricFamily(
+        "postback_deliveries",
+        "Deliveries settled, by the state they settled in.",
+        labels=["outcome"],
+    )
+    for outcome in ("delivered", "dead", "skipped"):
+        deliveries.add_metric([outcome], counters.get(f"deliveries:{outcome}", 0.0))
+    attempts = CounterMetricFamily(
+        "postback_attempts",
+        "Attempts made, by the state each left its delivery in.",
+        labels=["result"],
+    )
+    for result in ("delivered", "retrying", "dead"):
+        attempts.add_metric([result], counters.get(f"attempts:{result}", 0.0))
+    cumulative, buckets = 0.0, []
+    for bound in [*map(repr, DURATION_BUCKETS), _INF]:
+        cumulative += counters.get(f"duration:{bound}", 0.0)
+        buckets.append((bound, cumulative))
+    duration = HistogramMetricFamily(
+        "postback_attempt_duration_seconds",
+        "How long attempts took, connect to last byte read.",
+        buckets=buckets,
+        sum_value=counters.get("duration:sum", 0.0),
+    )
+    failures = CounterMetricFamily(
+        "postback_affiliate_failures",
+        "Failed attempts (retried or dead-lettered), by affiliate.",
+        labels=["affiliate"],
+    )
+    for affiliate, n in sorted(raw_failures.items()):
+        failures.add_metric([affiliate.decode()], float(n))
+    depth = GaugeMetricFamily(
+        "postback_queue_depth", "Jobs in the queue due now, waiting for a worker.", value=due
+    )
+    deferred = GaugeMetricFamily(
+        "postback_queue_deferred",
+        "Jobs in the queue due later: retries and deliveries waiting for an earlier one.",
+        value=queued - due,
+    )
+    retrying = GaugeMetricFamily(
+        "postback_retries_waiting",
+        "Deliveries that failed and wait for their next retry.",
+        value=by_state.get("retrying", 0),
+    )
+    dead = GaugeMetricFamily(
+        "postback_dead_letters",
+        "Dead-lettered deliveries, not replayed or discarded.",
+        value=by_state.get("dead", 0),
+    )
+    families = [deliveries, attempts, duration, failures, depth, deferred, retrying, dead]
+    return generate_latest(_Families(families))
