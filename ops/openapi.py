@@ -361,7 +361,9 @@ def _operations() -> dict[str, Any]:
         "description": "rerender: build the request again from the callback as it is now; "
         "resend: send the last request again as it was.",
     }
-    filter_props = dict.fromkeys(("affiliate", "event_type", "order", "error_class", "since", "until"), _STRING)
+    filter_props = dict.fromkeys(
+        ("affiliate", "event_type", "order", "error_class", "since", "until"), _STRING
+    )
     callback_404 = _error("No such callback.")
     return {
         "/v1/events": {

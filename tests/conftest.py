@@ -8,18 +8,23 @@ deletes only the keys it wrote.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio
 from aiohttp import web
+from pydantic import SecretStr
 
 from ops.demo import serve
+from ops.service import create_app
 from producer.publish import Producer
 from worker import callbacks, database
 from worker.config import Settings
@@ -179,3 +184,57 @@ async def receiver() -> AsyncIterator[Receiver]:
     async with serve(record) as url:
         state.url = url
         yield state
+
+
+INGEST_TOKEN = "ingest-token-for-tests-0123456789"
+OPS_TOKEN = "ops-token-for-tests-0123456789"
+
+
+@dataclass
+class Api:
+    """The running service on 127.0.0.1, and a client that sends the ops token unless told."""
+
+    url: str
+    http: aiohttp.ClientSession
+
+    async def call(
+        self, method: str, path: str, token: str | None = OPS_TOKEN, **kwargs: Any
+    ) -> tuple[int, Any]:
+        headers = dict(kwargs.pop("headers", {}))
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        async with self.http.request(
+            method, self.url + path, headers=headers, **kwargs
+        ) as response:
+            body = await response.read()
+            if response.content_type == "application/json":
+                return response.status, json.loads(body)
+            return response.status, body.decode()
+
+
+def with_tokens(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={"ingest_token": SecretStr(INGEST_TOKEN), "ops_token": SecretStr(OPS_TOKEN)}
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings, insecure: bool = False) -> AsyncIterator[Api]:
+    """`postback serve` in this process, on a free port."""
+    runner = web.AppRunner(create_app(settings, insecure), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Api(f"http://{host}:{port}", http)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def api(settings: Settings, db: asyncpg.Connection, producer: Producer) -> AsyncIterator[Api]:
+    """The service with both tokens configured, on an empty database and queue."""
+    async with running_service(with_tokens(settings)) as service:
+        yield service

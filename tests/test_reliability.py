@@ -510,7 +510,7 @@ async def test_the_delivery_time_is_in_the_ledger_not_only_in_redis(
     row = await _delivery(db, data["id"])
     wait = row["next_attempt_at"] - before
     assert timedelta(minutes=8) - timedelta(seconds=5) < wait < timedelta(minutes=12, seconds=5)
-    assert (row["reason"], row["error_class"], row["claimed_by"]) == ("HTTP 503", None, None)
+    assert (row["reason"], row["error_class"], row["claimed_by"]) == ("HTTP 503", "http_5xx", None)
 
 
 async def test_a_delivery_whose_worker_died_and_whose_job_redis_lost_is_swept_back(

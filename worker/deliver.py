@@ -122,6 +122,14 @@ class Outcome:
     def ok(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
 
+    @property
+    def failure_class(self) -> str | None:
+        """What ops filter dead letters by: the error class, or `http_4xx` / `http_5xx`
+        (`http_3xx` for a redirect without a usable Location) for an unwanted answer."""
+        if self.error_class is not None or self.status is None:
+            return self.error_class
+        return None if self.ok else f"http_{self.status // 100}xx"
+
 
 def session(connect_timeout: float, request_timeout: float) -> aiohttp.ClientSession:
     """The one session a worker shares across deliveries, so connections are reused."""

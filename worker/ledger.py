@@ -233,7 +233,7 @@ async def record_attempt(
             delivery,
             verdict.state,
             verdict.reason,
-            outcome.error_class,
+            outcome.failure_class,
             request.as_json(),
             callback_id,
             verdict.delay,

@@ -1,0 +1,726 @@
+"""`postback serve` over real HTTP: ingest, the ops API, health, metrics and the OpenAPI document.
+
+Deliveries are made the way production makes them: events in through the API or the
+producer, a worker draining the queue into receivers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from ops.demo import serve
+from ops.openapi import document
+from ops.service import Insecure, create_app
+from producer.publish import Producer
+from tests.conftest import (
+    INGEST_TOKEN,
+    OPS_TOKEN,
+    Api,
+    drain,
+    event_data,
+    running_service,
+    save_callback,
+    with_tokens,
+)
+from tests.test_reliability import running_worker, until
+from worker.config import Settings
+
+pytestmark = pytest.mark.usefixtures("db")
+
+
+@dataclass
+class Flaky:
+    """A receiver that answers 500 on paths under /fail until `fixed`, 200 elsewhere."""
+
+    url: str = ""
+    fixed: bool = False
+    paths: list[str] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.paths.append(request.path_qs)
+        if request.path.startswith("/fail") and not self.fixed:
+            return web.Response(status=500, text="down for maintenance")
+        return web.Response(text="ok", headers={"X-Receiver": "flaky"})
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[Flaky]:
+    state = Flaky()
+    async with serve(state.handle) as url:
+        state.url = url
+        yield state
+
+
+async def ingest(api: Api, body: Any, token: str | None = INGEST_TOKEN) -> tuple[int, Any]:
+    return await api.call("POST", "/v1/events", token=token, json=body)
+
+
+async def queued(producer: Producer) -> int:
+    return int(await producer.redis.zcard(producer.queue_name))
+
+
+# --- ingest -----------------------------------------------------------------------------
+
+
+async def test_one_event_is_accepted_and_delivered(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann?o={{order.number}}")
+    data = event_data("one")
+    status, body = await ingest(api, data)
+    assert (status, body) == (202, {"accepted": [data["id"]], "already_queued": []})
+    await drain(settings)
+    assert flaky.paths == ["/ann?o=%231001"]
+
+
+async def test_a_batch_is_accepted_and_delivered(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann?o={{order.number}}")
+    batch = [
+        event_data(f"b{i}", order={"number": f"#{i}", "amount": "1", "commission": "0.1"})
+        for i in range(3)
+    ]
+    status, body = await ingest(api, batch)
+    assert status == 202
+    assert body["accepted"] == [e["id"] for e in batch]
+    await drain(settings)
+    assert sorted(flaky.paths) == ["/ann?o=%230", "/ann?o=%231", "/ann?o=%232"]
+
+
+async def test_the_same_event_twice_is_queued_once(api: Api, producer: Producer) -> None:
+    data = event_data("twice")
+    await ingest(api, data)
+    status, body = await ingest(api, data)
+    assert (status, body["already_queued"]) == (202, [data["id"]])
+    assert await queued(producer) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"id": None}, "id", "field required"),
+        ({"type": "order.deleted"}, "type", "order.created"),
+        ({"affiliate_id": ""}, "affiliate_id", "at least 1"),
+        ({"affiliateId": "ann"}, "affiliateId", "unknown field"),
+        (
+            {"order": {"number": "#1", "amount": "ten", "commission": "1"}},
+            "order.amount",
+            "decimal",
+        ),
+        (
+            {"order": {"number": "#1", "amount": "1", "commission": "1", "currency": "eur"}},
+            "order.currency",
+            "ISO 4217",
+        ),
+        ({"link": {"url": "ftp://shop.example/"}}, "link.url", "http or https"),
+        ({"occurred_at": "2026-11-21T10:00:00"}, "occurred_at", "timezone"),
+        ({"affiliate_id": "a\x00b"}, "affiliate_id", "NUL"),
+    ],
+    ids=[
+        "no-id",
+        "type",
+        "empty-affiliate",
+        "unknown-field",
+        "amount",
+        "currency",
+        "link",
+        "naive-time",
+        "nul",
+    ],
+)
+async def test_each_invalid_event_is_refused_naming_its_field(
+    api: Api, producer: Producer, change: dict[str, Any], field: str, words: str
+) -> None:
+    data = {**event_data("bad"), **change}
+    data = {k: v for k, v in data.items() if v is not None}
+    status, body = await ingest(api, data)
+    assert status == 422
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(0, field)]
+    assert words.lower() in body["errors"][0]["message"].lower()
+    assert await queued(producer) == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "words"),
+    [
+        (b"{not json", "event", "not valid JSON"),
+        (b"[]", "events", "no event"),
+        (b'"an event"', "event", "JSON object"),
+    ],
+)
+async def test_a_body_that_is_not_events_is_refused(
+    api: Api, producer: Producer, raw: bytes, field: str, words: str
+) -> None:
+    status, body = await api.call(
+        "POST",
+        "/v1/events",
+        token=INGEST_TOKEN,
+        data=raw,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 422
+    assert body["errors"][0]["field"] == field
+    assert words in body["errors"][0]["message"]
+    assert await queued(producer) == 0
+
+
+async def test_a_batch_with_one_bad_event_enqueues_nothing(api: Api, producer: Producer) -> None:
+    batch = [event_data("ok1"), {**event_data("bad"), "type": "nope"}, event_data("ok2")]
+    status, body = await ingest(api, batch)
+    assert status == 422
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "type")]
+    assert "nothing was enqueued" in body["error"]
+    assert await queued(producer) == 0
+
+
+async def test_more_than_1000_events_are_refused(api: Api, producer: Producer) -> None:
+    status, body = await ingest(api, [event_data(f"n{i}") for i in range(1001)])
+    assert status == 422
+    assert body["errors"][0]["field"] == "events"
+    assert "at most 1000" in body["errors"][0]["message"]
+    assert await queued(producer) == 0
+
+
+async def test_a_body_over_1_mib_is_refused_with_413(api: Api, producer: Producer) -> None:
+    big = json.dumps([event_data("big", affiliate_id="x" * 2048)] * 1024).encode()
+    assert len(big) > 2 * 1024 * 1024
+    status, body = await api.call(
+        "POST",
+        "/v1/events",
+        token=INGEST_TOKEN,
+        data=io.BytesIO(big),
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 413
+    assert "1 MiB" in body["error"]
+    assert await queued(producer) == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        (None, "missing bearer token"),
+        ("Bearer wrong-token-0123456789", "wrong token"),
+        (f"Bearer {OPS_TOKEN}", "wrong token"),  # the ops token does not open ingest
+        (f"Basic {INGEST_TOKEN}", "missing bearer token"),
+    ],
+    ids=["none", "wrong", "ops-token", "basic"],
+)
+async def test_ingest_without_its_token_is_401(
+    api: Api, producer: Producer, header: str | None, words: str
+) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    status, body = await api.call(
+        "POST", "/v1/events", token=None, json=event_data("x"), headers=headers
+    )
+    assert status == 401
+    assert words in body["error"]
+    assert await queued(producer) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/deliveries"),
+        ("GET", "/v1/dead-letters"),
+        ("POST", "/v1/dead-letters/replay"),
+        ("GET", "/v1/callbacks"),
+        ("DELETE", "/v1/callbacks/ann/order.created"),
+    ],
+)
+async def test_the_ops_api_wants_the_ops_token(api: Api, method: str, path: str) -> None:
+    assert (await api.call(method, path, token=None))[0] == 401
+    assert (await api.call(method, path, token=INGEST_TOKEN))[0] == 401
+
+
+async def test_the_service_will_not_start_without_tokens_unless_told(settings: Settings) -> None:
+    with pytest.raises(Insecure, match="POSTBACK_INGEST_TOKEN and POSTBACK_OPS_TOKEN"):
+        create_app(settings)
+    async with running_service(settings, insecure=True) as api:
+        assert (await api.call("GET", "/v1/callbacks", token=None))[0] == 200
+
+
+# --- deliveries and dead letters ------------------------------------------------------
+
+
+async def make_deliveries(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> dict[str, str]:
+    """ann delivered (a create and an update), bob dead (500 three times), carol skipped;
+    returns each one's event id."""
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann?o={{order.number}}")
+    await save_callback(db, "ann", "order.updated", "GET", flaky.url + "/ann/u?o={{order.number}}")
+    await save_callback(
+        db, "bob", "order.created", "GET", flaky.url + "/fail/bob?o={{order.number}}"
+    )
+    events = {
+        "ann": event_data("ann", order={"number": "#1", "amount": "1", "commission": "0.1"}),
+        "ann-update": event_data(
+            "annu",
+            type="order.updated",
+            order={"number": "#1", "amount": "1", "commission": "0.1", "status": "paid"},
+        ),
+        "bob": event_data("bob", affiliate_id="bob"),
+        "carol": event_data("carol", affiliate_id="carol"),
+    }
+    assert (await ingest(api, list(events.values())))[0] == 202
+    await drain(settings)
+    return {name: e["id"] for name, e in events.items()}
+
+
+async def listed(api: Api, path: str, **query: str) -> list[dict[str, Any]]:
+    status, body = await api.call("GET", path, params=query)
+    assert status == 200, body
+    items: list[dict[str, Any]] = body["items"]
+    return items
+
+
+async def test_filters_return_the_right_deliveries(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    ids = await make_deliveries(api, db, flaky, settings)
+
+    async def events(**query: str) -> set[str]:
+        return {item["event_id"] for item in await listed(api, "/v1/deliveries", **query)}
+
+    assert await events() == set(ids.values())
+    assert await events(affiliate="ann") == {ids["ann"], ids["ann-update"]}
+    assert await events(event_type="order.updated") == {ids["ann-update"]}
+    assert await events(order="#1") == {ids["ann"], ids["ann-update"]}
+    assert await events(state="dead") == {ids["bob"]}
+    assert await events(state="skipped") == {ids["carol"]}
+    assert await events(error_class="http_5xx") == {ids["bob"]}
+    assert await events(affiliate="ann", state="dead") == set()
+    assert await events(since="1h") == set(ids.values())
+    assert await events(until="1h") == set()
+    future = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    assert await events(since=future) == set()
+    assert await events(until=future) == set(ids.values())
+
+    dead = await listed(api, "/v1/dead-letters")
+    assert [(d["event_id"], d["attempts"], d["last_status"]) for d in dead] == [
+        (ids["bob"], 3, 500)
+    ]
+    assert dead[0]["reason"] == "gave up after 3 attempts, last: HTTP 500"
+    assert await listed(api, "/v1/dead-letters", affiliate="ann") == []
+
+
+async def test_listings_page_through_everything_once(
+    api: Api, db: asyncpg.Connection, settings: Settings
+) -> None:
+    batch = [event_data(f"p{i}", affiliate_id="nobody") for i in range(7)]
+    await ingest(api, batch)
+    await drain(settings)
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        query = {"limit": "3"} | ({} if cursor is None else {"cursor": cursor})
+        status, body = await api.call("GET", "/v1/deliveries", params=query)
+        assert status == 200
+        seen += [item["event_id"] for item in body["items"]]
+        cursor = body["next"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(e["id"] for e in batch)
+    assert len(seen) == 7
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "field"),
+    [
+        ("/v1/deliveries", {"state": "lost"}, "state"),
+        ("/v1/deliveries", {"event_type": "order.deleted"}, "event_type"),
+        ("/v1/deliveries", {"since": "yesterday"}, "since"),
+        ("/v1/deliveries", {"since": "1h", "until": "2h"}, "until"),
+        ("/v1/deliveries", {"limit": "0"}, "limit"),
+        ("/v1/deliveries", {"limit": "501"}, "limit"),
+        ("/v1/deliveries", {"cursor": "not-a-cursor"}, "cursor"),
+        ("/v1/deliveries", {"affiliat": "ann"}, "affiliat"),
+        ("/v1/dead-letters", {"state": "delivered"}, "state"),
+        ("/v1/deliveries/not-a-uuid", {}, "id"),
+    ],
+)
+async def test_bad_filters_are_refused_naming_the_parameter(
+    api: Api, path: str, query: dict[str, str], field: str
+) -> None:
+    status, body = await api.call("GET", path, params=query)
+    assert status == 422
+    assert body["errors"][0]["field"] == field
+
+
+async def test_show_has_the_event_request_and_every_attempt(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    ids = await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    status, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    assert status == 200
+    assert shown["event"]["id"] == ids["bob"]
+    assert shown["request"]["url"] == flaky.url + "/fail/bob?o=%231001"
+    assert [(a["number"], a["status_code"]) for a in shown["attempts"]] == [
+        (1, 500),
+        (2, 500),
+        (3, 500),
+    ]
+    assert shown["attempts"][0]["response_excerpt"] == "down for maintenance"
+    assert shown["actions"] == []
+    missing = "00000000-0000-0000-0000-000000000000"
+    assert (await api.call("GET", f"/v1/deliveries/{missing}"))[0] == 404
+
+
+async def test_a_dead_letter_replayed_after_the_fix_is_delivered(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    flaky.fixed = True
+    status, body = await api.call(
+        "POST", f"/v1/dead-letters/{dead['id']}/replay", json={"actor": "dana"}
+    )
+    assert (status, body) == (200, {"delivery_id": dead["id"], "outcome": "replayed"})
+    assert await listed(api, "/v1/dead-letters") == []
+    await drain(settings)
+    _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    assert shown["state"] == "delivered"
+    assert [a["status_code"] for a in shown["attempts"]] == [500, 500, 500, 200]
+    [action] = shown["actions"]
+    assert (action["action"], action["mode"], action["actor"], action["attempt"]) == (
+        "replay",
+        "rerender",
+        "dana",
+        4,
+    )
+    # Replaying again is refused: it is not a dead letter any more.
+    status, body = await api.call("POST", f"/v1/dead-letters/{dead['id']}/replay")
+    assert status == 409
+    assert "delivered" in body["error"]
+
+
+async def test_a_replay_that_fails_again_gets_the_whole_schedule(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    await api.call("POST", f"/v1/dead-letters/{dead['id']}/replay")
+    await drain(settings)
+    _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    # Three more attempts, as many as the first time, not one.
+    assert (shown["state"], len(shown["attempts"])) == ("dead", 6)
+    assert shown["reason"] == "gave up after 3 attempts, last: HTTP 500"
+
+
+async def test_rerender_uses_the_callback_now_and_resend_the_request_then(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    status, _ = await api.call(
+        "PUT",
+        "/v1/callbacks/bob/order.created",
+        json={"url": flaky.url + "/fixed/bob?order={{order.number}}"},
+    )
+    assert status == 200
+    flaky.paths.clear()
+    await api.call("POST", f"/v1/dead-letters/{dead['id']}/replay", json={"mode": "resend"})
+    await drain(settings)
+    # The original URL, still failing: three attempts, the whole schedule again.
+    assert flaky.paths == ["/fail/bob?o=%231001"] * 3
+    flaky.paths.clear()
+    await api.call("POST", f"/v1/dead-letters/{dead['id']}/replay", json={"mode": "rerender"})
+    await drain(settings)
+    assert flaky.paths == ["/fixed/bob?order=%231001"]
+    _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    assert shown["state"] == "delivered"
+    assert [a["mode"] for a in shown["actions"]] == ["resend", "rerender"]
+
+
+async def test_replay_is_refused_while_the_callback_is_off(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    await api.call("POST", "/v1/callbacks/bob/order.created/disable")
+    status, body = await api.call("POST", f"/v1/dead-letters/{dead['id']}/replay")
+    assert status == 409
+    assert "disabled" in body["error"]
+    status, body = await api.call(
+        "POST", f"/v1/dead-letters/{dead['id']}/replay", json={"mode": "again"}
+    )
+    assert (status, body["errors"][0]["field"]) == (422, "mode")
+    assert len(await listed(api, "/v1/dead-letters")) == 1
+
+
+async def test_bulk_replay_of_200_dead_letters_by_filter(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    no_retries = settings.model_copy(update={"retry_schedule": ""})
+    await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail/{{event.id}}")
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/fail/{{event.id}}")
+    bobs = [event_data(f"bulk{i}", affiliate_id="bob") for i in range(200)]
+    anns = [event_data(f"keep{i}", affiliate_id="ann") for i in range(5)]
+    assert (await ingest(api, bobs + anns))[0] == 202
+    await drain(no_retries)
+    assert len(await listed(api, "/v1/dead-letters", limit="500")) == 205
+
+    flaky.fixed = True
+    status, summary = await api.call(
+        "POST", "/v1/dead-letters/replay", json={"filter": {"affiliate": "bob"}, "actor": "bulk"}
+    )
+    assert (status, summary) == (200, {"replayed": 200, "skipped": 0, "failed": 0, "problems": []})
+    await drain(no_retries)
+    delivered = await listed(api, "/v1/deliveries", affiliate="bob", state="delivered", limit="500")
+    assert len(delivered) == 200
+    left = await listed(api, "/v1/dead-letters", limit="500")
+    assert {d["affiliate_id"] for d in left} == {"ann"}
+    assert len(left) == 5
+
+
+async def test_discard_hides_it_from_the_list_and_keeps_it_in_the_record(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    path = f"/v1/dead-letters/{dead['id']}/discard"
+    status, body = await api.call("POST", path, json={})
+    assert (status, body["errors"][0]["field"]) == (422, "note")
+    status, body = await api.call("POST", path, json={"note": "bob's shop closed", "actor": "dana"})
+    assert (status, body["outcome"]) == (200, "discarded")
+    assert await listed(api, "/v1/dead-letters") == []
+    _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    assert shown["state"] == "discarded"
+    assert len(shown["attempts"]) == 3
+    [action] = shown["actions"]
+    assert (action["action"], action["note"], action["actor"]) == (
+        "discard",
+        "bob's shop closed",
+        "dana",
+    )
+    assert [d["id"] for d in await listed(api, "/v1/deliveries", state="discarded")] == [dead["id"]]
+    status, _ = await api.call("POST", path, json={"note": "again"})
+    assert status == 409
+
+
+# --- callbacks --------------------------------------------------------------------------
+
+
+async def test_callbacks_can_be_set_listed_switched_and_removed(
+    api: Api, flaky: Flaky, settings: Settings
+) -> None:
+    path = "/v1/callbacks/ann/order.created"
+    status, body = await api.call("PUT", path, json={"url": flaky.url + "/ann?o={{order.numbr}}"})
+    assert (status, body["errors"][0]["field"]) == (422, "url")
+    assert "order.number" in body["errors"][0]["message"]  # the suggestion
+    status, saved = await api.call(
+        "PUT",
+        path,
+        json={"url": flaky.url + "/ann?o={{order.number}}", "method": "POST", "secret": "s3cret"},
+    )
+    assert status == 200
+    assert (saved["method"], saved["has_secret"], saved["enabled"]) == ("POST", True, True)
+    assert "secret" not in json.dumps(saved).replace("has_secret", "")
+
+    status, body = await api.call("POST", path + "/disable")
+    assert (status, body["enabled"]) == (200, False)
+    data = event_data("while-off")
+    await ingest(api, data)
+    await drain(settings)
+    assert flaky.paths == []
+    [skipped] = await listed(api, "/v1/deliveries", state="skipped")
+    assert skipped["reason"] == "callback disabled"
+
+    status, body = await api.call("POST", path + "/enable")
+    assert (status, body["enabled"]) == (200, True)
+    assert [cb["affiliate_id"] for cb in await listed(api, "/v1/callbacks")] == ["ann"]
+    assert await listed(api, "/v1/callbacks", affiliate="bob") == []
+    assert (await api.call("DELETE", path))[0] == 200
+    assert (await api.call("DELETE", path))[0] == 404
+    assert (await api.call("POST", path + "/enable"))[0] == 404
+    status, body = await api.call("PUT", "/v1/callbacks/ann/order.paid", json={"url": "x"})
+    assert (status, body["errors"][0]["field"]) == (422, "event_type")
+
+
+async def test_test_fire_sends_now_and_shows_the_answer(
+    api: Api, db: asyncpg.Connection, flaky: Flaky
+) -> None:
+    await save_callback(
+        db, "ann", "order.created", "POST", flaky.url + "/ann?o={{order.number}}", "whsec_c2VjcmV0"
+    )
+    status, fired = await api.call(
+        "POST", "/v1/callbacks/ann/order.created/test", json={"actor": "dana"}
+    )
+    assert status == 200, fired
+    assert fired["request"]["url"] == flaky.url + "/ann?o=TEST-1001"
+    assert fired["request"]["body"]["order"]["number"] == "TEST-1001"
+    assert "webhook-signature" in fired["request"]["headers"]
+    assert fired["response"]["status"] == 200
+    assert fired["response"]["headers"]["X-Receiver"] == "flaky"
+    assert fired["response"]["body_excerpt"] == "ok"
+    assert fired["delivered"] is True
+    assert flaky.paths == ["/ann?o=TEST-1001"]
+    row = await db.fetchrow("SELECT actor, status_code, request FROM test_fires")
+    assert row is not None
+    assert (row["actor"], row["status_code"]) == ("dana", 200)
+    # A test is not a delivery.
+    assert await db.fetchval("SELECT count(*) FROM deliveries") == 0
+
+    given = event_data("given", order={"number": "#77", "amount": "5", "commission": "1"})
+    status, fired = await api.call(
+        "POST", "/v1/callbacks/ann/order.created/test", json={"event": given}
+    )
+    assert (status, fired["request"]["url"]) == (200, flaky.url + "/ann?o=%2377")
+    status, body = await api.call(
+        "POST",
+        "/v1/callbacks/ann/order.created/test",
+        json={"event": {**given, "affiliate_id": "bob"}},
+    )
+    assert (status, body["errors"][0]["field"]) == (422, "event")
+    status, body = await api.call(
+        "POST", "/v1/callbacks/ann/order.created/test", json={"event": {"id": "x"}}
+    )
+    assert status == 422
+    assert "event.type" in [e["field"] for e in body["errors"]]
+    assert (await api.call("POST", "/v1/callbacks/bob/order.created/test"))[0] == 404
+
+
+async def test_test_fire_reports_a_receiver_that_is_down(api: Api, db: asyncpg.Connection) -> None:
+    await save_callback(db, "ann", "order.created", "GET", "http://127.0.0.1:1/pb")
+    status, fired = await api.call("POST", "/v1/callbacks/ann/order.created/test")
+    assert status == 200
+    assert (fired["response"], fired["error_class"], fired["delivered"]) == (
+        None,
+        "connect_error",
+        False,
+    )
+
+
+# --- health, metrics, OpenAPI ----------------------------------------------------------
+
+
+async def test_healthz_names_what_is_down(api: Api, settings: Settings) -> None:
+    status, body = await api.call("GET", "/healthz", token=None)
+    assert (status, body["down"]) == (503, ["worker"])
+    assert body["checks"]["redis"] == {"ok": True}
+    assert body["checks"]["postgres"] == {"ok": True}
+    async with running_worker(settings):
+        await until(lambda: _healthy(api))
+        status, body = await api.call("GET", "/healthz", token=None)
+        assert (status, body["status"], body["down"]) == (200, "ok", [])
+        assert "j_complete" in body["checks"]["worker"]["report"]
+
+
+async def _healthy(api: Api) -> bool:
+    return (await api.call("GET", "/healthz", token=None))[0] == 200
+
+
+async def test_healthz_says_503_naming_redis_when_redis_is_unreachable(
+    settings: Settings,
+) -> None:
+    gone = with_tokens(settings).model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    async with running_service(gone) as api:
+        status, body = await api.call("GET", "/healthz", token=None)
+        assert status == 503
+        assert body["down"] == ["redis", "worker"]
+        assert "Connect" in body["checks"]["redis"]["error"]
+        assert body["checks"]["postgres"] == {"ok": True}
+        # The rest of the API says so too, rather than failing with a 500.
+        status, body = await ingest(api, event_data("nowhere"))
+        assert status == 503
+        assert "Redis" in body["error"]
+
+
+async def test_healthz_says_503_naming_postgres_when_postgres_is_unreachable(
+    settings: Settings,
+) -> None:
+    gone = with_tokens(settings).model_copy(
+        update={"database_url": "postgresql://postgres@127.0.0.1:1/nope"}
+    )
+    async with running_service(gone) as api:
+        status, body = await api.call("GET", "/healthz", token=None)
+        assert status == 503
+        assert "postgres" in body["down"]
+        status, body = await api.call("GET", "/v1/dead-letters")
+        assert status == 503
+        assert "Postgres" in body["error"]
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_move_as_deliveries_happen(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    status, text = await api.call("GET", "/metrics", token=None)
+    assert status == 200
+    before = _samples(text)
+    await make_deliveries(api, db, flaky, settings)
+    await ingest(api, event_data("waiting", affiliate_id="nobody"))  # queued, not drained
+    _, text = await api.call("GET", "/metrics", token=None)
+    after = _samples(text)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert moved("postback_deliveries_total", outcome="delivered") == 2
+    assert moved("postback_deliveries_total", outcome="dead") == 1
+    assert moved("postback_deliveries_total", outcome="skipped") == 1
+    assert moved("postback_attempts_total", result="delivered") == 2
+    assert moved("postback_attempts_total", result="retrying") == 2
+    assert moved("postback_attempts_total", result="dead") == 1
+    assert moved("postback_attempt_duration_seconds_count") == 5
+    assert moved("postback_attempt_duration_seconds_bucket", le="+Inf") == 5
+    assert moved("postback_affiliate_failures_total", affiliate="bob") == 3
+    assert after[("postback_dead_letters", ())] == 1
+    assert after[("postback_queue_depth", ())] == 1
+    assert after[("postback_retries_waiting", ())] == 0
+
+
+async def test_openapi_lists_exactly_the_routes_the_service_has(settings: Settings) -> None:
+    app = create_app(with_tokens(settings))
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None
+        and route.method != "HEAD"
+        and not route.resource.canonical.startswith("/page")
+    }
+    documented = {(method, path) for path, ops in document()["paths"].items() for method in ops}
+    assert served == documented
+
+
+async def test_the_page_and_its_files_are_served(api: Api) -> None:
+    status, html = await api.call("GET", "/", token=None)
+    assert status == 200
+    assert "<title>postback relay" in html
+    for asset in ("app.js", "style.css"):
+        assert f"/page/{asset}" in html
+        assert (await api.call("GET", f"/page/{asset}", token=None))[0] == 200
+
+
+async def test_concurrent_replays_of_one_dead_letter_replay_it_once(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    path = f"/v1/dead-letters/{dead['id']}/replay"
+    results = await asyncio.gather(*(api.call("POST", path) for _ in range(5)))
+    assert sorted(status for status, _ in results) == [200, 409, 409, 409, 409]
+    _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    assert len(shown["actions"]) == 1
