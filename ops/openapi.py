@@ -22,6 +22,17 @@ _TIME = {"type": "string", "format": "date-time"}
 _NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
 
 
+_MONEY = {
+    "type": "string",
+    "pattern": r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$",
+    "description": "A decimal as a string, kept exact (a JSON number is accepted too).",
+}
+
+
+def _text(longest: int) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": longest}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -160,15 +171,44 @@ def _schemas() -> dict[str, Any]:
         },
         "Event": {
             "type": "object",
-            "description": "An order event (see the README's event format).",
+            "description": "An order event; the README's event format has every rule.",
+            "additionalProperties": False,
             "required": ["id", "type", "affiliate_id", "order", "link"],
             "properties": {
-                "id": _STRING,
+                "id": _text(128),
                 "type": {"type": "string", "enum": list(EVENT_TYPES)},
-                "affiliate_id": _STRING,
-                "occurred_at": _TIME,
-                "order": {"type": "object"},
-                "link": {"type": "object"},
+                "affiliate_id": _text(64),
+                "occurred_at": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "RFC 3339 with an offset; default: when enqueued.",
+                },
+                "order": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["number", "amount", "commission"],
+                    "properties": {
+                        "number": _text(128),
+                        "amount": _MONEY,
+                        "commission": _MONEY,
+                        "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                        "status": _text(64),
+                    },
+                },
+                "link": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["url"],
+                    "properties": {
+                        "url": {
+                            "type": "string",
+                            "maxLength": 4096,
+                            "description": "The affiliate link the order came through: "
+                            "an absolute http(s) URL.",
+                        },
+                        "sub_id": {"type": "string", "maxLength": 256},
+                    },
+                },
             },
         },
         "Accepted": {
