@@ -238,3 +238,30 @@ async def api(settings: Settings, db: asyncpg.Connection, producer: Producer) ->
     """The service with both tokens configured, on an empty database and queue."""
     async with running_service(with_tokens(settings)) as service:
         yield service
+
+
+@dataclass
+class Flaky:
+    """A receiver that answers 500 on paths under /fail until `fixed`, 200 elsewhere."""
+
+    url: str = ""
+    fixed: bool = False
+    paths: list[str] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.paths.append(request.path_qs)
+        if request.path.startswith("/fail") and not self.fixed:
+            return web.Response(status=500, text="down for maintenance")
+        return web.Response(text="ok", headers={"X-Receiver": "flaky"})
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[Flaky]:
+    state = Flaky()
+    async with serve(state.handle) as url:
+        state.url = url
+        yield state
+
+
+async def ingest(api: Api, body: Any, token: str | None = INGEST_TOKEN) -> tuple[int, Any]:
+    return await api.call("POST", "/v1/events", token=token, json=body)

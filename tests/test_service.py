@@ -9,17 +9,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.demo import serve
 from ops.openapi import document
 from ops.service import Insecure, create_app
 from producer.publish import Producer
@@ -27,8 +23,10 @@ from tests.conftest import (
     INGEST_TOKEN,
     OPS_TOKEN,
     Api,
+    Flaky,
     drain,
     event_data,
+    ingest,
     running_service,
     save_callback,
     with_tokens,
@@ -37,33 +35,6 @@ from tests.test_reliability import running_worker, until
 from worker.config import Settings
 
 pytestmark = pytest.mark.usefixtures("db")
-
-
-@dataclass
-class Flaky:
-    """A receiver that answers 500 on paths under /fail until `fixed`, 200 elsewhere."""
-
-    url: str = ""
-    fixed: bool = False
-    paths: list[str] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.paths.append(request.path_qs)
-        if request.path.startswith("/fail") and not self.fixed:
-            return web.Response(status=500, text="down for maintenance")
-        return web.Response(text="ok", headers={"X-Receiver": "flaky"})
-
-
-@pytest.fixture
-async def flaky() -> AsyncIterator[Flaky]:
-    state = Flaky()
-    async with serve(state.handle) as url:
-        state.url = url
-        yield state
-
-
-async def ingest(api: Api, body: Any, token: str | None = INGEST_TOKEN) -> tuple[int, Any]:
-    return await api.call("POST", "/v1/events", token=token, json=body)
 
 
 async def queued(producer: Producer) -> int:

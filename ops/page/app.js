@@ -18,7 +18,7 @@ async function call(method, path, body) {
   const data = await response.json().catch(() => ({ error: response.statusText }));
   if (response.status === 401) {
     sessionStorage.removeItem("postback-token");
-    showLogin();
+    showLogin(data.error);
   }
   if (!response.ok) {
     const detail = (data.errors || []).map((e) => e.field + ": " + e.message).join("; ");
@@ -80,7 +80,7 @@ async function loadList(append) {
     const noun = state.view === "dead"
       ? (count === 1 ? " dead letter" : " dead letters")
       : (count === 1 ? " delivery" : " deliveries");
-    say(count + noun + (page.next ? " shown; more below" : ""));
+    $("count").textContent = count + noun + (page.next ? " shown; more below" : "");
   } catch (error) {
     say(error.message, true);
   }
@@ -207,7 +207,7 @@ async function loadCallbacks() {
       td.appendChild(fire);
       rows.appendChild(row);
     }
-    say(items.length + " callback" + (items.length === 1 ? "" : "s"));
+    $("count").textContent = items.length + " callback" + (items.length === 1 ? "" : "s");
   } catch (error) {
     say(error.message, true);
   }
@@ -237,6 +237,7 @@ function show(view) {
   state.view = view;
   state.selected = null;
   state.next = null;
+  say("");
   for (const tab of document.querySelectorAll(".tab")) {
     tab.classList.toggle("current", tab.dataset.view === view);
   }
@@ -264,8 +265,9 @@ async function health() {
   }
 }
 
-function showLogin() {
+function showLogin(problem) {
   $("login").hidden = false;
+  $("login-error").textContent = problem || "";
   $("app").hidden = true;
   $("actor").value = localStorage.getItem("postback-actor") || "";
 }

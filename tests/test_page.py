@@ -1,0 +1,163 @@
+"""The ops page in a real headless browser: Debian's Chromium, driven by Playwright.
+
+Playwright's own browser downloads are never used: the test launches /usr/bin/chromium
+(the `chromium` package, which `.ci/run` installs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.conftest import OPS_TOKEN, Api, Flaky, drain, event_data, ingest, save_callback
+from worker.config import Settings
+
+CHROMIUM = Path(os.environ.get("POSTBACK_TEST_CHROMIUM", "/usr/bin/chromium"))
+# Flags for a machine with no display and a closed network: without the background
+# networking ones, Chromium keeps trying to reach Google's hosts.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = os.environ.get("POSTBACK_TEST_SCREENSHOT")
+"""Where to save a screenshot of the page with a delivery open (the README's is made so)."""
+
+pytestmark = pytest.mark.usefixtures("db")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium"
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def open_page(browser: Browser, api: Api) -> Page:
+    page = await browser.new_page(viewport={"width": 1400, "height": 800})
+    # The page must work with no network but the service: fail the test on any other.
+    await page.route(
+        "**/*",
+        lambda route: route.continue_() if route.request.url.startswith(api.url) else route.abort(),
+    )
+    await page.goto(api.url + "/")
+    await page.fill("#token", OPS_TOKEN)
+    await page.fill("#actor", "dana")
+    await page.click("#login button[type=submit]")
+    await expect(page.locator("#login")).to_be_hidden()
+    await expect(page.locator("#state-filter")).to_be_hidden()  # dead letters are all dead
+    return page
+
+
+async def dead_letters(api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings) -> None:
+    """Two dead letters: bob's order #1 and #2, refused three times each."""
+    await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail?o={{order.number}}")
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann?o={{order.number}}")
+    events = [
+        event_data(
+            f"page{n}",
+            affiliate_id="bob",
+            order={"number": f"#{n}", "amount": "9.90", "commission": "0.99"},
+        )
+        for n in (1, 2)
+    ]
+    assert (await ingest(api, [*events, event_data("fine")]))[0] == 202
+    await drain(settings)
+
+
+async def test_the_page_lists_opens_and_replays_a_dead_letter(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, browser: Browser
+) -> None:
+    await dead_letters(api, db, flaky, settings)
+    page = await open_page(browser, api)
+
+    rows = page.locator("#rows tr")
+    await expect(rows).to_have_count(2)
+    await expect(page.locator("#count")).to_have_text("2 dead letters")
+    await expect(page.locator("#health")).to_have_text("down: worker")
+
+    await page.fill("#filters input[name=order]", "#2")
+    await page.click("#filters button[type=submit]")
+    await expect(rows).to_have_count(1)
+    await rows.first.click()
+    await expect(page.locator("#detail-title")).to_have_text("bob · order #2 · dead")
+    await expect(page.locator("#attempts tr")).to_have_count(3)
+    await expect(page.locator("#attempts tr").first).to_contain_text("HTTP 500")
+    await expect(page.locator("#attempts tr").first).to_contain_text("down for maintenance")
+    if SCREENSHOT:
+        await page.screenshot(path=SCREENSHOT, full_page=True)
+
+    flaky.fixed = True
+    await page.click("#replay-rerender")
+    await expect(page.locator("#message")).to_have_text("Replayed: the delivery is queued again.")
+    await expect(rows).to_have_count(0)  # the list updated: #2 is no longer a dead letter
+    await expect(page.locator("#detail-title")).to_have_text("bob · order #2 · pending")
+    await expect(page.locator("#actions li")).to_contain_text("replay (rerender) by dana")
+    await expect(page.locator("#replay-rerender")).to_be_disabled()
+
+    await drain(settings)
+    assert flaky.paths[-1] == "/fail?o=%232"
+    await page.click("#filters button[type=submit]")
+    await page.fill("#filters input[name=order]", "")
+    await page.click("#filters button[type=submit]")
+    await expect(rows).to_have_count(1)  # #1 is still dead
+    await page.close()
+
+
+async def test_the_page_discards_with_a_note_and_test_fires_a_callback(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, browser: Browser
+) -> None:
+    await dead_letters(api, db, flaky, settings)
+    page = await open_page(browser, api)
+    rows = page.locator("#rows tr")
+    await expect(rows).to_have_count(2)
+    await rows.first.click()
+    await page.click("#discard")
+    await expect(page.locator("#message")).to_contain_text("Say why")
+    await page.fill("#discard-note", "order cancelled by the shop")
+    await page.click("#discard")
+    await expect(rows).to_have_count(1)
+    await expect(page.locator("#actions li")).to_contain_text("discard by dana at")
+    await expect(page.locator("#actions li")).to_contain_text("order cancelled by the shop")
+
+    await page.click("nav button[data-view=deliveries]")
+    await expect(page.locator("#rows tr")).to_have_count(3)
+
+    await page.click("nav button[data-view=callbacks]")
+    callback_rows = page.locator("#callback-rows tr")
+    await expect(callback_rows).to_have_count(2)
+    await callback_rows.filter(has_text="ann").get_by_role("button", name="Test fire").click()
+    result = page.locator("#fire-result")
+    await expect(result).to_contain_text("GET " + flaky.url + "/ann?o=TEST-1001")
+    await expect(result).to_contain_text("HTTP 200")
+    await page.close()
+
+
+async def test_a_wrong_token_sends_you_back_to_the_login(api: Api, browser: Browser) -> None:
+    page = await browser.new_page()
+    await page.goto(api.url + "/")
+    await page.fill("#token", "not-the-token-at-all")
+    await page.click("#login button[type=submit]")
+    await expect(page.locator("#login")).to_be_visible()
+    await expect(page.locator("#login-error")).to_have_text("wrong token")
+    await page.close()
