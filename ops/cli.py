@@ -455,6 +455,7 @@ async def ledger_show(args: argparse.Namespace, settings: Settings) -> int:
 
 @_sync
 async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    console.quiet_logs(settings)  # it prints what it did
     where = _filter(args)
     if args.id is not None and where != Filter():
         raise Refused("give a delivery id or filters, not both")
@@ -492,6 +493,7 @@ async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 @_sync
 async def dlq_discard(args: argparse.Namespace, settings: Settings) -> int:
+    console.quiet_logs(settings)  # it prints what it did
     if not args.note.strip():
         raise Refused("--note: say why it is discarded")
     db = await database.create_pool(_database_url(settings), 1)

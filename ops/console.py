@@ -10,6 +10,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from worker import logs
+from worker.config import Settings
+
 EXCERPT = 200
 """Characters of a response body shown per attempt; `--json` has all that was kept."""
 
@@ -94,6 +97,13 @@ def delivery_text(d: dict[str, Any]) -> str:
             f"attempt {action['attempt']}{note}"
         )
     return "\n".join(lines)
+
+
+def quiet_logs(settings: Settings) -> None:
+    """Info log lines off, unless POSTBACK_LOG_LEVEL asks for them: for commands that tell
+    a person what they do, whose log lines would only repeat it."""
+    if "log_level" not in settings.model_fields_set:
+        logs.configure("warning")
 
 
 class ProgressBar:

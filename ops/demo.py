@@ -11,9 +11,10 @@ import asyncpg
 from aiohttp import web
 from arq import Worker
 
+from ops import console
 from producer.event import EVENT_TYPES, Event, parse_event
 from producer.publish import Producer
-from worker import callbacks, database, logs
+from worker import callbacks, database
 from worker.config import Settings
 from worker.ledger import OPEN_STATES
 from worker.pool import create_worker
@@ -126,9 +127,8 @@ async def run(settings: Settings) -> int:
         settings = settings.model_copy(update={"retry_schedule": DEMO_SCHEDULE})
     assert settings.database_url is not None
     assert settings.redis_url is not None
-    if "log_level" not in settings.model_fields_set:
-        # The demo narrates on stdout; the worker's own log lines would only repeat it.
-        logs.configure("warning")
+    # The demo narrates on stdout; the worker's own log lines would only repeat it.
+    console.quiet_logs(settings)
     run_id = f"demo-{int(time.time() * 1000)}"
     events = _events(run_id)
     async with (

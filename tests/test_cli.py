@@ -25,8 +25,9 @@ import pytest
 
 from producer import Producer, parse_event
 from producer.queue import job_id
-from tests.conftest import ADMIN_URL, RUN, Receiver, event_data, save_callback
+from tests.conftest import ADMIN_URL, RUN, Flaky, Receiver, drain, event_data, save_callback
 from worker import database
+from worker.config import Settings
 from worker.deliver import USER_AGENT, delivery_id
 
 LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"  # event_data's
@@ -784,3 +785,191 @@ def test_demo_with_embedded_postgres_and_redis(postback: Postback, tmp_path: Pat
     while processes_using(data_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_using(data_dir) == []
+
+
+# --- deliveries and dead letters --------------------------------------------------------
+
+
+async def dead_letters(
+    db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer, count: int
+) -> list[str]:
+    """`count` dead letters of bob's (order #0, #1, ...) and one delivered of ann's; returns
+    bob's event ids."""
+    no_retries = settings.model_copy(update={"retry_schedule": ""})
+    await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail?o={{order.number}}")
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann")
+    bobs = [
+        event_data(
+            "cli", affiliate_id="bob", order={"number": f"#{n}", "amount": "1", "commission": "0.1"}
+        )
+        for n in range(count)
+    ]
+    await producer.publish_many([*bobs, event_data("cli-ann")])
+    await drain(no_retries)
+    return [e["id"] for e in bobs]
+
+
+async def test_dlq_list_shows_a_table_and_json(
+    postback: Postback,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+) -> None:
+    await dead_letters(db, flaky, settings, producer, 2)
+    lines = succeeded(postback("dlq", "list")).splitlines()
+    assert lines[0].split() == [
+        "ID",
+        "TAKEN",
+        "(UTC)",
+        "AFFILIATE",
+        "EVENT",
+        "ORDER",
+        "STATE",
+        "TRIES",
+        "LAST",
+        "REASON",
+    ]
+    assert len(lines) == 3
+    assert all(" bob " in line and " dead " in line and " 500 " in line for line in lines[1:])
+    listed = json.loads(succeeded(postback("dlq", "list", "--json", "--order", "#1")))
+    [item] = listed["items"]
+    assert (item["order_number"], item["state"], item["error_class"]) == ("#1", "dead", "http_5xx")
+    assert listed["next"] is None
+    assert succeeded(postback("dlq", "list", "--affiliate", "ann")) == "no dead letters\n"
+    everything = json.loads(succeeded(postback("deliveries", "list", "--json")))
+    assert {i["affiliate_id"] for i in everything["items"]} == {"ann", "bob"}
+    delivered = json.loads(
+        succeeded(postback("deliveries", "list", "--state", "delivered", "--json"))
+    )
+    assert [i["affiliate_id"] for i in delivered["items"]] == ["ann"]
+    page = postback("deliveries", "list", "--limit", "1")
+    assert len(succeeded(page).splitlines()) == 2
+    assert "more deliveries: add --cursor " in page.stderr
+
+
+async def test_dlq_show_prints_the_attempts(
+    postback: Postback,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+) -> None:
+    await dead_letters(db, flaky, settings, producer, 1)
+    [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
+    shown = succeeded(postback("dlq", "show", item["id"]))
+    assert f"delivery   {item['id']}" in shown
+    assert "state      dead: gave up after 1 attempt, last: HTTP 500" in shown
+    assert f"request    GET {flaky.url}/fail?o=%230" in shown
+    assert "HTTP 500" in shown
+    assert "down for maintenance" in shown
+    as_json = json.loads(succeeded(postback("deliveries", "show", item["id"], "--json")))
+    assert [a["status_code"] for a in as_json["attempts"]] == [500]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("dlq", "show", "not-a-uuid"), "--id: must be a delivery id"),
+        (("dlq", "show", "00000000-0000-0000-0000-000000000000"), "no delivery"),
+        (("dlq", "list", "--since", "last tuesday"), "--since: must be an ISO 8601 time"),
+        (("dlq", "list", "--limit", "0"), "--limit: must be a whole number"),
+        (("deliveries", "list", "--state", "lost"), "--state: invalid choice"),
+        (("dlq", "replay"), "give a delivery id, filters, or --all"),
+        (
+            ("dlq", "discard", "00000000-0000-0000-0000-000000000000", "--note", " "),
+            "--note: say why",
+        ),
+    ],
+)
+def test_ledger_commands_refuse_bad_input_in_one_line(
+    postback: Postback, db: asyncpg.Connection, args: tuple[str, ...], named: str
+) -> None:
+    assert named in refusal(postback(*args))
+
+
+async def test_dlq_replay_one_then_it_is_delivered(
+    postback: Postback,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+) -> None:
+    await dead_letters(db, flaky, settings, producer, 1)
+    [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
+    flaky.fixed = True
+    out = succeeded(postback("dlq", "replay", item["id"], "--actor", "dana"))
+    assert out == f"replayed: {item['id']} (rerender)\n"
+    await drain(settings)
+    shown = json.loads(succeeded(postback("dlq", "show", item["id"], "--json")))
+    assert shown["state"] == "delivered"
+    assert shown["actions"][0]["actor"] == "dana"
+    again = refusal(postback("dlq", "replay", item["id"]))
+    assert "not replayed: it is delivered, not a dead letter" in again
+
+
+async def test_dlq_replay_by_filter_shows_progress_and_a_summary(
+    postback: Postback,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+) -> None:
+    await dead_letters(db, flaky, settings, producer, 30)
+    flaky.fixed = True
+    result = postback("dlq", "replay", "--affiliate", "bob", "--mode", "resend")
+    assert succeeded(result).splitlines()[-1] == "replayed 30, skipped 0, failed 0"
+    progress = result.stderr.splitlines()
+    assert progress[0] == "replaying: 1/30"
+    assert progress[-1] == "replaying: 30/30"
+    await drain(settings)
+    delivered = json.loads(
+        succeeded(
+            postback("deliveries", "list", "--affiliate", "bob", "--state", "delivered", "--json")
+        )
+    )
+    assert len(delivered["items"]) == 30
+    assert succeeded(postback("dlq", "replay", "--all")) == "replayed 0, skipped 0, failed 0\n"
+
+
+async def test_dlq_discard_keeps_the_note(
+    postback: Postback,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+) -> None:
+    await dead_letters(db, flaky, settings, producer, 1)
+    [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
+    out = succeeded(postback("dlq", "discard", item["id"], "--note", "shop closed"))
+    assert out == f"discarded: {item['id']}\n"
+    assert succeeded(postback("dlq", "list")) == "no dead letters\n"
+    shown = succeeded(postback("deliveries", "show", item["id"]))
+    assert "state      discarded" in shown
+    assert "shop closed" in shown
+    assert "discard" in shown
+
+
+async def test_callbacks_disable_and_enable(postback: Postback, db: asyncpg.Connection) -> None:
+    await save_callback(db, "ann", "order.created", "GET", "https://t.example/pb")
+    assert (
+        succeeded(
+            postback("callbacks", "disable", "--affiliate", "ann", "--event", "order.created")
+        )
+        == "disabled: ann order.created\n"
+    )
+    assert (await callback_rows(db))[0]["enabled"] is False
+    assert (
+        succeeded(postback("callbacks", "enable", "--affiliate", "ann", "--event", "order.created"))
+        == "enabled: ann order.created\n"
+    )
+    assert (await callback_rows(db))[0]["enabled"] is True
+    assert "no order.updated callback for affiliate ann" in refusal(
+        postback("callbacks", "disable", "--affiliate", "ann", "--event", "order.updated")
+    )
+
+
+def test_serve_refuses_to_start_without_tokens(postback: Postback) -> None:
+    line = refusal(postback("serve", "--port", "0"))
+    assert "POSTBACK_INGEST_TOKEN and POSTBACK_OPS_TOKEN not set" in line
+    assert "--insecure" in line
