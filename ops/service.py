@@ -109,18 +109,24 @@ def _connections(
     return connections
 
 
-def _required_token(app: web.Application, path: str) -> bytes | None:
-    """The token a path needs: None for the open endpoints, b"" when not configured."""
-    if path == "/v1/events":
-        return app[_INGEST_TOKEN]
-    if path.startswith("/v1/"):
-        return app[_OPS_TOKEN]
+def _required_token(request: web.Request) -> bytes | None:
+    """The token the matched route needs: None for the open ones, b"" when not configured.
+
+    Decided by the route the request matched, not by its path's text, so no spelling of a
+    path (a double slash, an encoded character) reaches a handler without its token.
+    """
+    resource = request.match_info.route.resource
+    route = "" if resource is None else resource.canonical
+    if route == "/v1/events":
+        return request.app[_INGEST_TOKEN]
+    if route.startswith("/v1/"):
+        return request.app[_OPS_TOKEN]
     return None
 
 
 @web.middleware
 async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
-    expected = _required_token(request.app, request.path)
+    expected = _required_token(request)
     if expected:  # None: open endpoint; b"": no token configured (insecure mode)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:

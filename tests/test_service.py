@@ -216,6 +216,22 @@ async def test_the_ops_api_wants_the_ops_token(api: Api, method: str, path: str)
     assert (await api.call(method, path, token=INGEST_TOKEN))[0] == 401
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "//v1/deliveries",
+        "/v1//deliveries",
+        "/v1/deliveries/",
+        "/v1/%64eliveries",
+        "/v1/./deliveries",
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_no_spelling_of_a_path_gets_past_the_token(api: Api, method: str, path: str) -> None:
+    async with api.http.request(method, URL(api.url + path, encoded=True)) as response:
+        assert response.status in (401, 404)
+
+
 async def test_the_service_will_not_start_without_tokens_unless_told(settings: Settings) -> None:
     with pytest.raises(Insecure, match="POSTBACK_INGEST_TOKEN and POSTBACK_OPS_TOKEN"):
         create_app(settings)
