@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
 from ops.openapi import document
 from ops.service import Insecure, create_app
