@@ -131,7 +131,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     error_class      text,
     error            text,
     response_excerpt text,
-    request          jsonb,      -- exactly what this attempt sent (each is signed afresh)
+    request          jsonb,      -- what this attempt sent (each is signed afresh)
     UNIQUE (delivery_id, number)
 );
 

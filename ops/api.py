@@ -19,9 +19,9 @@ from aiohttp import web
 from arq.connections import ArqRedis
 
 from ops import records, replay, testfire
-from ops.records import Cursor, Filter, InputError
+from ops.records import Cursor, Filter, InputError, check_text
 from producer.event import EVENT_TYPES, InvalidEvent, parse_event
-from worker import callbacks
+from worker import callbacks, render
 from worker.config import Settings
 
 DEFAULT_ACTOR = "api"
@@ -53,7 +53,7 @@ def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
     unknown = sorted(set(request.query) - set(allowed))
     if unknown:
         raise InputError(unknown[0], f"unknown parameter; known: {', '.join(allowed)}")
-    return {key: request.query[key] for key in allowed if key in request.query}
+    return {key: check_text(key, request.query[key]) for key in allowed if key in request.query}
 
 
 async def _body(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -84,9 +84,7 @@ def _text(
         raise InputError(key, "must be a string")
     if len(value) > limit:
         raise InputError(key, f"must be at most {limit} characters")
-    if "\x00" in value:
-        raise InputError(key, "must not contain the NUL character")
-    return value
+    return check_text(key, value)
 
 
 def _actor(data: Mapping[str, Any]) -> str:
@@ -112,7 +110,7 @@ def _callback_key(request: web.Request) -> tuple[str, str]:
     event_type = request.match_info["event_type"]
     if event_type not in EVENT_TYPES:
         raise InputError("event_type", f"must be one of {', '.join(EVENT_TYPES)}")
-    return request.match_info["affiliate"], event_type
+    return check_text("affiliate", request.match_info["affiliate"]), event_type
 
 
 def error(status: int, message: str, errors: list[dict[str, Any]] | None = None) -> web.Response:
@@ -184,10 +182,15 @@ async def replay_one(request: web.Request) -> web.Response:
 @routes.post("/v1/dead-letters/replay")
 async def replay_all(request: web.Request) -> web.Response:
     _query(request, ())
-    data = await _body(request, ("mode", "actor", "filter"))
+    data = await _body(request, ("mode", "actor", "filter", "all"))
     given = data.get("filter", {})
     if not isinstance(given, dict):
         raise InputError("filter", "must be a JSON object")
+    if data.get("all", False) not in (True, False):
+        raise InputError("all", "must be true or false")
+    if not any(given.values()) and data.get("all") is not True:
+        # One stray request must not replay every dead letter there is.
+        raise InputError("filter", 'give at least one filter, or "all": true')
     fields = tuple(name for name in records.FILTER_FIELDS if name != "state")
     unknown = sorted(set(given) - set(fields))
     if unknown:
@@ -298,4 +301,6 @@ async def test_callback(request: web.Request) -> web.Response:
         fired = await testfire.fire(services.db, services.http, callback, event, _actor(data))
     except testfire.EventMismatch as exc:
         raise InputError("event", str(exc)) from None
+    except render.TemplateError as exc:  # only a template edited into the table by hand
+        return error(409, f"the stored template is invalid: {exc}; set the callback again")
     return web.json_response(fired)

@@ -7,6 +7,7 @@ without a database. Scripts use `--json` instead and never parse these.
 from __future__ import annotations
 
 import sys
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -15,6 +16,14 @@ from worker.config import Settings
 
 EXCERPT = 200
 """Characters of a response body shown per attempt; `--json` has all that was kept."""
+
+
+def printable(text: str) -> str:
+    """`text` without control characters (but newlines): a receiver's answer must not be
+    able to move the cursor or retitle the terminal of whoever reads it."""
+    return "".join(
+        "\ufffd" if unicodedata.category(ch) == "Cc" and ch != "\n" else ch for ch in text
+    )
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
@@ -27,7 +36,7 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     for *cells, last in rows:
         padded = [cell.ljust(width) for cell, width in zip(cells, widths, strict=True)]
         lines.append("  ".join([*padded, last]).rstrip())
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def _time(value: str | None) -> str:
@@ -96,7 +105,7 @@ def delivery_text(d: dict[str, Any]) -> str:
             f"{what:<10} by {action['actor']} at {_time(action['at'])} UTC, "
             f"attempt {action['attempt']}{note}"
         )
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def quiet_logs(settings: Settings) -> None:

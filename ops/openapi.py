@@ -202,6 +202,7 @@ def _schemas() -> dict[str, Any]:
                     "properties": {
                         "url": {
                             "type": "string",
+                            "minLength": 1,
                             "maxLength": 4096,
                             "description": "The affiliate link the order came through: "
                             "an absolute http(s) URL.",
@@ -497,7 +498,9 @@ def _operations() -> dict[str, Any]:
                     "200": _json(_ref("ActionResult"), "Reopened and queued."),
                     "401": _UNAUTHORIZED,
                     "404": _error("No such delivery."),
-                    "409": _error("Not replayable: not dead, or its callback is gone or off."),
+                    "409": _error(
+                        "Not replayable: not dead or discarded, its callback is gone or off, or its stored event is invalid."
+                    ),
                     "422": _UNPROCESSABLE,
                     "503": _UNAVAILABLE,
                 },
@@ -520,6 +523,12 @@ def _operations() -> dict[str, Any]:
                                         "type": "object",
                                         "additionalProperties": False,
                                         "properties": filter_props,
+                                    },
+                                    "all": {
+                                        "type": "boolean",
+                                        "default": False,
+                                        "description": "Must be true when the filter is empty: "
+                                        "replay every dead letter.",
                                     },
                                 },
                             }
@@ -727,6 +736,22 @@ def _operations() -> dict[str, Any]:
     }
 
 
+_COMMON = {
+    "403": _error("Cross-site, or without a token from another machine than this one."),
+    "415": _error("The body is not JSON (Content-Type: application/json)."),
+    "500": _error("A bug; the service's log has the details."),
+}
+"""Answers every /v1/ operation can give besides its own."""
+
+
+def _with_common(paths: dict[str, Any]) -> dict[str, Any]:
+    for path, operations in paths.items():
+        if path.startswith("/v1/"):
+            for operation in operations.values():
+                operation["responses"] = {**_COMMON, **operation["responses"]}
+    return paths
+
+
 @cache
 def document() -> dict[str, Any]:
     return {
@@ -737,7 +762,7 @@ def document() -> dict[str, Any]:
             "description": "Ingest of order events, and the ops API over deliveries, dead "
             "letters and callbacks.",
         },
-        "paths": _operations(),
+        "paths": _with_common(_operations()),
         "components": {
             "schemas": _schemas(),
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},

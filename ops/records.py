@@ -53,6 +53,9 @@ class Filter:
         """A filter from text (query parameters, command-line options); unknown keys are
         the caller's to refuse. Times are ISO 8601, or a duration meaning that long ago."""
         text = {f.name: given.get(f.name) or None for f in fields(cls)}
+        for name, value in text.items():
+            if value is not None:
+                check_text(name, value)
         if text["event_type"] is not None and text["event_type"] not in EVENT_TYPES:
             raise InputError("event_type", f"must be one of {', '.join(EVENT_TYPES)}")
         if text["state"] is not None and text["state"] not in STATES:
@@ -80,6 +83,17 @@ class Filter:
 FILTER_FIELDS = tuple(f.name for f in fields(Filter))
 
 
+def check_text(field: str, value: str) -> str:
+    """Text that Postgres can hold: no NUL, and valid UTF-8 (no lone surrogates)."""
+    if "\x00" in value:
+        raise InputError(field, "must not contain the NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InputError(field, "must be valid Unicode text") from None
+    return value
+
+
 def _time(name: str, value: str | None, now: datetime) -> datetime | None:
     if value is None:
         return None
@@ -89,7 +103,10 @@ def _time(name: str, value: str | None, now: datetime) -> datetime | None:
         pass
     else:
         if len(steps) == 1:
-            return now - timedelta(seconds=steps[0])
+            try:
+                return _in_range(name, now - timedelta(seconds=steps[0]))
+            except OverflowError:
+                raise InputError(name, "is further back than any time Postgres holds") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -97,7 +114,18 @@ def _time(name: str, value: str | None, now: datetime) -> datetime | None:
             name, "must be an ISO 8601 time (2026-11-21T09:00:00Z) or a duration (30m, 2h, 7d)"
         ) from None
     # A time without a zone is read as UTC: the relay records and shows UTC.
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    return _in_range(name, parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC))
+
+
+_EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+
+
+def _in_range(name: str, at: datetime) -> datetime:
+    # Year 1 and 9999 with an offset fall outside what Postgres (and Python) can hold.
+    if not _EARLIEST <= at <= _LATEST:
+        raise InputError(name, "must be between the years 1 and 9999")
+    return at
 
 
 def parse_limit(value: str | None) -> int:
@@ -132,7 +160,7 @@ class Cursor:
             raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
             created, did = raw.split("|")
             at = datetime.fromisoformat(created)
-            if at.tzinfo is None:
+            if at.tzinfo is None or not _EARLIEST <= at <= _LATEST:
                 raise ValueError
             return cls(at, uuid.UUID(did))
         except (ValueError, binascii.Error, UnicodeDecodeError):

@@ -19,6 +19,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from ops.records import Filter, matching_ids
+from producer.event import InvalidEvent, parse_event
 from producer.queue import enqueue
 from worker import callbacks, database
 
@@ -43,6 +44,8 @@ class Result:
     outcome: Outcome
     reason: str | None = None
     """Why it was skipped."""
+    queued: bool = False
+    """A replay's job is in Redis; False leaves it to the sweep, within a minute."""
 
 
 @dataclass(slots=True)
@@ -63,8 +66,13 @@ async def replay(
     delivery: uuid.UUID,
     mode: Mode,
     actor: str,
+    queue: bool = True,
 ) -> Result:
-    """Reopen one dead (or discarded) delivery and queue it, its retry schedule afresh."""
+    """Reopen one dead (or discarded) delivery and queue it, its retry schedule afresh.
+
+    `queue=False` only reopens it in the ledger, for the sweep to queue: what a bulk replay
+    does once Redis has failed, rather than wait out Redis's timeout for every one.
+    """
     did = str(delivery)
     async with db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
@@ -77,7 +85,7 @@ async def replay(
         if row is None:
             return Result(did, "not_found", "no such delivery")
         if row["state"] not in REPLAYABLE:
-            return Result(did, "skipped", f"it is {row['state']}, not a dead letter")
+            return Result(did, "skipped", f"it is {row['state']}, neither dead nor discarded")
         callback = await callbacks.get(conn, row["affiliate_id"], row["event_type"])
         if callback is None:
             return Result(
@@ -89,6 +97,12 @@ async def replay(
             return Result(did, "skipped", "its callback is disabled")
         if mode == "resend" and not row["sent"]:
             return Result(did, "skipped", "it was never sent, so there is no request to resend")
+        try:
+            # The job refuses an invalid event without touching the ledger: reopened, it
+            # would stay pending for ever, and hold up the rest of its order.
+            parse_event(row["event"])
+        except InvalidEvent as exc:
+            return Result(did, "skipped", f"its stored event is invalid: {exc}")
         await conn.execute(
             """
             UPDATE deliveries
@@ -110,13 +124,20 @@ async def replay(
             actor,
             row["attempts"] + 1,
         )
+    log.info("delivery_replayed", delivery_id=did, mode=mode, actor=actor)
+    if not queue:
+        return Result(did, "replayed")
     try:
-        await enqueue(redis, row["event"], queue_name)
+        fresh = await enqueue(redis, row["event"], queue_name)
     except RedisError as exc:
         # The ledger has it pending and due: the sweep enqueues it within a minute.
         log.warning("replay_left_to_sweep", delivery_id=did, error=str(exc))
-    log.info("delivery_replayed", delivery_id=did, mode=mode, actor=actor)
-    return Result(did, "replayed")
+        return Result(did, "replayed")
+    if not fresh:
+        # The event's job is still in Redis (finishing, or another delivery's wait): it
+        # finds this one pending when it runs, or the sweep queues it once it is gone.
+        log.info("replay_job_already_queued", delivery_id=did)
+    return Result(did, "replayed", queued=True)
 
 
 async def replay_matching(
@@ -131,9 +152,10 @@ async def replay_matching(
     """Replay every dead letter matching `where`; `progress(done, total)` after each."""
     ids = await matching_ids(db, where.dead_letters())
     summary = Summary()
+    redis_up = True
     for done, delivery in enumerate(ids, start=1):
         try:
-            result = await replay(db, redis, queue_name, delivery, mode, actor)
+            result = await replay(db, redis, queue_name, delivery, mode, actor, redis_up)
         except _FAILED as exc:
             summary.failed += 1
             summary.problems.append(
@@ -146,6 +168,7 @@ async def replay_matching(
         else:
             if result.outcome == "replayed":
                 summary.replayed += 1
+                redis_up = redis_up and result.queued
             else:  # settled or changed since it was listed
                 summary.skipped += 1
                 summary.problems.append(

@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import structlog
 from aiohttp import web
 from pydantic import SecretStr
 from redis.exceptions import RedisError
+from yarl import URL
 
 from ops import api, ingest
 from ops.api import SERVICES, Services, error
@@ -124,9 +126,26 @@ def _required_token(request: web.Request) -> bytes | None:
     return None
 
 
+_CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 @web.middleware
 async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     expected = _required_token(request)
+    if expected is not None and request.method in _CHANGES:
+        # A browser sends a cross-site POST of text/plain or form data without asking
+        # first; a web page visited by an ops engineer must not replay or disable anything
+        # through a service on their machine (in --insecure mode, no token stops it).
+        origin = request.headers.get("Origin")
+        if origin is not None and URL(origin).host_port_subcomponent != request.host:
+            return error(403, "cross-site request refused")
+        if request.can_read_body and request.content_type != "application/json":
+            return error(415, "send the body as JSON (Content-Type: application/json)")
+    if expected == b"" and URL(f"http://{request.host}").host not in _LOCAL_NAMES:
+        # No token: only this machine may call. Checking the name it was called by also
+        # stops a web page from rebinding its own name to 127.0.0.1 to read the API.
+        return error(403, "without a token, only requests to localhost are served")
     if expected:  # None: open endpoint; b"": no token configured (insecure mode)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
@@ -153,17 +172,30 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason)
+        response = error(exc.status, exc.reason)
+        if "Allow" in exc.headers:  # a 405 says which methods the path has
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except InputError as exc:
         return error(422, str(exc), [{"field": exc.field, "message": exc.message}])
     except RedisError as exc:
         log.warning("redis_unavailable", path=request.path, error=str(exc))
-        return error(503, "Redis is unreachable; nothing was changed there, try again")
+        return error(
+            503, "Redis is unreachable; try again (sending the same request again is safe)"
+        )
     except Exception as exc:
-        if not database.transient(exc) and not isinstance(exc, database.DatabaseUnavailable):
-            raise
-        log.warning("database_unavailable", path=request.path, error=database.describe(exc))
-        return error(503, "Postgres is unreachable; try again")
+        if database.transient(exc) or isinstance(exc, database.DatabaseUnavailable):
+            log.warning("database_unavailable", path=request.path, error=database.describe(exc))
+            return error(503, "Postgres is unreachable; try again")
+        # A bug. Logged without a traceback when the error can quote stored data (a
+        # Postgres error's detail quotes the row, and rows hold affiliates' tokens).
+        log.error(
+            "request_crashed",
+            path=request.path,
+            error=database.describe(exc),
+            exc_info=not isinstance(exc, asyncpg.PostgresError),
+        )
+        return error(500, "internal error; the service's log has the details")
 
 
 async def post_events(request: web.Request) -> web.Response:

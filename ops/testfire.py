@@ -63,7 +63,11 @@ async def fire(
             f"is {callback.event_type} for affiliate {callback.affiliate_id}"
         )
     template = render.parse(callback.url_template)
-    request = deliver.build_request(callback.method, template, event, uuid.uuid4(), callback.secret)
+    # "test-": in the Idempotency-Key and in the signed webhook-id, so a receiver can tell
+    # a test from a real postback and trust that it is one.
+    request = deliver.build_request(
+        callback.method, template, event, f"test-{uuid.uuid4()}", callback.secret
+    )
     fired_at = datetime.now(UTC)
     outcome = await deliver.attempt(http, request)
     headers = dict(outcome.headers)

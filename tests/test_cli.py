@@ -905,7 +905,7 @@ async def test_dlq_replay_one_then_it_is_delivered(
     assert shown["state"] == "delivered"
     assert shown["actions"][0]["actor"] == "dana"
     again = refusal(postback("dlq", "replay", item["id"]))
-    assert "not replayed: it is delivered, not a dead letter" in again
+    assert "not replayed: it is delivered, neither dead nor discarded" in again
 
 
 async def test_dlq_replay_by_filter_shows_progress_and_a_summary(

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -359,3 +360,25 @@ async def test_a_new_database_can_have_the_schema_applied_twice() -> None:
         assert set(NEW_DELIVERY_COLUMNS) <= set(deliveries)
         with pytest.raises(asyncpg.CheckViolationError):
             await insert_current_delivery(conn, "failed")
+
+
+SCHEMA_BEFORE_REPLAYS = Path(__file__).with_name("schema_before_replays.sql")
+"""schema.sql as issue 3 left it, verbatim: no `discarded` state, no `retry_base` or
+`resend` in deliveries, no `actions` or `test_fires` tables."""
+
+
+async def test_the_schema_before_replays_is_upgraded_in_place() -> None:
+    fresh = await current_schema()
+    async with scratch_database("replays") as url, database.connection(url) as conn:
+        await conn.execute(SCHEMA_BEFORE_REPLAYS.read_text())
+        dead = await insert_current_delivery(conn, "dead")
+        before = await conn.fetchrow("SELECT * FROM deliveries WHERE id = $1", dead)
+        assert before is not None
+
+        await database.init(url)
+
+        assert await schema_of(conn) == fresh
+        after = await conn.fetchrow("SELECT * FROM deliveries WHERE id = $1", dead)
+        assert after is not None
+        assert dict(after) == {**dict(before), "retry_base": 0, "resend": False}
+        await conn.execute("UPDATE deliveries SET state = 'discarded' WHERE id = $1", dead)

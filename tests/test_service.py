@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.conftest import (
     OPS_TOKEN,
     Api,
     Flaky,
+    Receiver,
     drain,
     event_data,
     ingest,
@@ -33,6 +35,7 @@ from tests.conftest import (
     with_tokens,
 )
 from tests.test_reliability import running_worker, until
+from worker import sign
 from worker.config import Settings
 
 pytestmark = pytest.mark.usefixtures("db")
@@ -712,3 +715,128 @@ async def test_concurrent_replays_of_one_dead_letter_replay_it_once(
     assert sorted(status for status, _ in results) == [200, 409, 409, 409, 409]
     _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
     assert len(shown["actions"]) == 1
+
+
+async def test_resend_sends_the_same_body_and_key_signed_afresh(
+    api: Api, db: asyncpg.Connection, receiver: Receiver, settings: Settings
+) -> None:
+    no_retries = settings.model_copy(update={"retry_schedule": ""})
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    await save_callback(db, "ann", "order.created", "POST", receiver.url + "/pb", secret)
+    receiver.status = 503
+    await ingest(api, event_data("resend"))
+    await drain(no_retries)
+    [dead] = await listed(api, "/v1/dead-letters")
+    receiver.status = 200
+    status, _ = await api.call(
+        "POST", f"/v1/dead-letters/{dead['id']}/replay", json={"mode": "resend"}
+    )
+    assert status == 200
+    await drain(no_retries)
+    first, again = receiver.requests
+    assert again.body == first.body  # byte for byte, key order included
+    assert again.headers["Idempotency-Key"] == first.headers["Idempotency-Key"] == dead["id"]
+    assert again.headers["webhook-id"] == first.headers["webhook-id"]
+    timestamp = int(again.headers["webhook-timestamp"])
+    assert again.headers["webhook-signature"] == sign.signature(
+        secret, dead["id"], timestamp, again.body
+    )
+
+
+async def test_a_dead_letter_whose_stored_event_is_invalid_is_not_replayed(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    # As a row from a version with other rules would be: the job would refuse it, and the
+    # delivery would stay pending for ever.
+    await db.execute(
+        "UPDATE deliveries SET event = jsonb_set(event, '{order,currency}', '\"eur\"')"
+        " WHERE id = $1",
+        uuid.UUID(dead["id"]),
+    )
+    status, body = await api.call("POST", f"/v1/dead-letters/{dead['id']}/replay")
+    assert status == 409
+    assert "stored event is invalid" in body["error"]
+    _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    assert shown["state"] == "dead"
+
+
+async def test_bulk_replay_needs_a_filter_or_all(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    bodies: list[dict[str, Any]] = [
+        {},
+        {"filter": {}},
+        {"filter": {"affiliate": ""}},
+        {"all": False},
+    ]
+    for body in bodies:
+        status, refused = await api.call("POST", "/v1/dead-letters/replay", json=body)
+        assert (status, refused["errors"][0]["field"]) == (422, "filter"), body
+    assert len(await listed(api, "/v1/dead-letters")) == 1
+    status, summary = await api.call("POST", "/v1/dead-letters/replay", json={"all": True})
+    assert (status, summary["replayed"]) == (200, 1)
+
+
+async def test_a_web_page_cannot_drive_the_api_from_a_browser(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    await make_deliveries(api, db, flaky, settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    path = f"/v1/dead-letters/{dead['id']}/replay"
+    status, body = await api.call(
+        "POST", path, data=b'{"mode": "rerender"}', headers={"Content-Type": "text/plain"}
+    )
+    assert status == 415
+    assert "application/json" in body["error"]
+    status, body = await api.call("POST", path, json={}, headers={"Origin": "https://evil.example"})
+    assert (status, body["error"]) == (403, "cross-site request refused")
+    assert len(await listed(api, "/v1/dead-letters")) == 1
+    # The page itself, on the service's own origin, may.
+    status, _ = await api.call("POST", path, json={}, headers={"Origin": api.url})
+    assert status == 200
+
+
+async def test_without_a_token_only_localhost_is_served(settings: Settings) -> None:
+    async with running_service(settings, insecure=True) as api:
+        status, _ = await api.call("GET", "/v1/callbacks", token=None)
+        assert status == 200
+        status, body = await api.call(
+            "GET", "/v1/callbacks", token=None, headers={"Host": "rebound.example:8080"}
+        )
+        assert (status, body["error"]) == (
+            403,
+            "without a token, only requests to localhost are served",
+        )
+        status, _ = await api.call(
+            "GET", "/v1/callbacks", token=None, headers={"Host": "localhost"}
+        )
+        assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"affiliate": "a\x00b"}, "affiliate"),
+        ({"since": "1000000d"}, "since"),
+        ({"until": "0001-01-01T00:00:00+14:00"}, "until"),
+        ({"since": "9999-12-31T23:59:59-14:00"}, "since"),
+    ],
+)
+async def test_values_postgres_cannot_hold_are_refused_not_crashed_on(
+    api: Api, query: dict[str, str], field: str
+) -> None:
+    status, body = await api.call("GET", "/v1/deliveries", params=query)
+    assert (status, body["errors"][0]["field"]) == (422, field)
+
+
+async def test_test_fires_say_they_are_tests(
+    api: Api, db: asyncpg.Connection, flaky: Flaky
+) -> None:
+    await save_callback(db, "ann", "order.created", "POST", flaky.url + "/ann", "whsec_c2VjcmV0")
+    _, fired = await api.call("POST", "/v1/callbacks/ann/order.created/test")
+    headers = fired["request"]["headers"]
+    assert headers["Idempotency-Key"].startswith("test-")
+    assert headers["webhook-id"] == headers["Idempotency-Key"]  # signed, so it can be trusted

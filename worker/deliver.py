@@ -60,45 +60,59 @@ def build_request(
     method: str,
     template: render.Template,
     event: Event,
-    delivery: uuid.UUID,
+    delivery: uuid.UUID | str,
     secret: str | None = None,
     timestamp: int | None = None,
 ) -> Request:
     """The request one attempt sends; signed when the callback has a secret.
 
-    `timestamp` (Unix seconds, default now) is what the signature vouches for, so each
-    attempt is built afresh and a receiver can refuse stale replays.
+    `delivery` is the Idempotency-Key and the signature's message id. `timestamp` (Unix
+    seconds, default now) is what the signature vouches for, so each attempt is built
+    afresh and a receiver can refuse stale replays.
     """
-    values = render.variables(event)
-    headers = {"User-Agent": USER_AGENT, "Idempotency-Key": str(delivery)}
-    body = None
-    if method == "POST":
-        headers["Content-Type"] = "application/json"
-        body = json.dumps(render.body(values), separators=(",", ":")).encode()
-    if secret is not None:
-        signed_at = int(time.time()) if timestamp is None else timestamp
-        headers |= sign.headers(secret, str(delivery), signed_at, body or b"")
-    return Request(method, render.render(template, values), headers, body)
+    return _request(
+        method,
+        render.render(template, render.variables(event)),
+        event,
+        str(delivery),
+        secret,
+        timestamp,
+    )
 
 
 def resend_request(
-    stored: dict[str, Any], secret: str | None, timestamp: int | None = None
+    stored: dict[str, Any], event: Event, secret: str | None, timestamp: int | None = None
 ) -> Request:
-    """A recorded request (`Request.as_json`) to send again as it was: same method, URL,
-    body and Idempotency-Key, signed afresh with the callback's secret as it is now, since a
-    receiver refuses an old signature timestamp."""
-    headers = {
-        name: value
-        for name, value in stored["headers"].items()
-        if name.lower() not in sign.HEADER_NAMES
-    }
+    """A recorded request (`Request.as_json`) sent again as it was: the same method, URL and
+    Idempotency-Key, and the same body, which is made from the event alone; signed afresh
+    with the callback's secret as it is now, since a receiver refuses an old timestamp."""
+    return _request(
+        stored["method"],
+        stored["url"],
+        event,
+        stored["headers"]["Idempotency-Key"],
+        secret,
+        timestamp,
+    )
+
+
+def _request(
+    method: str,
+    url: str,
+    event: Event,
+    message_id: str,
+    secret: str | None,
+    timestamp: int | None,
+) -> Request:
+    headers = {"User-Agent": USER_AGENT, "Idempotency-Key": message_id}
     body = None
-    if stored.get("body") is not None:
-        body = json.dumps(stored["body"], separators=(",", ":")).encode()
+    if method == "POST":
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(render.body(render.variables(event)), separators=(",", ":")).encode()
     if secret is not None:
         signed_at = int(time.time()) if timestamp is None else timestamp
-        headers |= sign.headers(secret, headers["Idempotency-Key"], signed_at, body or b"")
-    return Request(stored["method"], stored["url"], headers, body)
+        headers |= sign.headers(secret, message_id, signed_at, body or b"")
+    return Request(method, url, headers, body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,11 +131,11 @@ async def _deliver(run: _Run, event: Event) -> str:
         await ledger.lock_order(conn, event.affiliate_id, event.order.number)
         plan = await _plan(conn, run, bound, did, event, callback)
     # Redis is touched only after the commit: never while holding the order's lock.
-    await _wake(run, plan.woken)
     if plan.closed:
         await metrics.count(
             run.redis, run.settings.queue_name, event.affiliate_id, settled=plan.state
         )
+    await _wake(run, plan.woken)
     if plan.action == "wait":
         raise await _defer(run, plan.wait)
     if plan.action == "return":
@@ -229,7 +229,7 @@ async def _attempt(
 ) -> str:
     callback, event = ready.callback, ready.event
     if ready.resend is not None:
-        request = deliver.resend_request(ready.resend, callback.secret)
+        request = deliver.resend_request(ready.resend, event, callback.secret)
     else:
         request = deliver.build_request(
             callback.method, ready.template, event, did, callback.secret

@@ -100,7 +100,7 @@ async def exposition(redis: Redis, db: asyncpg.Pool, queue_name: str) -> bytes:
 
     deliveries = CounterMetricFamily(
         "postback_deliveries",
-        "Deliveries settled, by the state they settled in.",
+        "Deliveries settled, by the state they settled in (a replayed one counts again).",
         labels=["outcome"],
     )
     for outcome in ("delivered", "dead", "skipped"):
@@ -130,7 +130,9 @@ async def exposition(redis: Redis, db: asyncpg.Pool, queue_name: str) -> bytes:
     for affiliate, n in sorted(raw_failures.items()):
         failures.add_metric([affiliate.decode()], float(n))
     depth = GaugeMetricFamily(
-        "postback_queue_depth", "Jobs in the queue due now, waiting for a worker.", value=due
+        "postback_queue_depth",
+        "Jobs in the queue due now: waiting for a worker, or running.",
+        value=due,
     )
     deferred = GaugeMetricFamily(
         "postback_queue_deferred",

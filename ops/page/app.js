@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { view: "dead", next: null, selected: null };
+const state = { view: "dead", next: null, query: null, selected: null, busy: false };
 
 function token() { return sessionStorage.getItem("postback-token") || ""; }
 function actor() { return localStorage.getItem("postback-actor") || "ops page"; }
@@ -53,7 +53,9 @@ function filters() {
 
 async function loadList(append) {
   const path = state.view === "dead" ? "/v1/dead-letters" : "/v1/deliveries";
-  const query = filters();
+  // "More" goes on with the filters that made the list, whatever the form says now.
+  const query = append && state.query ? new URLSearchParams(state.query) : filters();
+  if (!append) state.query = query.toString();
   if (append && state.next) query.set("cursor", state.next);
   try {
     const page = await call("GET", path + "?" + query);
@@ -143,6 +145,13 @@ async function openDelivery(id) {
   $("event").textContent = JSON.stringify(d.event, null, 2);
 }
 
+// One action at a time: a double click must not send a second replay.
+async function busy(work) {
+  if (state.busy) return;
+  state.busy = true;
+  try { await work(); } finally { state.busy = false; }
+}
+
 async function replay(mode) {
   const id = state.selected;
   try {
@@ -176,8 +185,9 @@ async function replayAll() {
   const filter = Object.fromEntries([...filters()].filter(([name]) => name !== "state"));
   const described = Object.keys(filter).length ? JSON.stringify(filter) : "no filter: every one";
   if (!confirm("Replay all dead letters matching " + described + "?")) return;
+  const all = Object.keys(filter).length === 0;
   try {
-    const s = await call("POST", "/v1/dead-letters/replay", { filter, actor: actor() });
+    const s = await call("POST", "/v1/dead-letters/replay", { filter, all, actor: actor() });
     say("Replayed " + s.replayed + ", skipped " + s.skipped + ", failed " + s.failed + ".");
   } catch (error) {
     say(error.message, true);
@@ -283,10 +293,10 @@ function start() {
   });
   $("filters").addEventListener("submit", (event) => { event.preventDefault(); loadList(false); });
   $("more").addEventListener("click", () => loadList(true));
-  $("replay-rerender").addEventListener("click", () => replay("rerender"));
-  $("replay-resend").addEventListener("click", () => replay("resend"));
-  $("discard").addEventListener("click", discard);
-  $("replay-all").addEventListener("click", replayAll);
+  $("replay-rerender").addEventListener("click", () => busy(() => replay("rerender")));
+  $("replay-resend").addEventListener("click", () => busy(() => replay("resend")));
+  $("discard").addEventListener("click", () => busy(discard));
+  $("replay-all").addEventListener("click", () => busy(replayAll));
   for (const tab of document.querySelectorAll(".tab")) {
     tab.addEventListener("click", () => show(tab.dataset.view));
   }
