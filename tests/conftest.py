@@ -265,3 +265,37 @@ async def flaky() -> AsyncIterator[Flaky]:
 
 async def ingest(api: Api, body: Any, token: str | None = INGEST_TOKEN) -> tuple[int, Any]:
     return await api.call("POST", "/v1/events", token=token, json=body)
+
+
+@dataclass(frozen=True)
+class Made:
+    """Event ids of what `make_deliveries` made."""
+
+    ann: str
+    ann_update: str
+    bobs: list[str]
+    carol: str
+
+
+async def make_deliveries(
+    db: asyncpg.Connection, producer: Producer, flaky: Flaky, settings: Settings, dead: int = 1
+) -> Made:
+    """A ledger with one of each outcome: ann's create and update of order #1 delivered;
+    `dead` creates of bob's (orders #1001, #1002, ...) answered 500 until the schedule
+    ran out, so dead letters; carol's create skipped, as she has no callback."""
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann?o={{order.number}}")
+    await save_callback(db, "ann", "order.updated", "GET", flaky.url + "/ann/u?o={{order.number}}")
+    await save_callback(
+        db, "bob", "order.created", "GET", flaky.url + "/fail/bob?o={{order.number}}"
+    )
+    order = {"number": "#1", "amount": "1", "commission": "0.1"}
+    ann = event_data("ann", order=order)
+    ann_update = event_data("annu", type="order.updated", order={**order, "status": "paid"})
+    bobs = [
+        event_data("bob", affiliate_id="bob", order={**order, "number": f"#{1000 + n}"})
+        for n in range(1, dead + 1)
+    ]
+    carol = event_data("carol", affiliate_id="carol")
+    await producer.publish_many([ann, ann_update, *bobs, carol])
+    await drain(settings)
+    return Made(ann["id"], ann_update["id"], [bob["id"] for bob in bobs], carol["id"])

@@ -25,7 +25,16 @@ import pytest
 
 from producer import Producer, parse_event
 from producer.queue import job_id
-from tests.conftest import ADMIN_URL, RUN, Flaky, Receiver, drain, event_data, save_callback
+from tests.conftest import (
+    ADMIN_URL,
+    RUN,
+    Flaky,
+    Receiver,
+    drain,
+    event_data,
+    make_deliveries,
+    save_callback,
+)
 from worker import database
 from worker.config import Settings
 from worker.deliver import USER_AGENT, delivery_id
@@ -790,25 +799,6 @@ def test_demo_with_embedded_postgres_and_redis(postback: Postback, tmp_path: Pat
 # --- deliveries and dead letters --------------------------------------------------------
 
 
-async def dead_letters(
-    db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer, count: int
-) -> list[str]:
-    """`count` dead letters of bob's (order #0, #1, ...) and one delivered of ann's; returns
-    bob's event ids."""
-    no_retries = settings.model_copy(update={"retry_schedule": ""})
-    await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail?o={{order.number}}")
-    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann")
-    bobs = [
-        event_data(
-            "cli", affiliate_id="bob", order={"number": f"#{n}", "amount": "1", "commission": "0.1"}
-        )
-        for n in range(count)
-    ]
-    await producer.publish_many([*bobs, event_data("cli-ann")])
-    await drain(no_retries)
-    return [e["id"] for e in bobs]
-
-
 async def test_dlq_list_shows_a_table_and_json(
     postback: Postback,
     db: asyncpg.Connection,
@@ -816,7 +806,7 @@ async def test_dlq_list_shows_a_table_and_json(
     settings: Settings,
     producer: Producer,
 ) -> None:
-    await dead_letters(db, flaky, settings, producer, 2)
+    await make_deliveries(db, producer, flaky, settings, dead=2)
     lines = succeeded(postback("dlq", "list")).splitlines()
     assert lines[0].split() == [
         "ID",
@@ -832,17 +822,21 @@ async def test_dlq_list_shows_a_table_and_json(
     ]
     assert len(lines) == 3
     assert all(" bob " in line and " dead " in line and " 500 " in line for line in lines[1:])
-    listed = json.loads(succeeded(postback("dlq", "list", "--json", "--order", "#1")))
+    listed = json.loads(succeeded(postback("dlq", "list", "--json", "--order", "#1002")))
     [item] = listed["items"]
-    assert (item["order_number"], item["state"], item["error_class"]) == ("#1", "dead", "http_5xx")
+    assert (item["order_number"], item["state"], item["error_class"]) == (
+        "#1002",
+        "dead",
+        "http_5xx",
+    )
     assert listed["next"] is None
     assert succeeded(postback("dlq", "list", "--affiliate", "ann")) == "no dead letters\n"
     everything = json.loads(succeeded(postback("deliveries", "list", "--json")))
-    assert {i["affiliate_id"] for i in everything["items"]} == {"ann", "bob"}
+    assert {i["affiliate_id"] for i in everything["items"]} == {"ann", "bob", "carol"}
     delivered = json.loads(
         succeeded(postback("deliveries", "list", "--state", "delivered", "--json"))
     )
-    assert [i["affiliate_id"] for i in delivered["items"]] == ["ann"]
+    assert [i["affiliate_id"] for i in delivered["items"]] == ["ann", "ann"]
     page = postback("deliveries", "list", "--limit", "1")
     assert len(succeeded(page).splitlines()) == 2
     assert "more deliveries: add --cursor " in page.stderr
@@ -855,16 +849,16 @@ async def test_dlq_show_prints_the_attempts(
     settings: Settings,
     producer: Producer,
 ) -> None:
-    await dead_letters(db, flaky, settings, producer, 1)
+    await make_deliveries(db, producer, flaky, settings)
     [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
     shown = succeeded(postback("dlq", "show", item["id"]))
     assert f"delivery   {item['id']}" in shown
-    assert "state      dead: gave up after 1 attempt, last: HTTP 500" in shown
-    assert f"request    GET {flaky.url}/fail?o=%230" in shown
+    assert "state      dead: gave up after 3 attempts, last: HTTP 500" in shown
+    assert f"request    GET {flaky.url}/fail/bob?o=%231001" in shown
     assert "HTTP 500" in shown
     assert "down for maintenance" in shown
     as_json = json.loads(succeeded(postback("deliveries", "show", item["id"], "--json")))
-    assert [a["status_code"] for a in as_json["attempts"]] == [500]
+    assert [a["status_code"] for a in as_json["attempts"]] == [500, 500, 500]
 
 
 @pytest.mark.parametrize(
@@ -895,7 +889,7 @@ async def test_dlq_replay_one_then_it_is_delivered(
     settings: Settings,
     producer: Producer,
 ) -> None:
-    await dead_letters(db, flaky, settings, producer, 1)
+    await make_deliveries(db, producer, flaky, settings)
     [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
     flaky.fixed = True
     out = succeeded(postback("dlq", "replay", item["id"], "--actor", "dana"))
@@ -915,7 +909,7 @@ async def test_dlq_replay_by_filter_shows_progress_and_a_summary(
     settings: Settings,
     producer: Producer,
 ) -> None:
-    await dead_letters(db, flaky, settings, producer, 30)
+    await make_deliveries(db, producer, flaky, settings, dead=30)
     flaky.fixed = True
     result = postback("dlq", "replay", "--affiliate", "bob", "--mode", "resend")
     assert succeeded(result).splitlines()[-1] == "replayed 30, skipped 0, failed 0"
@@ -939,7 +933,7 @@ async def test_dlq_discard_keeps_the_note(
     settings: Settings,
     producer: Producer,
 ) -> None:
-    await dead_letters(db, flaky, settings, producer, 1)
+    await make_deliveries(db, producer, flaky, settings)
     [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
     out = succeeded(postback("dlq", "discard", item["id"], "--note", "shop closed"))
     assert out == f"discarded: {item['id']}\n"

@@ -14,7 +14,8 @@ import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from tests.conftest import OPS_TOKEN, Api, Flaky, drain, event_data, ingest, save_callback
+from producer.publish import Producer
+from tests.conftest import OPS_TOKEN, Api, Flaky, drain, make_deliveries
 from worker.config import Settings
 
 CHROMIUM = Path(os.environ.get("POSTBACK_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -69,26 +70,15 @@ async def open_page(browser: Browser, api: Api) -> Page:
     return page
 
 
-async def dead_letters(api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings) -> None:
-    """Two dead letters: bob's order #1 and #2, refused three times each."""
-    await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail?o={{order.number}}")
-    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann?o={{order.number}}")
-    events = [
-        event_data(
-            f"page{n}",
-            affiliate_id="bob",
-            order={"number": f"#{n}", "amount": "9.90", "commission": "0.99"},
-        )
-        for n in (1, 2)
-    ]
-    assert (await ingest(api, [*events, event_data("fine")]))[0] == 202
-    await drain(settings)
-
-
 async def test_the_page_lists_opens_and_replays_a_dead_letter(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, browser: Browser
+    api: Api,
+    db: asyncpg.Connection,
+    producer: Producer,
+    flaky: Flaky,
+    settings: Settings,
+    browser: Browser,
 ) -> None:
-    await dead_letters(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings, dead=2)
     page = await open_page(browser, api)
 
     rows = page.locator("#rows tr")
@@ -96,11 +86,11 @@ async def test_the_page_lists_opens_and_replays_a_dead_letter(
     await expect(page.locator("#count")).to_have_text("2 dead letters")
     await expect(page.locator("#health")).to_have_text("down: worker")
 
-    await page.fill("#filters input[name=order]", "#2")
+    await page.fill("#filters input[name=order]", "#1002")
     await page.click("#filters button[type=submit]")
     await expect(rows).to_have_count(1)
     await rows.first.click()
-    await expect(page.locator("#detail-title")).to_have_text("bob · order #2 · dead")
+    await expect(page.locator("#detail-title")).to_have_text("bob · order #1002 · dead")
     await expect(page.locator("#attempts tr")).to_have_count(3)
     await expect(page.locator("#attempts tr").first).to_contain_text("HTTP 500")
     await expect(page.locator("#attempts tr").first).to_contain_text("down for maintenance")
@@ -110,24 +100,29 @@ async def test_the_page_lists_opens_and_replays_a_dead_letter(
     flaky.fixed = True
     await page.click("#replay-rerender")
     await expect(page.locator("#message")).to_have_text("Replayed: the delivery is queued again.")
-    await expect(rows).to_have_count(0)  # the list updated: #2 is no longer a dead letter
-    await expect(page.locator("#detail-title")).to_have_text("bob · order #2 · pending")
+    await expect(rows).to_have_count(0)  # the list updated: #1002 is no longer a dead letter
+    await expect(page.locator("#detail-title")).to_have_text("bob · order #1002 · pending")
     await expect(page.locator("#actions li")).to_contain_text("replay (rerender) by dana")
     await expect(page.locator("#replay-rerender")).to_be_disabled()
 
     await drain(settings)
-    assert flaky.paths[-1] == "/fail?o=%232"
+    assert flaky.paths[-1] == "/fail/bob?o=%231002"
     await page.click("#filters button[type=submit]")
     await page.fill("#filters input[name=order]", "")
     await page.click("#filters button[type=submit]")
-    await expect(rows).to_have_count(1)  # #1 is still dead
+    await expect(rows).to_have_count(1)  # #1001 is still dead
     await page.close()
 
 
 async def test_the_page_discards_with_a_note_and_test_fires_a_callback(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, browser: Browser
+    api: Api,
+    db: asyncpg.Connection,
+    producer: Producer,
+    flaky: Flaky,
+    settings: Settings,
+    browser: Browser,
 ) -> None:
-    await dead_letters(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings, dead=2)
     page = await open_page(browser, api)
     rows = page.locator("#rows tr")
     await expect(rows).to_have_count(2)
@@ -141,12 +136,13 @@ async def test_the_page_discards_with_a_note_and_test_fires_a_callback(
     await expect(page.locator("#actions li")).to_contain_text("order cancelled by the shop")
 
     await page.click("nav button[data-view=deliveries]")
-    await expect(page.locator("#rows tr")).to_have_count(3)
+    await expect(page.locator("#rows tr")).to_have_count(5)  # ann 2, bob 2, carol 1
 
     await page.click("nav button[data-view=callbacks]")
     callback_rows = page.locator("#callback-rows tr")
-    await expect(callback_rows).to_have_count(2)
-    await callback_rows.filter(has_text="ann").get_by_role("button", name="Test fire").click()
+    await expect(callback_rows).to_have_count(3)
+    ann = callback_rows.filter(has_text="ann").filter(has_text="order.created")
+    await ann.get_by_role("button", name="Test fire").click()
     result = page.locator("#fire-result")
     await expect(result).to_contain_text("GET " + flaky.url + "/ann?o=TEST-1001")
     await expect(result).to_contain_text("HTTP 200")

@@ -30,6 +30,7 @@ from tests.conftest import (
     drain,
     event_data,
     ingest,
+    make_deliveries,
     running_service,
     save_callback,
     with_tokens,
@@ -246,31 +247,6 @@ async def test_the_service_will_not_start_without_tokens_unless_told(settings: S
 # --- deliveries and dead letters ------------------------------------------------------
 
 
-async def make_deliveries(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
-) -> dict[str, str]:
-    """ann delivered (a create and an update), bob dead (500 three times), carol skipped;
-    returns each one's event id."""
-    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann?o={{order.number}}")
-    await save_callback(db, "ann", "order.updated", "GET", flaky.url + "/ann/u?o={{order.number}}")
-    await save_callback(
-        db, "bob", "order.created", "GET", flaky.url + "/fail/bob?o={{order.number}}"
-    )
-    events = {
-        "ann": event_data("ann", order={"number": "#1", "amount": "1", "commission": "0.1"}),
-        "ann-update": event_data(
-            "annu",
-            type="order.updated",
-            order={"number": "#1", "amount": "1", "commission": "0.1", "status": "paid"},
-        ),
-        "bob": event_data("bob", affiliate_id="bob"),
-        "carol": event_data("carol", affiliate_id="carol"),
-    }
-    assert (await ingest(api, list(events.values())))[0] == 202
-    await drain(settings)
-    return {name: e["id"] for name, e in events.items()}
-
-
 async def listed(api: Api, path: str, **query: str) -> list[dict[str, Any]]:
     status, body = await api.call("GET", path, params=query)
     assert status == 200, body
@@ -279,30 +255,31 @@ async def listed(api: Api, path: str, **query: str) -> list[dict[str, Any]]:
 
 
 async def test_filters_return_the_right_deliveries(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    ids = await make_deliveries(api, db, flaky, settings)
+    made = await make_deliveries(db, producer, flaky, settings)
 
     async def events(**query: str) -> set[str]:
         return {item["event_id"] for item in await listed(api, "/v1/deliveries", **query)}
 
-    assert await events() == set(ids.values())
-    assert await events(affiliate="ann") == {ids["ann"], ids["ann-update"]}
-    assert await events(event_type="order.updated") == {ids["ann-update"]}
-    assert await events(order="#1") == {ids["ann"], ids["ann-update"]}
-    assert await events(state="dead") == {ids["bob"]}
-    assert await events(state="skipped") == {ids["carol"]}
-    assert await events(error_class="http_5xx") == {ids["bob"]}
+    everything = {made.ann, made.ann_update, *made.bobs, made.carol}
+    assert await events() == everything
+    assert await events(affiliate="ann") == {made.ann, made.ann_update}
+    assert await events(event_type="order.updated") == {made.ann_update}
+    assert await events(order="#1") == {made.ann, made.ann_update}
+    assert await events(state="dead") == set(made.bobs)
+    assert await events(state="skipped") == {made.carol}
+    assert await events(error_class="http_5xx") == set(made.bobs)
     assert await events(affiliate="ann", state="dead") == set()
-    assert await events(since="1h") == set(ids.values())
+    assert await events(since="1h") == everything
     assert await events(until="1h") == set()
     future = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
     assert await events(since=future) == set()
-    assert await events(until=future) == set(ids.values())
+    assert await events(until=future) == everything
 
     dead = await listed(api, "/v1/dead-letters")
     assert [(d["event_id"], d["attempts"], d["last_status"]) for d in dead] == [
-        (ids["bob"], 3, 500)
+        (made.bobs[0], 3, 500)
     ]
     assert dead[0]["reason"] == "gave up after 3 attempts, last: HTTP 500"
     assert await listed(api, "/v1/dead-letters", affiliate="ann") == []
@@ -352,13 +329,13 @@ async def test_bad_filters_are_refused_naming_the_parameter(
 
 
 async def test_show_has_the_event_request_and_every_attempt(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    ids = await make_deliveries(api, db, flaky, settings)
+    made = await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     status, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
     assert status == 200
-    assert shown["event"]["id"] == ids["bob"]
+    assert shown["event"]["id"] == made.bobs[0]
     assert shown["request"]["url"] == flaky.url + "/fail/bob?o=%231001"
     assert [(a["number"], a["status_code"]) for a in shown["attempts"]] == [
         (1, 500),
@@ -372,9 +349,9 @@ async def test_show_has_the_event_request_and_every_attempt(
 
 
 async def test_a_dead_letter_replayed_after_the_fix_is_delivered(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     flaky.fixed = True
     status, body = await api.call(
@@ -400,9 +377,9 @@ async def test_a_dead_letter_replayed_after_the_fix_is_delivered(
 
 
 async def test_a_replay_that_fails_again_gets_the_whole_schedule(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     await api.call("POST", f"/v1/dead-letters/{dead['id']}/replay")
     await drain(settings)
@@ -413,9 +390,9 @@ async def test_a_replay_that_fails_again_gets_the_whole_schedule(
 
 
 async def test_rerender_uses_the_callback_now_and_resend_the_request_then(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     status, _ = await api.call(
         "PUT",
@@ -438,9 +415,9 @@ async def test_rerender_uses_the_callback_now_and_resend_the_request_then(
 
 
 async def test_replay_is_refused_while_the_callback_is_off(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     await api.call("POST", "/v1/callbacks/bob/order.created/disable")
     status, body = await api.call("POST", f"/v1/dead-letters/{dead['id']}/replay")
@@ -459,8 +436,16 @@ async def test_bulk_replay_of_200_dead_letters_by_filter(
     no_retries = settings.model_copy(update={"retry_schedule": ""})
     await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail/{{event.id}}")
     await save_callback(db, "ann", "order.created", "GET", flaky.url + "/fail/{{event.id}}")
-    bobs = [event_data(f"bulk{i}", affiliate_id="bob") for i in range(200)]
-    anns = [event_data(f"keep{i}", affiliate_id="ann") for i in range(5)]
+    # 205 orders of their own: the deliveries of one order would go one after the other.
+    order = {"amount": "1", "commission": "0.1"}
+    bobs = [
+        event_data(f"bulk{i}", affiliate_id="bob", order={**order, "number": f"#b{i}"})
+        for i in range(200)
+    ]
+    anns = [
+        event_data(f"keep{i}", affiliate_id="ann", order={**order, "number": f"#a{i}"})
+        for i in range(5)
+    ]
     assert (await ingest(api, bobs + anns))[0] == 202
     await drain(no_retries)
     assert len(await listed(api, "/v1/dead-letters", limit="500")) == 205
@@ -479,9 +464,9 @@ async def test_bulk_replay_of_200_dead_letters_by_filter(
 
 
 async def test_discard_hides_it_from_the_list_and_keeps_it_in_the_record(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     path = f"/v1/dead-letters/{dead['id']}/discard"
     status, body = await api.call("POST", path, json={})
@@ -655,12 +640,12 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_move_as_deliveries_happen(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
     status, text = await api.call("GET", "/metrics", token=None)
     assert status == 200
     before = _samples(text)
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     await ingest(api, event_data("waiting", affiliate_id="nobody"))  # queued, not drained
     _, text = await api.call("GET", "/metrics", token=None)
     after = _samples(text)
@@ -706,9 +691,9 @@ async def test_the_page_and_its_files_are_served(api: Api) -> None:
 
 
 async def test_concurrent_replays_of_one_dead_letter_replay_it_once(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     path = f"/v1/dead-letters/{dead['id']}/replay"
     results = await asyncio.gather(*(api.call("POST", path) for _ in range(5)))
@@ -744,9 +729,9 @@ async def test_resend_sends_the_same_body_and_key_signed_afresh(
 
 
 async def test_a_dead_letter_whose_stored_event_is_invalid_is_not_replayed(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     # As a row from a version with other rules would be: the job would refuse it, and the
     # delivery would stay pending for ever.
@@ -763,9 +748,9 @@ async def test_a_dead_letter_whose_stored_event_is_invalid_is_not_replayed(
 
 
 async def test_bulk_replay_needs_a_filter_or_all(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     bodies: list[dict[str, Any]] = [
         {},
         {"filter": {}},
@@ -781,9 +766,9 @@ async def test_bulk_replay_needs_a_filter_or_all(
 
 
 async def test_a_web_page_cannot_drive_the_api_from_a_browser(
-    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
-    await make_deliveries(api, db, flaky, settings)
+    await make_deliveries(db, producer, flaky, settings)
     [dead] = await listed(api, "/v1/dead-letters")
     path = f"/v1/dead-letters/{dead['id']}/replay"
     status, body = await api.call(
