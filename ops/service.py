@@ -138,11 +138,11 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         # first; a web page visited by an ops engineer must not replay or disable anything
         # through a service on their machine (in --insecure mode, no token stops it).
         origin = request.headers.get("Origin")
-        if origin is not None and URL(origin).host_port_subcomponent != request.host:
+        if origin is not None and _authority(origin) != request.host:
             return error(403, "cross-site request refused")
         if request.can_read_body and request.content_type != "application/json":
             return error(415, "send the body as JSON (Content-Type: application/json)")
-    if expected == b"" and URL(f"http://{request.host}").host not in _LOCAL_NAMES:
+    if expected == b"" and _name(request.host) not in _LOCAL_NAMES:
         # No token: only this machine may call. Checking the name it was called by also
         # stops a web page from rebinding its own name to 127.0.0.1 to read the API.
         return error(403, "without a token, only requests to localhost are served")
@@ -151,9 +151,25 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         if scheme.lower() != "bearer" or not given:
             return _unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
         # Constant time: how much of a guess is right must not show in the timing.
-        if not hmac.compare_digest(given.strip().encode(), expected):
+        if not hmac.compare_digest(given.strip().encode(errors="surrogateescape"), expected):
             return _unauthorized("wrong token")
     return await handler(request)
+
+
+def _authority(origin: str) -> str | None:
+    """`host:port` of an Origin header (None for "null" or nonsense)."""
+    try:
+        return URL(origin).host_port_subcomponent
+    except ValueError:
+        return None
+
+
+def _name(host_header: str) -> str | None:
+    """The host name of a Host header, without the port or brackets."""
+    try:
+        return URL(f"http://{host_header}").host
+    except ValueError:
+        return None
 
 
 def _unauthorized(message: str) -> web.Response:

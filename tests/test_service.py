@@ -825,3 +825,22 @@ async def test_test_fires_say_they_are_tests(
     headers = fired["request"]["headers"]
     assert headers["Idempotency-Key"].startswith("test-")
     assert headers["webhook-id"] == headers["Idempotency-Key"]  # signed, so it can be trusted
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Origin": "http://[::1"}, 403),
+        ({"Origin": "null"}, 403),
+        ({"Authorization": "Bearer tökén-with-ümlauts-0123456789"}, 401),
+    ],
+    ids=["broken-origin", "null-origin", "non-ascii-token"],
+)
+async def test_odd_headers_are_refused_not_crashed_on(
+    api: Api, headers: dict[str, str], status: int
+) -> None:
+    token = None if "Authorization" in headers else OPS_TOKEN
+    got, body = await api.call(
+        "POST", "/v1/dead-letters/replay", token=token, json={"all": True}, headers=headers
+    )
+    assert got == status, body
