@@ -56,19 +56,20 @@ async def count(
 ) -> None:
     """Count an attempt (the state it left the delivery in, and its duration in seconds),
     and the state a delivery settled in, if it did."""
-    pipe = redis.pipeline(transaction=False)
     key = _counters_key(queue_name)
-    if attempt is not None:
-        state, seconds = attempt
-        pipe.hincrby(key, f"attempts:{state}", 1)
-        pipe.hincrby(key, f"duration:{_bucket(seconds)}", 1)
-        pipe.hincrbyfloat(key, "duration:sum", seconds)
-        if state != "delivered":
-            pipe.hincrby(_failures_key(queue_name), affiliate, 1)
-    if settled is not None:
-        pipe.hincrby(key, f"deliveries:{settled}", 1)
     try:
-        await pipe.execute()
+        # `async with`: the pipeline gives its connection back even when cancelled.
+        async with redis.pipeline(transaction=False) as pipe:
+            if attempt is not None:
+                state, seconds = attempt
+                pipe.hincrby(key, f"attempts:{state}", 1)
+                pipe.hincrby(key, f"duration:{_bucket(seconds)}", 1)
+                pipe.hincrbyfloat(key, "duration:sum", seconds)
+                if state != "delivered":
+                    pipe.hincrby(_failures_key(queue_name), affiliate, 1)
+            if settled is not None:
+                pipe.hincrby(key, f"deliveries:{settled}", 1)
+            await pipe.execute()
     except RedisError as exc:
         log.warning("metrics_not_counted", error=str(exc))
 
@@ -85,12 +86,12 @@ class _Families:
 
 async def exposition(redis: Redis, db: asyncpg.Pool, queue_name: str) -> bytes:
     """The Prometheus text exposition of every metric, read now."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.hgetall(_counters_key(queue_name))
-    pipe.hgetall(_failures_key(queue_name))
-    pipe.zcount(queue_name, "-inf", int(time.time() * 1000))
-    pipe.zcard(queue_name)
-    raw_counters, raw_failures, due, queued = await pipe.execute()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(_counters_key(queue_name))
+        pipe.hgetall(_failures_key(queue_name))
+        pipe.zcount(queue_name, "-inf", int(time.time() * 1000))
+        pipe.zcard(queue_name)
+        raw_counters, raw_failures, due, queued = await pipe.execute()
     counters = {k.decode(): float(v) for k, v in raw_counters.items()}
     rows = await db.fetch(
         "SELECT state, count(*) AS n FROM deliveries WHERE state IN ('retrying', 'dead')"
