@@ -10,11 +10,9 @@ import base64
 import binascii
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import astuple, dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import asyncpg
 
 from producer.event import EVENT_TYPES
 from worker.database import Executor
@@ -185,18 +183,6 @@ _WHERE = """
 """
 
 
-def _args(where: Filter) -> tuple[Any, ...]:
-    return (
-        where.affiliate,
-        where.event_type,
-        where.order,
-        where.state,
-        where.error_class,
-        where.since,
-        where.until,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Page:
     items: list[dict[str, Any]]
@@ -216,12 +202,12 @@ async def list_deliveries(
         ORDER BY d.created_at DESC, d.id DESC
         LIMIT $10
         """,  # noqa: S608 -- constant SQL text; every value goes as a parameter
-        *_args(where),
+        *astuple(where),  # the fields in the order of $1 to $7
         None if after is None else after.created_at,
         None if after is None else after.id,
         limit + 1,
     )
-    items = [_summary(row) for row in rows[:limit]]
+    items = [_plain(dict(row)) for row in rows[:limit]]
     more = len(rows) > limit
     last = rows[limit - 1] if more else None
     cursor = None if last is None else Cursor(last["created_at"], last["id"]).encode()
@@ -232,7 +218,7 @@ async def matching_ids(db: Executor, where: Filter) -> list[uuid.UUID]:
     """Every delivery matching `where`, oldest first: what a bulk action works through."""
     rows = await db.fetch(
         f"SELECT d.id FROM deliveries d WHERE {_WHERE} ORDER BY d.created_at, d.id",  # noqa: S608
-        *_args(where),
+        *astuple(where),  # the fields in the order of $1 to $7
     )
     return [row["id"] for row in rows]
 
@@ -262,34 +248,10 @@ async def show_delivery(db: Executor, delivery: uuid.UUID) -> dict[str, Any] | N
         delivery,
     )
     return {
-        **_summary(row),
-        "callback_id": row["callback_id"],
-        "blocked_by": None if row["blocked_by"] is None else str(row["blocked_by"]),
-        "event": row["event"],
-        "request": row["request"],
+        **_plain(dict(row)),
         "attempts": [_plain(dict(a)) for a in attempts],
         "actions": [_plain(dict(a)) for a in actions],
     }
-
-
-def _summary(row: asyncpg.Record) -> dict[str, Any]:
-    keys = (
-        "id",
-        "event_id",
-        "event_type",
-        "affiliate_id",
-        "order_number",
-        "state",
-        "reason",
-        "error_class",
-        "attempts",
-        "last_status",
-        "occurred_at",
-        "created_at",
-        "updated_at",
-        "next_attempt_at",
-    )
-    return _plain({key: row[key] for key in keys})
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

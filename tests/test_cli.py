@@ -842,22 +842,31 @@ async def test_dlq_list_shows_a_table_and_json(
     assert "more deliveries: add --cursor " in page.stderr
 
 
-async def test_dlq_show_prints_the_attempts(
+@pytest.fixture
+async def dead_letter(
     postback: Postback,
     db: asyncpg.Connection,
     flaky: Flaky,
     settings: Settings,
     producer: Producer,
-) -> None:
+) -> str:
+    """The id of the one dead letter (bob's) of `make_deliveries`'s ledger."""
     await make_deliveries(db, producer, flaky, settings)
     [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
-    shown = succeeded(postback("dlq", "show", item["id"]))
-    assert f"delivery   {item['id']}" in shown
+    item_id: str = item["id"]
+    return item_id
+
+
+async def test_dlq_show_prints_the_attempts(
+    postback: Postback, flaky: Flaky, dead_letter: str
+) -> None:
+    shown = succeeded(postback("dlq", "show", dead_letter))
+    assert f"delivery   {dead_letter}" in shown
     assert "state      dead: gave up after 3 attempts, last: HTTP 500" in shown
     assert f"request    GET {flaky.url}/fail/bob?o=%231001" in shown
     assert "HTTP 500" in shown
     assert "down for maintenance" in shown
-    as_json = json.loads(succeeded(postback("deliveries", "show", item["id"], "--json")))
+    as_json = json.loads(succeeded(postback("deliveries", "show", dead_letter, "--json")))
     assert [a["status_code"] for a in as_json["attempts"]] == [500, 500, 500]
 
 
@@ -883,22 +892,16 @@ def test_ledger_commands_refuse_bad_input_in_one_line(
 
 
 async def test_dlq_replay_one_then_it_is_delivered(
-    postback: Postback,
-    db: asyncpg.Connection,
-    flaky: Flaky,
-    settings: Settings,
-    producer: Producer,
+    postback: Postback, flaky: Flaky, settings: Settings, dead_letter: str
 ) -> None:
-    await make_deliveries(db, producer, flaky, settings)
-    [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
     flaky.fixed = True
-    out = succeeded(postback("dlq", "replay", item["id"], "--actor", "dana"))
-    assert out == f"replayed: {item['id']} (rerender)\n"
+    out = succeeded(postback("dlq", "replay", dead_letter, "--actor", "dana"))
+    assert out == f"replayed: {dead_letter} (rerender)\n"
     await drain(settings)
-    shown = json.loads(succeeded(postback("dlq", "show", item["id"], "--json")))
+    shown = json.loads(succeeded(postback("dlq", "show", dead_letter, "--json")))
     assert shown["state"] == "delivered"
     assert shown["actions"][0]["actor"] == "dana"
-    again = refusal(postback("dlq", "replay", item["id"]))
+    again = refusal(postback("dlq", "replay", dead_letter))
     assert "not replayed: it is delivered, neither dead nor discarded" in again
 
 
@@ -926,19 +929,11 @@ async def test_dlq_replay_by_filter_shows_progress_and_a_summary(
     assert succeeded(postback("dlq", "replay", "--all")) == "replayed 0, skipped 0, failed 0\n"
 
 
-async def test_dlq_discard_keeps_the_note(
-    postback: Postback,
-    db: asyncpg.Connection,
-    flaky: Flaky,
-    settings: Settings,
-    producer: Producer,
-) -> None:
-    await make_deliveries(db, producer, flaky, settings)
-    [item] = json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
-    out = succeeded(postback("dlq", "discard", item["id"], "--note", "shop closed"))
-    assert out == f"discarded: {item['id']}\n"
+async def test_dlq_discard_keeps_the_note(postback: Postback, dead_letter: str) -> None:
+    out = succeeded(postback("dlq", "discard", dead_letter, "--note", "shop closed"))
+    assert out == f"discarded: {dead_letter}\n"
     assert succeeded(postback("dlq", "list")) == "no dead letters\n"
-    shown = succeeded(postback("deliveries", "show", item["id"]))
+    shown = succeeded(postback("deliveries", "show", dead_letter))
     assert "state      discarded" in shown
     assert "shop closed" in shown
     assert "discard" in shown

@@ -102,10 +102,7 @@ class _Ready:
     event: Event
     callback: callbacks.Callback
     template: render.Template
-    retry_base: int
-    """Attempts made before the last replay: the retry schedule counts from there."""
-    resend: dict[str, Any] | None
-    """A replay's request to send as it was, rather than rendering the template again."""
+    delivery: ledger.Delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +114,6 @@ class _Plan:
     wait: float = 0.0
     ready: _Ready | None = None
     """For "send": what to send."""
-    attempt: int = 0
     woken: tuple[str, ...] = ()
     closed: bool = False
     """Settled without being sent (skipped, or dead without an attempt)."""
@@ -141,7 +137,7 @@ async def _deliver(run: _Run, event: Event) -> str:
     if plan.action == "return":
         return plan.state
     assert plan.ready is not None
-    return await _attempt(run, bound, did, plan.ready, plan.attempt)
+    return await _attempt(run, bound, did, plan.ready)
 
 
 async def _plan(
@@ -192,7 +188,7 @@ async def _plan(
         return _Plan("wait", delivery.state, wait=BLOCKED_RECHECK_SECONDS)
 
     await ledger.claim(conn, did, run.job_id)
-    return _Plan("send", delivery.state, ready=ready, attempt=delivery.attempts + 1)
+    return _Plan("send", delivery.state, ready=ready)
 
 
 def _ready(
@@ -211,7 +207,7 @@ def _ready(
     else:
         try:
             template = render.parse(callback.url_template)
-            return _Ready(stored, callback, template, delivery.retry_base, delivery.resend)
+            return _Ready(stored, callback, template, delivery)
         except render.TemplateError as exc:
             # Only a template written to the table by hand gets here.
             return "dead", f"stored template is invalid: {exc}"
@@ -225,11 +221,11 @@ async def _attempt(
     bound: structlog.stdlib.BoundLogger,
     did: uuid.UUID,
     ready: _Ready,
-    number: int,
 ) -> str:
     callback, event = ready.callback, ready.event
-    if ready.resend is not None:
-        request = deliver.resend_request(ready.resend, event, callback.secret)
+    number = ready.delivery.attempts + 1
+    if ready.delivery.resend is not None:
+        request = deliver.resend_request(ready.delivery.resend, event, callback.secret)
     else:
         request = deliver.build_request(
             callback.method, ready.template, event, did, callback.secret
@@ -242,7 +238,9 @@ async def _attempt(
         # Free the delivery so the next run sends it again, with the same delivery id.
         await asyncio.shield(ledger.release(run.db, did, run.job_id))
         raise
-    verdict = retry.decide(outcome, number - ready.retry_base, run.settings.schedule, started_at)
+    verdict = retry.decide(
+        outcome, number - ready.delivery.retry_base, run.settings.schedule, started_at
+    )
     woken = await ledger.record_attempt(
         run.db, event, did, callback.id, request, started_at, outcome, verdict
     )
