@@ -244,11 +244,20 @@ async def set_callback(request: web.Request) -> web.Response:
         raise InputError("url", "is required")
     method = _text(data, "method", default="GET") or "GET"
     try:
-        spec = callbacks.validate(affiliate, event_type, method, url, _text(data, "secret"))
+        spec = callbacks.validate(
+            affiliate,
+            event_type,
+            method,
+            url,
+            _text(data, "secret"),
+            allowed=_services(request).settings.allowed,
+        )
     except callbacks.CallbackError as exc:
         raise InputError(exc.field, exc.message) from None
     saved = await callbacks.save(_services(request).db, spec)
-    return web.json_response(saved.public())
+    # A generated secret is answered this once, for the affiliate; never again.
+    shown = {"secret": spec.secret} if spec.generated else {}
+    return web.json_response(saved.public() | shown)
 
 
 @routes.delete("/v1/callbacks/{affiliate}/{event_type}")

@@ -84,7 +84,9 @@ def _parser() -> _Parser:
         "--url", required=True, help="URL template, e.g. https://t.example/?o={{order.number}}"
     )
     cb_set.add_argument(
-        "--secret", help="signing secret (stored, never listed); omitted: the current one stays"
+        "--secret",
+        help="signing secret (stored, never listed), or 'generate' for a new whsec_ one, "
+        "printed once; omitted: the current one stays",
     )
     cb_set.set_defaults(run=callbacks_set)
     cb_list = cb.add_parser("list", help="list callbacks")
@@ -265,10 +267,15 @@ async def db_init(args: argparse.Namespace, settings: Settings) -> int:
 
 @_sync
 async def callbacks_set(args: argparse.Namespace, settings: Settings) -> int:
-    spec = callbacks.validate(args.affiliate, args.event, args.method, args.url, args.secret)
+    spec = callbacks.validate(
+        args.affiliate, args.event, args.method, args.url, args.secret, allowed=settings.allowed
+    )
     async with database.connection(_database_url(settings)) as conn:
         saved = await callbacks.save(conn, spec)
     print(f"saved: {saved.affiliate_id} {saved.event_type} {saved.method} {saved.url_template}")
+    if spec.generated:
+        print(f"secret: {spec.secret}")
+        print("  shown this once: give it to the affiliate, who verifies signatures with it")
     return 0
 
 

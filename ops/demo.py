@@ -79,6 +79,8 @@ def _events(run: str) -> list[Event]:
 
 
 DEMO_SCHEDULE = "1s"
+RECEIVER_HOST = "127.0.0.1"
+"""Where the demo's receivers listen: loopback, which only the demo opens in the SSRF policy."""
 """The demo's retry schedule unless POSTBACK_RETRY_SCHEDULE is set: its one failure is
 retried within seconds rather than the production minute."""
 
@@ -107,13 +109,14 @@ class _Receiver:
 
 
 @contextlib.asynccontextmanager
-async def serve(handler: Handler) -> AsyncIterator[str]:
-    """Answer every method and path with `handler` on a free 127.0.0.1 port; yields the URL."""
+async def serve(handler: Handler, host: str = RECEIVER_HOST, port: int = 0) -> AsyncIterator[str]:
+    """Answer every method and path with `handler` on `host` (a free port unless given);
+    yields the URL."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     host, port = runner.addresses[0][:2]
     try:
@@ -125,6 +128,9 @@ async def serve(handler: Handler) -> AsyncIterator[str]:
 async def run(settings: Settings) -> int:
     if "retry_schedule" not in settings.model_fields_set:
         settings = settings.model_copy(update={"retry_schedule": DEMO_SCHEDULE})
+    # The demo's receivers listen on loopback, which the SSRF policy refuses: open just that.
+    allow = f"{settings.allow_networks},{RECEIVER_HOST}/32".lstrip(",")
+    settings = settings.model_copy(update={"allow_networks": allow})
     assert settings.database_url is not None
     assert settings.redis_url is not None
     # The demo narrates on stdout; the worker's own log lines would only repeat it.
@@ -139,7 +145,9 @@ async def run(settings: Settings) -> int:
         print(f"demo receiver listening on {base}")
         for affiliate, (method, path) in AFFILIATES.items():
             for event_type in EVENT_TYPES:
-                spec = callbacks.validate(affiliate, event_type, method, base + path)
+                spec = callbacks.validate(
+                    affiliate, event_type, method, base + path, allowed=settings.allowed
+                )
                 await callbacks.save(conn, spec)
             print(f"callback: {affiliate} {method} {base}{path}")
 

@@ -330,6 +330,11 @@ def _schemas() -> dict[str, Any]:
                 "method": {"type": "string", "enum": ["GET", "POST"]},
                 "url_template": _STRING,
                 "has_secret": {"type": "boolean"},
+                "secret": {
+                    "type": "string",
+                    "description": "Only in the answer to a PUT whose secret was 'generate': "
+                    "the new whsec_ secret, shown this once.",
+                },
                 "enabled": {"type": "boolean"},
                 "created_at": _TIME,
                 "updated_at": _TIME,
@@ -617,7 +622,7 @@ def _operations() -> dict[str, Any]:
                                     "secret": {
                                         "type": "string",
                                         "nullable": True,
-                                        "description": "Signing secret; omitted: the current one stays.",
+                                        "description": "Signing secret, or 'generate' for a new whsec_ one (answered once); omitted: the current one stays.",
                                     },
                                 },
                             }

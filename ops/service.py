@@ -99,7 +99,7 @@ def _connections(
         assert settings.redis_url is not None
         db = await database.create_pool(settings.database_url, settings.db_pool_size, min_size=0)
         redis = open_redis(settings.redis_url, settings.queue_name)
-        http = deliver.session(settings.connect_timeout, settings.request_timeout)
+        http = deliver.session(settings.connect_timeout, settings.request_timeout, settings.allowed)
         app[SERVICES] = Services(settings, db, redis, http)
         try:
             yield

@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from ops.demo import serve
 from ops.service import create_app
 from producer.publish import Producer
-from worker import callbacks, database
+from worker import address, callbacks, database
 from worker.config import Settings
 from worker.pool import create_worker
 
@@ -36,6 +36,7 @@ ADMIN_URL = os.environ.get(
 REDIS_BASE = os.environ.get("POSTBACK_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("POSTBACK_TEST_REDIS_DB", "15"))
 RUN = uuid.uuid4().hex[:10]
+ALLOW_NETWORKS = "127.0.0.1/32"
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +80,8 @@ def settings(database_url: str, redis_url: str, queue_name: str) -> Settings:
         retry_schedule="10ms,20ms",
         job_timeout=5.0,
         shutdown_wait=5,
+        # The test receivers listen on 127.0.0.1, which the SSRF policy refuses: open just that.
+        allow_networks=ALLOW_NETWORKS,
     )
 
 
@@ -142,7 +145,9 @@ async def save_callback(
     secret: str | None = None,
 ) -> None:
     """Configure a callback as `postback callbacks set` does, validation included."""
-    await callbacks.save(conn, callbacks.validate(affiliate, event_type, method, url, secret))
+    allowed = address.parse_networks(ALLOW_NETWORKS)
+    spec = callbacks.validate(affiliate, event_type, method, url, secret, allowed=allowed)
+    await callbacks.save(conn, spec)
 
 
 async def drain(settings: Settings) -> None:

@@ -27,6 +27,7 @@ from producer import Producer, parse_event
 from producer.queue import job_id
 from tests.conftest import (
     ADMIN_URL,
+    ALLOW_NETWORKS,
     RUN,
     Flaky,
     Receiver,
@@ -90,6 +91,7 @@ def postback(database_url: str, redis_url: str, queue_name: str, tmp_path: Path)
     env["POSTBACK_DATABASE_URL"] = database_url
     env["POSTBACK_REDIS_URL"] = redis_url
     env["POSTBACK_QUEUE_NAME"] = queue_name
+    env["POSTBACK_ALLOW_NETWORKS"] = ALLOW_NETWORKS
     return Postback(env, tmp_path)
 
 

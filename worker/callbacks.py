@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -9,11 +10,13 @@ from typing import Any, Literal
 import asyncpg
 
 from producer.event import EVENT_TYPES, EventType
-from worker import render
+from worker import address, render, sign
 from worker.database import Executor
 
 Method = Literal["GET", "POST"]
 METHODS: tuple[Method, ...] = ("GET", "POST")
+GENERATE = "generate"
+"""Given as the secret, has a new random one made (`sign.generate`)."""
 
 
 class CallbackError(ValueError):
@@ -61,11 +64,21 @@ class CallbackSpec:
     method: Method
     template: render.Template
     secret: str | None
+    generated: bool = False
+    """The secret was made here, so the person saving it must be shown it, once."""
 
 
 def validate(
-    affiliate_id: str, event_type: str, method: str, url_template: str, secret: str | None = None
+    affiliate_id: str,
+    event_type: str,
+    method: str,
+    url_template: str,
+    secret: str | None = None,
+    *,
+    allowed: Sequence[address.Network],
 ) -> CallbackSpec:
+    """`allowed` are the networks the SSRF policy opens (`Settings.allowed`): a host that is
+    a refused address outside them is refused here, before any event is sent there."""
     if not 1 <= len(affiliate_id) <= 64:
         raise CallbackError("affiliate_id", "affiliate id must be 1 to 64 characters")
     if event_type not in EVENT_TYPES:
@@ -77,11 +90,28 @@ def validate(
         raise CallbackError("method", f"method must be GET or POST, got {method!r}")
     if secret is not None and not secret:
         raise CallbackError("secret", "secret must not be empty")
+    generated = secret == GENERATE
+    if generated:
+        secret = sign.generate()
+    elif secret is not None:
+        try:
+            sign.key(secret)
+        except ValueError as exc:
+            raise CallbackError("secret", str(exc)) from None
     try:
         template = render.parse(url_template)
     except render.TemplateError as exc:
         raise CallbackError("url", str(exc)) from None
-    return CallbackSpec(affiliate_id, event_type, method, template, secret)
+    _check_host(template.host, allowed)
+    return CallbackSpec(affiliate_id, event_type, method, template, secret, generated)
+
+
+def _check_host(host: str, allowed: Sequence[address.Network]) -> None:
+    literal = address.literal_host(host)
+    reason = None if literal is None else address.refusal(literal, allowed)
+    if literal is not None and reason is not None:
+        spelled = "" if host == str(literal) else f" (that is {literal})"
+        raise CallbackError("url", address.explain(f"the URL's host {host}{spelled}", reason))
 
 
 def _from_row(row: asyncpg.Record) -> Callback:

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.queue import DEFAULT_QUEUE
+from worker.address import Network, parse_networks
 from worker.deliver import QUICK_RETRY_SECONDS
 from worker.retry import DEFAULT_SCHEDULE, parse_schedule
 
@@ -78,6 +79,11 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token for the ops API (deliveries, dead letters, callbacks).",
     )
+    allow_networks: str = Field(
+        default="",
+        description="Networks (CIDRs, comma-separated) receivers may be in although the SSRF "
+        "policy refuses them, e.g. 10.20.0.0/16 for an affiliate on a private link.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Least severe log level written."
     )
@@ -86,6 +92,17 @@ class Settings(BaseSettings):
     def schedule(self) -> tuple[float, ...]:
         """`retry_schedule` in seconds."""
         return parse_schedule(self.retry_schedule)
+
+    @property
+    def allowed(self) -> tuple[Network, ...]:
+        """`allow_networks` parsed."""
+        return parse_networks(self.allow_networks)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)
+        return value
 
     @field_validator("retry_schedule")
     @classmethod

@@ -12,11 +12,12 @@ from importlib.metadata import version
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_fixed
 from yarl import URL
 
 from producer.event import Event
-from worker import render, sign
+from worker import address, render, sign
 
 USER_AGENT = f"postback-relay/{version('postback-relay')}"
 MAX_REDIRECTS = 3
@@ -145,12 +146,32 @@ class Outcome:
         return None if self.ok else f"http_{self.status // 100}xx"
 
 
-def session(connect_timeout: float, request_timeout: float) -> aiohttp.ClientSession:
-    """The one session a worker shares across deliveries, so connections are reused."""
+def session(
+    connect_timeout: float,
+    request_timeout: float,
+    allowed: tuple[address.Network, ...],
+    resolver: AbstractResolver | None = None,
+) -> aiohttp.ClientSession:
+    """The one session a worker shares across deliveries, so connections are reused.
+
+    Every socket it opens, for each address a name resolves to and each redirect hop, is
+    checked against the SSRF policy first; `allowed` are the networks opened on top.
+    """
     # `connect` covers name resolution and the TCP/TLS handshake, not just the socket.
     timeout = aiohttp.ClientTimeout(total=request_timeout, connect=connect_timeout)
-    # Cookies from one affiliate must never travel to another.
-    return aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+    connector = aiohttp.TCPConnector(
+        socket_factory=address.SocketFactory(allowed),
+        resolver=resolver,
+        # No pool-wide cap for a receiver that holds its connections to fill: a worker's
+        # max_jobs bounds the connections in use, the total timeout bounds each one.
+        limit=0,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        # Cookies from one affiliate must never travel to another.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
@@ -179,6 +200,8 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         where = "a redirect to" if isinstance(exc, aiohttp.RedirectClientError) else "the"
         return _failure(started, "invalid_url", f"{where} URL cannot be requested over HTTP(S)")
     except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, address.BlockedAddress):
+            return _failure(started, "blocked_address", exc.os_error.detail)
         return _failure(started, "connect_error", str(exc))
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
         return _failure(started, "http_error", _without_url(exc))

@@ -33,7 +33,9 @@ async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     assert settings.database_url is not None
     ctx["db"] = await database.create_pool(settings.database_url, settings.db_pool_size)
-    ctx["http"] = deliver.session(settings.connect_timeout, settings.request_timeout)
+    ctx["http"] = deliver.session(
+        settings.connect_timeout, settings.request_timeout, settings.allowed
+    )
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:

@@ -68,6 +68,8 @@ class Template:
 
     source: str
     parts: tuple[str | Variable, ...]
+    host: str
+    """The URL's host as a parser reads it: lower case, IPv6 without brackets."""
 
 
 def parse(source: str) -> Template:
@@ -84,10 +86,10 @@ def parse(source: str) -> Template:
     if not source:
         raise TemplateError("template is empty; expected a URL such as https://host/path")
     parts = _tokenize(source)
-    _check_scheme_and_host(source, parts)
     return Template(
         source=source,
         parts=tuple(_uri_text(part) if isinstance(part, str) else part for part in parts),
+        host=_scheme_and_host(source, parts),
     )
 
 
@@ -237,7 +239,7 @@ def _suggest(name: str) -> str | None:
     return matches[0] if matches else None
 
 
-def _check_scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> None:
+def _scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> str:
     # Scheme and host must be literal: a variable there would let event data pick the target.
     first = parts[0] if parts and isinstance(parts[0], str) else ""
     scheme = _SCHEME.match(first)
@@ -263,6 +265,7 @@ def _check_scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> No
         raise TemplateError(_host_error(source, f"the host is not valid ({exc})")) from None
     if not hostname:
         raise TemplateError(_host_error(source, "the host is empty"))
+    return hostname
 
 
 def _host_error(source: str, reason: str = "") -> str:

@@ -10,24 +10,44 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 -- the format's marker, not a secret
 HEADER_NAMES = ("webhook-id", "webhook-timestamp", "webhook-signature")
+KEY_BYTES = 32
+"""Size of a generated key: the standard asks for 24 to 64 random bytes."""
 
 
-def _key(secret: str) -> bytes:
-    # `whsec_` secrets carry base64 key bytes; any other secret is used as its UTF-8 bytes.
-    if secret.startswith(SECRET_PREFIX):
-        try:
-            return base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
-        except binascii.Error:
-            pass
-    return secret.encode()
+def generate() -> str:
+    """A new random secret in the standard's `whsec_<base64 key>` form."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()
+
+
+def key(secret: str) -> bytes:
+    """The HMAC key: the bytes a `whsec_` secret encodes, else the secret's UTF-8 bytes.
+
+    Raises ValueError for a `whsec_` secret that is not base64: the receiver's library
+    would decode it to a different key, and every signature would fail to verify.
+    """
+    if not secret.startswith(SECRET_PREFIX):
+        return secret.encode()
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        # Unpadded is accepted, as the standard's libraries accept it.
+        decoded = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        decoded = b""
+    if not decoded:
+        raise ValueError(
+            f"a secret starting with {SECRET_PREFIX!r} must be followed by base64 key bytes; "
+            "use 'generate' to have one made"
+        )
+    return decoded
 
 
 def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{message_id}.{timestamp}.".encode() + body
-    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
+    digest = hmac.new(key(secret), signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 
