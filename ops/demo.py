@@ -129,7 +129,7 @@ async def run(settings: Settings) -> int:
     if "retry_schedule" not in settings.model_fields_set:
         settings = settings.model_copy(update={"retry_schedule": DEMO_SCHEDULE})
     # The demo's receivers listen on loopback, which the SSRF policy refuses: open just that.
-    allow = f"{settings.allow_networks},{RECEIVER_HOST}/32".lstrip(",")
+    allow = f"{settings.allow_networks or ''},{RECEIVER_HOST}/32".lstrip(",")
     settings = settings.model_copy(update={"allow_networks": allow})
     assert settings.database_url is not None
     assert settings.redis_url is not None

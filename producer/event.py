@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Required, TypedDict, Unpack
 from urllib.parse import urlsplit
@@ -38,6 +38,16 @@ def _absolute_url(value: str) -> str:
 def _currency_code(value: str) -> str:
     if len(value) != 3 or not value.isascii() or not value.isalpha() or not value.isupper():
         raise ValueError("must be a three-letter ISO 4217 code such as EUR")
+    return value
+
+
+def _whole_minute_offset(value: datetime) -> datetime:
+    # RFC 3339 writes offsets in whole minutes. Python allows seconds (zoneinfo's local mean
+    # time before about 1900, e.g. -00:16:08), which the JSON form would cut to -00:16 and so
+    # silently move the event in time between the producer and the worker.
+    offset = value.utcoffset()
+    if offset is not None and offset % timedelta(minutes=1):
+        raise ValueError("the UTC offset must be whole minutes, as RFC 3339 writes it")
     return value
 
 
@@ -75,7 +85,7 @@ class Event(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=128)]
     type: EventType
     affiliate_id: Annotated[str, Field(min_length=1, max_length=64)]
-    occurred_at: AwareDatetime | None = None
+    occurred_at: Annotated[AwareDatetime, AfterValidator(_whole_minute_offset)] | None = None
     order: Order
     link: Link
 

@@ -26,9 +26,12 @@ from pydantic import SecretStr
 from ops.demo import serve
 from ops.service import create_app
 from producer.publish import Producer
+from tests import leakcheck
 from worker import address, callbacks, database
 from worker.config import Settings
 from worker.pool import create_worker
+
+pytest_plugins = ["tests.leakcheck"]
 
 ADMIN_URL = os.environ.get(
     "POSTBACK_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -107,7 +110,12 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await database.connect(database_url)
     await conn.execute("TRUNCATE callbacks, deliveries, attempts, actions, test_fires")
     yield conn
-    await conn.close()
+    try:
+        # Before the next test's TRUNCATE: these must never appear in anything logged.
+        stored = await conn.fetch("SELECT DISTINCT secret FROM callbacks WHERE secret IS NOT NULL")
+        leakcheck.register(*(row["secret"] for row in stored))
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -193,6 +201,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 INGEST_TOKEN = "ingest-token-for-tests-0123456789"
 OPS_TOKEN = "ops-token-for-tests-0123456789"
+leakcheck.register(INGEST_TOKEN, OPS_TOKEN)
 
 
 @dataclass

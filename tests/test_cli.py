@@ -25,6 +25,7 @@ import pytest
 
 from producer import Producer, parse_event
 from producer.queue import job_id
+from tests import leakcheck
 from tests.conftest import (
     ADMIN_URL,
     ALLOW_NETWORKS,
@@ -73,7 +74,7 @@ class Postback:
                 env.pop(name, None)
             else:
                 env[name] = value
-        return subprocess.run(
+        result = subprocess.run(
             [sys.executable, "-m", "ops", *args],
             input=stdin or "",  # never the terminal's stdin
             env=env,
@@ -83,6 +84,10 @@ class Postback:
             timeout=timeout,
             check=False,
         )
+        # stderr is the log stream; stdout is the command's answer, which may show a
+        # generated secret on purpose.
+        leakcheck.logged(result.stderr)
+        return result
 
 
 @pytest.fixture
@@ -168,6 +173,7 @@ def test_usage_errors_exit_2_in_one_line(postback: Postback, args: list[str], na
         ("POSTBACK_MAX_JOBS", "0"),
         ("POSTBACK_DATABASE_URL", "mysql://127.0.0.1/db"),
         ("POSTBACK_DATABASE_URL", "postgresql://127.0.0.1:abc/db"),
+        ("POSTBACK_ALLOW_NETWORKS", "127.0.0.1/32, 10.0.0.0/33"),
     ],
 )
 def test_bad_configuration_is_refused_in_one_line(
@@ -254,6 +260,29 @@ async def test_callbacks_set_saves_the_callback(
             "enabled": True,
         }
     ]
+
+
+async def test_callbacks_set_generates_a_secret_and_shows_it_only_then(
+    db: asyncpg.Connection, postback: Postback
+) -> None:
+    args = ["--affiliate", "ann", "--event", "order.created", "--method", "POST"]
+    result = postback(
+        "callbacks", "set", *args, "--url", "https://t.example/pb", "--secret", "generate"
+    )
+
+    [saved, shown, hint] = succeeded(result).splitlines()
+    assert saved == "saved: ann order.created POST https://t.example/pb"
+    secret = shown.removeprefix("secret: ")
+    assert secret.startswith("whsec_")
+    assert "shown this once" in hint
+    [row] = await callback_rows(db)
+    assert row["secret"] == secret
+    for listing in (("callbacks", "list"), ("callbacks", "list", "--json")):
+        assert secret not in succeeded(postback(*listing))
+    # Saved again without --secret: the secret stays and is not printed.
+    again = succeeded(postback("callbacks", "set", *args, "--url", "https://t.example/v2"))
+    assert secret not in again
+    assert (await callback_rows(db))[0]["secret"] == secret
 
 
 async def test_callbacks_set_replaces_the_existing_callback(

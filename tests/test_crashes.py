@@ -30,6 +30,7 @@ from aiohttp import web
 from ops.demo import serve
 from producer import Producer
 from producer.queue import job_id
+from tests import leakcheck
 from tests.conftest import ADMIN_URL, event_data, save_callback
 from worker.config import Settings
 
@@ -150,6 +151,7 @@ async def worker_process(settings: Settings, cwd: Path) -> AsyncIterator[WorkerP
                 process.kill()
         if await worker.exited(30) != 0:
             await _forget_health_check(settings)
+        leakcheck.logged("\n".join(worker.stderr))
 
 
 async def _forget_health_check(settings: Settings) -> None:

@@ -20,6 +20,7 @@ from schemathesis.core.result import Ok
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from tests import leakcheck
 from tests.conftest import INGEST_TOKEN, OPS_TOKEN
 
 EXAMPLES = 30
@@ -72,6 +73,7 @@ def live_service(database_url: str, redis_url: str, queue_name: str) -> Iterator
     finally:
         process.terminate()
         _, err = process.communicate(timeout=20)
+        leakcheck.logged(err)
         assert process.returncode == 0, err
         assert "Traceback" not in err, err
 

@@ -7,12 +7,16 @@ import hashlib
 import hmac
 import json
 import time
+from datetime import UTC, datetime
 
 import asyncpg
+import pytest
+import standardwebhooks
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from producer import Producer
-from tests.conftest import Receiver, drain, event_data, save_callback
-from worker import sign
+from tests.conftest import Api, Receiver, drain, event_data, save_callback
+from worker import callbacks, sign
 from worker.config import Settings
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -53,3 +57,96 @@ async def test_a_delivery_with_a_secret_is_signed_and_one_without_is_not(
     assert abs(time.time() - timestamp) < 60
     assert json.loads(signed.body)["affiliate"] == {"id": "ann"}
     assert not {"webhook-id", "webhook-signature"} & {name.lower() for name in plain.headers}
+
+
+def test_generated_secrets_are_whsec_keys_of_32_random_bytes() -> None:
+    made = {sign.generate() for _ in range(20)}
+    assert len(made) == 20
+    for secret in made:
+        assert secret.startswith("whsec_")
+        assert len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) == 32
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_not base64!", "whsec_====", "whsec_a"])
+def test_a_whsec_secret_that_is_not_base64_is_refused_when_saved(secret: str) -> None:
+    # Signed with its text as key, it would verify nowhere: receivers decode the base64.
+    with pytest.raises(callbacks.CallbackError) as caught:
+        callbacks.validate(
+            "ann", "order.created", "POST", "https://t.example/pb", secret, allowed=()
+        )
+    assert caught.value.field == "secret"
+    assert "base64" in caught.value.message
+
+
+def test_an_unpadded_whsec_secret_is_read_as_receivers_read_it() -> None:
+    padded = "whsec_" + base64.b64encode(b"sixteen byte key").decode()
+    assert padded.endswith("=")
+    unpadded = padded.rstrip("=")
+    assert sign.key(unpadded) == sign.key(padded) == b"sixteen byte key"
+    assert standardwebhooks.Webhook(unpadded).sign(
+        "msg_1", datetime.fromtimestamp(1614265330, UTC), "{}"
+    ) == sign.signature(unpadded, "msg_1", 1614265330, b"{}")
+
+
+async def test_a_delivery_verifies_with_the_standardwebhooks_package(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    """What an affiliate's receiver does: the standard's own library, the secret it was
+    given, the raw body and the headers."""
+    spec = callbacks.validate(
+        "ann",
+        "order.created",
+        "POST",
+        receiver.url + "/signed",
+        callbacks.GENERATE,
+        allowed=settings.allowed,
+    )
+    assert spec.generated
+    assert spec.secret is not None
+    await callbacks.save(db, spec)
+    await producer.publish(
+        event_data("verified", order={"number": "#7", "amount": "12.30", "commission": "1.23"})
+    )
+    await drain(settings)
+
+    [request] = receiver.requests
+    verifier = standardwebhooks.Webhook(spec.secret)
+    payload = verifier.verify(request.body, request.headers)
+    assert payload["order"] == {
+        "number": "#7",
+        "amount": "12.30",
+        "commission": "1.23",
+        "currency": "",
+        "status": "",
+    }
+    # The same check refuses a body changed on the way, and another affiliate's secret.
+    tampered = request.body.replace(b"12.30", b"99.30")
+    with pytest.raises(WebhookVerificationError):
+        verifier.verify(tampered, request.headers)
+    with pytest.raises(WebhookVerificationError):
+        standardwebhooks.Webhook(sign.generate()).verify(request.body, request.headers)
+
+
+async def test_the_api_answers_a_generated_secret_once_and_never_lists_it(
+    api: Api, db: asyncpg.Connection
+) -> None:
+    status, saved = await api.call(
+        "PUT",
+        "/v1/callbacks/ann/order.created",
+        json={"url": "https://t.example/pb", "method": "POST", "secret": "generate"},
+    )
+    assert status == 200, saved
+    secret = saved["secret"]
+    assert secret.startswith("whsec_")
+    assert await db.fetchval("SELECT secret FROM callbacks") == secret
+    status, listed = await api.call("GET", "/v1/callbacks")
+    assert status == 200
+    assert secret not in json.dumps(listed)
+    assert listed["items"][0]["has_secret"] is True
+    # Re-pointing the URL keeps the secret and does not show it again.
+    status, again = await api.call(
+        "PUT", "/v1/callbacks/ann/order.created", json={"url": "https://t.example/v2"}
+    )
+    assert status == 200
+    assert "secret" not in again
+    assert await db.fetchval("SELECT secret FROM callbacks") == secret

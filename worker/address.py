@@ -82,12 +82,13 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 def refusal(address: IPAddress, allowed: Sequence[Network] = ()) -> str | None:
     """Why the relay must not connect to `address` (e.g. "loopback"), or None if it may.
 
-    An allow-list entry opens the address itself or the IPv4 address it carries, so allowing
-    127.0.0.1/32 allows `::ffff:127.0.0.1` too: both reach the same socket.
+    An allow-list entry opens the address itself, and its IPv4-mapped form, which reaches
+    the same socket; not the NAT64 or 6to4 forms, which reach another machine.
     """
-    inner = embedded_ipv4(address)
-    if any(candidate in net for candidate in (address, inner) if candidate for net in allowed):
+    opened = (address, address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None)
+    if any(candidate in net for candidate in opened if candidate for net in allowed):
         return None
+    inner = embedded_ipv4(address)
     if inner is not None:
         reason = _refused(inner)
         return None if reason is None else f"{reason}: {inner} in IPv6 form"
@@ -105,28 +106,37 @@ def _refused(address: IPAddress) -> str | None:
 
 
 def literal_host(host: str) -> IPAddress | None:
-    """The address a URL's host names without asking DNS, in any spelling a client accepts.
+    """The address a URL's host is, in any spelling `getaddrinfo` reads as one.
 
     Besides the canonical forms: IPv4 written as one number (`2130706433`), in hex
-    (`0x7f000001`) or octal (`0177.0.0.1`), shortened (`127.1`), with a trailing dot; and
-    `localhost` or `*.localhost`, which resolvers answer with loopback (RFC 6761).
+    (`0x7f000001`) or octal (`0177.0.0.1`), shortened (`127.1`), with a trailing dot.
     `host` is as a URL parser gives it: IPv6 without brackets.
     """
-    if _LOCALHOST.fullmatch(host):
-        return _LOOPBACK
     try:
         return ipaddress.ip_address(host)
     except ValueError:
         pass
     bare = host.removesuffix(".")
-    # inet_aton reads every legacy IPv4 spelling (what getaddrinfo does with such a host);
-    # it also reads a lone number, which URL parsers treat as an address as well.
+    # inet_aton reads every legacy IPv4 spelling, as getaddrinfo does with such a host; it
+    # also reads a lone number, which URL parsers take for an address as well.
     if bare and all(part.isalnum() and part.isascii() for part in bare.split(".")):
         try:
             return ipaddress.IPv4Address(socket.inet_aton(bare))
         except OSError:
             return None
     return None
+
+
+def host_refusal(host: str, allowed: Sequence[Network] = ()) -> str | None:
+    """Why a URL whose host is `host` must not be requested, known without asking DNS: the
+    host is a refused address in some spelling, or `localhost` or a name under it, which
+    resolvers answer with loopback (RFC 6761). None when only resolving can tell."""
+    literal = _LOOPBACK if _LOCALHOST.fullmatch(host) else literal_host(host)
+    reason = None if literal is None else refusal(literal, allowed)
+    if literal is None or reason is None:
+        return None
+    spelled = "" if host == str(literal) else f" (that is {literal})"
+    return explain(f"the URL's host {host}{spelled}", reason)
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:
@@ -138,12 +148,20 @@ def parse_networks(text: str) -> tuple[Network, ...]:
             continue
         try:
             networks.append(ipaddress.ip_network(entry))
-        except ValueError as exc:
-            raise ValueError(
-                f"{entry!r} is not a network ({exc}); write CIDRs such as 10.1.2.0/24 or "
-                "127.0.0.1/32, separated by commas"
-            ) from None
+        except ValueError:
+            raise ValueError(_not_a_network(entry)) from None
     return tuple(networks)
+
+
+def _not_a_network(entry: str) -> str:
+    try:
+        meant = ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return (
+            f"{entry!r} is not a network; write CIDRs such as 10.1.2.0/24 or 127.0.0.1/32, "
+            "separated by commas"
+        )
+    return f"{entry!r} is not a network, its host bits are set; did you mean {meant}?"
 
 
 class BlockedAddress(OSError):

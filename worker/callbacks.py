@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -107,11 +108,16 @@ def validate(
 
 
 def _check_host(host: str, allowed: Sequence[address.Network]) -> None:
+    refused = address.host_refusal(host, allowed)
+    if refused is not None:
+        raise CallbackError("url", refused)
     literal = address.literal_host(host)
-    reason = None if literal is None else address.refusal(literal, allowed)
-    if literal is not None and reason is not None:
-        spelled = "" if host == str(literal) else f" (that is {literal})"
-        raise CallbackError("url", address.explain(f"the URL's host {host}{spelled}", reason))
+    if isinstance(literal, ipaddress.IPv4Address) and host != str(literal):
+        # HTTP clients refuse legacy spellings such as 2130706433 or 127.1: every delivery
+        # would fail.
+        raise CallbackError(
+            "url", f"the URL's host {host} means {literal}; write the address as {literal}"
+        )
 
 
 def _from_row(row: asyncpg.Record) -> Callback:

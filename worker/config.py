@@ -79,8 +79,8 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token for the ops API (deliveries, dead letters, callbacks).",
     )
-    allow_networks: str = Field(
-        default="",
+    allow_networks: str | None = Field(
+        default=None,
         description="Networks (CIDRs, comma-separated) receivers may be in although the SSRF "
         "policy refuses them, e.g. 10.20.0.0/16 for an affiliate on a private link.",
     )
@@ -96,12 +96,12 @@ class Settings(BaseSettings):
     @property
     def allowed(self) -> tuple[Network, ...]:
         """`allow_networks` parsed."""
-        return parse_networks(self.allow_networks)
+        return parse_networks(self.allow_networks or "")
 
     @field_validator("allow_networks")
     @classmethod
-    def _networks(cls, value: str) -> str:
-        parse_networks(value)
+    def _networks(cls, value: str | None) -> str | None:
+        parse_networks(value or "")
         return value
 
     @field_validator("retry_schedule")

@@ -177,11 +177,16 @@ def session(
 async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
     started = time.perf_counter()
     try:
+        # encoded=True: the rendered URL goes out byte for byte; yarl would otherwise
+        # "normalise" it, e.g. turn an encoded value's %2F back into /.
+        url = URL(request.url, encoded=True)
+    except ValueError:
+        # A URL stored before the template check refused its kind must not crash the job.
+        return _failure(started, "invalid_url", "the URL cannot be requested over HTTP(S)")
+    try:
         async with http.request(
             request.method,
-            # encoded=True: the rendered URL goes out byte for byte; yarl would otherwise
-            # "normalise" it, e.g. turn an encoded value's %2F back into /.
-            URL(request.url, encoded=True),
+            url,
             headers=request.headers,
             data=request.body,
             allow_redirects=True,
@@ -196,9 +201,7 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
     except aiohttp.TooManyRedirects:
         return _failure(started, "too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
     except _UNUSABLE_URL as exc:
-        # Their text quotes the URL, whose query may hold the affiliate's token.
-        where = "a redirect to" if isinstance(exc, aiohttp.RedirectClientError) else "the"
-        return _failure(started, "invalid_url", f"{where} URL cannot be requested over HTTP(S)")
+        return _unusable(started, exc)
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, address.BlockedAddress):
             return _failure(started, "blocked_address", exc.os_error.detail)
@@ -206,6 +209,19 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
         return _failure(started, "http_error", _without_url(exc))
     return Outcome(status, _elapsed_ms(started), excerpt=excerpt(raw), headers=headers)
+
+
+def _unusable(started: float, exc: Exception) -> Outcome:
+    # aiohttp refuses a host that spells an IPv4 address the legacy way (`2130706433`); when
+    # the address is one the policy refuses, that is what ops are told, whatever the spelling.
+    if isinstance(exc, aiohttp.InvalidURL) and exc.description is not None:
+        host = exc.url.host if isinstance(exc.url, URL) else str(exc.url)
+        refused = address.host_refusal(host or "")
+        if refused is not None:
+            return _failure(started, "blocked_address", refused)
+    # The exceptions' text quotes the URL, whose query may hold the affiliate's token.
+    where = "a redirect to" if isinstance(exc, aiohttp.RedirectClientError) else "the"
+    return _failure(started, "invalid_url", f"{where} URL cannot be requested over HTTP(S)")
 
 
 def _without_url(exc: BaseException) -> str:

@@ -49,6 +49,10 @@ _AUTHORITY_END = re.compile(r"[/?#]")
 _URI_CHARACTERS = "!#$%&'()*+,/:;=?@[]"
 # Characters that are never valid in a URL host and that parsers disagree about.
 _BAD_HOST_CHAR = re.compile(r"[\s\\{}<>\"^`|]")
+# Brackets only enclose a whole IP-literal host, optionally followed by a port. urlsplit
+# reads `[::1]x` or `evil.example[::1]` as the host ::1, where yarl refuses the URL and the
+# delivery would fail on every attempt.
+_HOST_AND_PORT = re.compile(r"\[[^\[\]]*\](?::[^\[\]]*)?|[^\[\]]*")
 
 
 class TemplateError(ValueError):
@@ -257,6 +261,11 @@ def _scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> str:
     bad = _BAD_HOST_CHAR.search(authority)
     if bad:
         raise TemplateError(_host_error(source, f"the host contains {bad.group()!r}"))
+    userinfo, _, host_and_port = authority.rpartition("@")
+    if "[" in userinfo or "]" in userinfo or not _HOST_AND_PORT.fullmatch(host_and_port):
+        raise TemplateError(
+            _host_error(source, "brackets may only enclose an IPv6 host, e.g. [2001:db8::1]:8080")
+        )
     try:
         split = urlsplit(f"{scheme.group(1)}://{authority}")
         hostname = split.hostname
