@@ -79,10 +79,11 @@ def _events(run: str) -> list[Event]:
 
 
 DEMO_SCHEDULE = "1s"
-RECEIVER_HOST = "127.0.0.1"
-"""Where the demo's receivers listen: loopback, which only the demo opens in the SSRF policy."""
 """The demo's retry schedule unless POSTBACK_RETRY_SCHEDULE is set: its one failure is
 retried within seconds rather than the production minute."""
+RECEIVER_HOST = "127.0.0.1"
+"""Where the demo's receivers listen: loopback, which the demo alone adds to the networks
+the SSRF policy opens."""
 
 
 class _Receiver:

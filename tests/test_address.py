@@ -255,6 +255,26 @@ async def test_the_api_refuses_a_refused_host_and_saves_nothing(
 # Delivery time: the guard sits where the socket is opened.
 
 
+def _addr_info(ip: str) -> tuple[int, int, int, str, tuple[str, int]]:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    return (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, 80))
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "10.0.0.1", "::1", "fe80::1%lo", "fe80::1%%"])
+def test_the_socket_factory_refuses_what_the_policy_refuses(ip: str) -> None:
+    # The last line of defence, whatever name resolution answered; an address it cannot
+    # read (a made-up zone) is refused too, as an OSError the connector reports.
+    with pytest.raises(address.BlockedAddress):
+        address.SocketFactory(())(_addr_info(ip))
+
+
+def test_the_socket_factory_makes_sockets_for_allowed_addresses() -> None:
+    for ip in ("8.8.8.8", "2606:4700::1111", "127.0.0.1"):
+        made = address.SocketFactory(LOOPBACK_ONLY)(_addr_info(ip))
+        assert made.family == _addr_info(ip)[0]
+        made.close()
+
+
 @dataclass
 class Listener:
     """A TCP server that answers 200 to anything and counts the connections it accepted."""
@@ -360,15 +380,26 @@ async def test_every_spelling_of_loopback_is_refused_when_delivering(
 async def test_legacy_spellings_of_loopback_are_never_requested(
     listener: Listener, spelled: str
 ) -> None:
+    # The HTTP client refuses these spellings before any lookup, allow-list or not.
     url = f"http://{spelled}:{listener.port}/pb"
     for allowed in ((), LOOPBACK_ONLY):
         async with guarded(allowed) as http:
             outcome = await _get(http, url)
         assert outcome.error_class == "blocked_address"
-        assert f"the URL's host {spelled} (that is 127.0.0.1) is a refused address (loopback)" in (
-            outcome.error or ""
+        assert outcome.error == (
+            f"the URL's host {spelled} is 127.0.0.1 in a legacy spelling, which is never "
+            "requested; it is loopback"
         )
     assert listener.connections == 0
+
+
+async def test_a_legacy_spelling_of_a_public_address_is_an_invalid_url() -> None:
+    async with guarded() as http:
+        outcome = await _get(http, "http://134744072/pb")  # 8.8.8.8
+    assert outcome.error_class == "invalid_url"
+    assert outcome.error == (
+        "the URL's host 134744072 is 8.8.8.8 in a legacy spelling, which is never requested"
+    )
 
 
 def test_a_legacy_spelling_of_an_allowed_or_public_address_is_refused_when_saved() -> None:
@@ -433,6 +464,23 @@ async def test_of_a_name_s_addresses_only_the_allowed_one_is_used(listener: List
         assert (other.connections, listener.connections) == (0, 1)
 
 
+@pytest.mark.parametrize(
+    "answers", [["127.0.0.1", "10.0.0.1"], ["10.0.0.1", "127.0.0.1"], ["::1", "127.0.0.1"]]
+)
+async def test_a_name_whose_allowed_address_is_down_fails_as_a_connect_error(
+    answers: list[str],
+) -> None:
+    # Nothing listens on the allowed address: in whatever order the refused one comes,
+    # the failure is the allowed one's, which is retried, not a dead letter for the other.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hosts = HostsFile({"partly.example": [answers]})
+    async with guarded(LOOPBACK_ONLY, hosts) as http:
+        outcome = await _get(http, f"http://partly.example:{port}/pb")
+    assert outcome.error_class == "connect_error"
+
+
 async def test_dns_rebinding_cannot_race_the_check(listener: Listener) -> None:
     # The name first answers with an allowed address, then with a refused one: the check is
     # made on each connect, so the second answer is refused however little time passed.
@@ -469,6 +517,7 @@ class Redirector:
         "http://[::ffff:127.0.0.3]:{port}/admin",
         "http://169.254.169.254/latest/meta-data/",
         "http://[::1]:{port}/admin",
+        "http://[fe80::1%25%25]:{port}/",  # an address no one can read: refused, no crash
     ],
 )
 async def test_a_redirect_to_a_refused_address_is_never_followed(target: str) -> None:
@@ -510,10 +559,8 @@ async def test_a_refused_delivery_is_dead_lettered_at_once_and_never_retried(
 async def test_a_test_fire_to_a_refused_address_says_so(
     db: asyncpg.Connection, api: Api, receiver: Receiver
 ) -> None:
-    # A name the worker resolves to loopback, which the service's settings allow...
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
-    # ...and a callback stored before a policy that refuses its host (the literal is
-    # refused when saved, so it is written here as an older release would have).
+    # Pointed at a private address by an older release, before hosts were checked on save.
     await db.execute("UPDATE callbacks SET url_template = 'http://10.0.0.1:9/pb'")
     status, fired = await api.call("POST", "/v1/callbacks/ann/order.created/test")
     assert status == 200, fired

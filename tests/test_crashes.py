@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
+import logging
 import os
 import secrets
 import signal
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 import redis.asyncio
+import structlog
 from aiohttp import web
 
 from ops.demo import serve
@@ -32,6 +36,7 @@ from producer import Producer
 from producer.queue import job_id
 from tests import leakcheck
 from tests.conftest import ADMIN_URL, event_data, save_callback
+from worker import logs
 from worker.config import Settings
 
 SETTLED = ("delivered", "dead")
@@ -581,3 +586,39 @@ async def test_a_garbled_answer_does_not_put_the_url_token_in_the_logs(
     assert (dead["event_id"], dead["error_class"]) == (data["id"], "http_error")
     leaked = leaks(worker, [token])
     assert not leaked, "".join(leaked)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_crash_logged_on_a_terminal_shows_no_local_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A traceback renderer that prints each frame's locals would print the secret the
+    # crashed delivery was signing with.
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level, logging.getLogger(logs.LOGGER).level)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    try:
+        logs.configure("info")
+
+        def sign_and_crash(key: str = secret) -> None:
+            raise RuntimeError("crashed while signing")
+
+        try:
+            sign_and_crash()
+        except RuntimeError:
+            structlog.get_logger("postback.worker").exception("job_crashed")
+    finally:
+        root.handlers, _, _ = before
+        root.setLevel(before[1])
+        logging.getLogger(logs.LOGGER).setLevel(before[2])
+        structlog.reset_defaults()
+    written = terminal.getvalue()
+    assert "job_crashed" in written
+    assert "crashed while signing" in written  # the traceback is there...
+    assert secret not in written  # ...without the values it was holding

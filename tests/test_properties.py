@@ -339,15 +339,12 @@ def test_event_values_reach_the_url_encoded_and_never_a_header(
     if secret is not None:
         expected |= {"webhook-id": str(delivery), "webhook-timestamp": str(timestamp)}
         assert re.fullmatch(r"v1,[A-Za-z0-9+/]{43}=", request.headers.pop("webhook-signature"))
+    # Exactly these headers, none made from an event value, and none able to break a line.
     assert request.headers == expected
     assert uuid.UUID(request.headers["Idempotency-Key"]) == delivery
     for name, header in request.headers.items():
         assert HEADER_TEXT.fullmatch(name), name
         assert HEADER_TEXT.fullmatch(header), (name, header)
-        for value in values.values():
-            # A value made of header characters only ("1", "json") may occur by chance;
-            # any other value in a header would mean it got there.
-            assert HEADER_TEXT.fullmatch(value) or value not in header, (name, value)
 
     if method == "POST":
         assert request.body is not None

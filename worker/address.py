@@ -3,10 +3,12 @@
 Affiliates type the callback URLs and the relay runs inside the store's network, so a URL
 must not reach anything private: the database next door, the cloud's metadata service, a
 router's admin page. The check is made on the address a socket is about to connect to
-(`socket_factory`), after every name resolution and for every redirect hop, so no spelling
+(`SocketFactory`), after every name resolution and for every redirect hop, so no spelling
 of a host and no DNS answer that changes between a check and a connect gets past it.
-Saving a callback whose host is a refused literal address fails earlier, with a message a
-person can act on (`literal_host`).
+Names are also filtered as they resolve (`PolicyResolver`), so that a name with a public
+and a private address uses the public one, and fails as it would, if it fails. Saving a
+callback whose host is a refused literal address fails earlier, with a message a person
+can act on (`host_refusal`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aiohttp import AddrInfoType
+from aiohttp import AddrInfoType, ThreadedResolver
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -164,11 +167,20 @@ def _not_a_network(entry: str) -> str:
     return f"{entry!r} is not a network, its host bits are set; did you mean {meant}?"
 
 
+def legacy_spelling(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address `host` spells in a legacy form (`2130706433`, `0177.0.0.1`,
+    `127.1`), which HTTP clients may refuse to request; None for a canonical one or a name."""
+    literal = literal_host(host)
+    if isinstance(literal, ipaddress.IPv4Address) and host != str(literal):
+        return literal
+    return None
+
+
 class BlockedAddress(OSError):
     """A connect the SSRF policy refused. Every instance has the same text, so that when all
     of a name's addresses are refused, the connector reports this error and not a mix."""
 
-    def __init__(self, address: IPAddress, reason: str) -> None:
+    def __init__(self, address: IPAddress | str, reason: str) -> None:
         super().__init__("address refused by the SSRF policy")
         self.address = address
         self.reason = reason
@@ -194,8 +206,53 @@ class SocketFactory:
 
     def __call__(self, addr_info: AddrInfoType) -> socket.socket:
         family, type_, proto, _, sockaddr = addr_info
-        address = ipaddress.ip_address(sockaddr[0])
-        reason = refusal(address, self.allowed)
-        if reason is not None:
-            raise BlockedAddress(address, reason)
+        _check(str(sockaddr[0]), self.allowed)
         return socket.socket(family, type_, proto)
+
+
+def _check(text: str, allowed: Sequence[Network]) -> None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        # An address a redirect made up (`[fe80::1%25%25]`) that cannot be read cannot be
+        # judged either: refused, and as an OSError, which the connector reports as a failure.
+        raise BlockedAddress(text, "unreadable") from None
+    reason = refusal(address, allowed)
+    if reason is not None:
+        raise BlockedAddress(address, reason)
+
+
+class PolicyResolver(AbstractResolver):
+    """Name resolution without the refused addresses, so aiohttp tries only allowed ones.
+
+    Without it, a name answering with a private and a public address would fail with
+    whichever error came last: `blocked_address` (dead at once) when the public address is
+    briefly unreachable and the private one happened to be tried last. All refused: the
+    first refusal is the answer.
+    """
+
+    def __init__(self, allowed: tuple[Network, ...], inner: AbstractResolver | None = None) -> None:
+        self.allowed = allowed
+        # The system's getaddrinfo, in a thread; it holds nothing that needs closing, as the
+        # session does not close a resolver it was given.
+        self.inner = inner or ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self.inner.resolve(host, port, family)
+        kept: list[ResolveResult] = []
+        refused: BlockedAddress | None = None
+        for answer in answers:
+            try:
+                _check(answer["host"], self.allowed)
+            except BlockedAddress as exc:
+                refused = refused or exc
+            else:
+                kept.append(answer)
+        if not kept and refused is not None:
+            raise refused
+        return kept
+
+    async def close(self) -> None:
+        await self.inner.close()

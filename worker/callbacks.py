@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -111,12 +110,11 @@ def _check_host(host: str, allowed: Sequence[address.Network]) -> None:
     refused = address.host_refusal(host, allowed)
     if refused is not None:
         raise CallbackError("url", refused)
-    literal = address.literal_host(host)
-    if isinstance(literal, ipaddress.IPv4Address) and host != str(literal):
-        # HTTP clients refuse legacy spellings such as 2130706433 or 127.1: every delivery
-        # would fail.
+    legacy = address.legacy_spelling(host)
+    if legacy is not None:
+        # HTTP clients refuse such spellings: every delivery would fail.
         raise CallbackError(
-            "url", f"the URL's host {host} means {literal}; write the address as {literal}"
+            "url", f"the URL's host {host} means {legacy}; write the address as {legacy}"
         )
 
 

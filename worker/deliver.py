@@ -152,18 +152,21 @@ def session(
     allowed: tuple[address.Network, ...],
     resolver: AbstractResolver | None = None,
 ) -> aiohttp.ClientSession:
-    """The one session a worker shares across deliveries, so connections are reused.
+    """The one session a worker (or the service, for test fires) shares, so connections
+    are reused.
 
     Every socket it opens, for each address a name resolves to and each redirect hop, is
     checked against the SSRF policy first; `allowed` are the networks opened on top.
+    `resolver` stands in for the system's name resolution (the tests' hosts table).
     """
     # `connect` covers name resolution and the TCP/TLS handshake, not just the socket.
     timeout = aiohttp.ClientTimeout(total=request_timeout, connect=connect_timeout)
     connector = aiohttp.TCPConnector(
         socket_factory=address.SocketFactory(allowed),
-        resolver=resolver,
-        # No pool-wide cap for a receiver that holds its connections to fill: a worker's
-        # max_jobs bounds the connections in use, the total timeout bounds each one.
+        resolver=address.PolicyResolver(allowed, resolver),
+        # No pool-wide cap for a receiver that holds its connections to fill: each request
+        # holds one connection for at most the total timeout, and a worker runs at most
+        # max_jobs of them.
         limit=0,
     )
     return aiohttp.ClientSession(
@@ -171,6 +174,9 @@ def session(
         timeout=timeout,
         # Cookies from one affiliate must never travel to another.
         cookie_jar=aiohttp.DummyCookieJar(),
+        # Never through a proxy from the environment: only the proxy's address would be
+        # checked, and it would connect anywhere.
+        trust_env=False,
     )
 
 
@@ -182,7 +188,7 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         url = URL(request.url, encoded=True)
     except ValueError:
         # A URL stored before the template check refused its kind must not crash the job.
-        return _failure(started, "invalid_url", "the URL cannot be requested over HTTP(S)")
+        return _failure(started, "invalid_url", "the URL cannot be requested (only http(s) is)")
     try:
         async with http.request(
             request.method,
@@ -212,16 +218,24 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
 
 
 def _unusable(started: float, exc: Exception) -> Outcome:
-    # aiohttp refuses a host that spells an IPv4 address the legacy way (`2130706433`); when
-    # the address is one the policy refuses, that is what ops are told, whatever the spelling.
-    if isinstance(exc, aiohttp.InvalidURL) and exc.description is not None:
-        host = exc.url.host if isinstance(exc.url, URL) else str(exc.url)
-        refused = address.host_refusal(host or "")
-        if refused is not None:
-            return _failure(started, "blocked_address", refused)
+    redirect = isinstance(exc, aiohttp.RedirectClientError)
+    if isinstance(exc, aiohttp.InvalidURL):
+        # aiohttp refuses a host that spells an IPv4 address the legacy way (2130706433),
+        # whatever the allow-list says; when the address is one the policy refuses, that is
+        # what ops are told.
+        url = exc.url if isinstance(exc.url, URL) else URL(str(exc.url))
+        host = url.host or str(exc.url)
+        legacy = address.legacy_spelling(host)
+        if legacy is not None:
+            whose = "a redirect's host" if redirect else "the URL's host"
+            said = f"{whose} {host} is {legacy} in a legacy spelling, which is never requested"
+            reason = address.refusal(legacy)
+            if reason is None:
+                return _failure(started, "invalid_url", said)
+            return _failure(started, "blocked_address", f"{said}; it is {reason}")
     # The exceptions' text quotes the URL, whose query may hold the affiliate's token.
-    where = "a redirect to" if isinstance(exc, aiohttp.RedirectClientError) else "the"
-    return _failure(started, "invalid_url", f"{where} URL cannot be requested over HTTP(S)")
+    what = "a redirect's Location" if redirect else "the URL"
+    return _failure(started, "invalid_url", f"{what} cannot be requested (only http(s) is)")
 
 
 def _without_url(exc: BaseException) -> str:

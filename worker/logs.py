@@ -25,7 +25,8 @@ def configure(level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     final: list[structlog.typing.Processor] = (
-        [structlog.dev.ConsoleRenderer()]
+        # Plain tracebacks: the rich ones print every frame's locals, a secret among them.
+        [structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)]
         if sys.stderr.isatty()
         else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     )
