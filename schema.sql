@@ -175,3 +175,17 @@ CREATE TABLE IF NOT EXISTS test_fires (
     response_headers jsonb,
     response_excerpt text
 );
+
+-- Workers cache callbacks and drop the cache when told, so every change to the table, by
+-- any path (CLI, API, a 410 disabling one, SQL by hand), tells them, once it commits.
+CREATE OR REPLACE FUNCTION postback_callbacks_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('postback_callbacks', '');
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS callbacks_changed ON callbacks;
+CREATE TRIGGER callbacks_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON callbacks
+    FOR EACH STATEMENT EXECUTE FUNCTION postback_callbacks_changed();

@@ -26,7 +26,7 @@ from yarl import URL
 
 from producer.event import Event, InvalidEvent, parse_event
 from producer.queue import JOB_EXPIRES, job_id
-from worker import callbacks, database, deliver, ledger, metrics, render, retry
+from worker import cache, callbacks, database, deliver, ledger, metrics, render, retry
 from worker.config import Settings
 
 log = structlog.get_logger("postback.worker")
@@ -52,6 +52,7 @@ class _Run:
     redis: ArqRedis
     settings: Settings
     job_id: str
+    callbacks: cache.CallbackCache
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -65,7 +66,9 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
     if event.occurred_at is None:
         # DESIGN §2: defaults to enqueue time, whoever enqueued it.
         event = event.model_copy(update={"occurred_at": ctx["enqueue_time"].astimezone(UTC)})
-    run = _Run(ctx["db"], ctx["http"], ctx["redis"], ctx["settings"], ctx["job_id"])
+    run = _Run(
+        ctx["db"], ctx["http"], ctx["redis"], ctx["settings"], ctx["job_id"], ctx["callbacks"]
+    )
     # arq deletes a job that outruns its timeout, and before the ledger has the delivery
     # nothing else knows of the event; so the job keeps a budget of its own, shorter
     # than arq's, and running out of it means "try again", like every failure here.
@@ -122,10 +125,10 @@ class _Plan:
 async def _deliver(run: _Run, event: Event) -> str:
     did = deliver.delivery_id(event)
     bound = log.bind(event_id=event.id, delivery_id=str(did), affiliate=event.affiliate_id)
-    callback = await callbacks.get(run.db, event.affiliate_id, event.type)
+    entry = await run.callbacks.get(run.db, event.affiliate_id, event.type)
     async with run.db.acquire() as conn, conn.transaction():
         await ledger.lock_order(conn, event.affiliate_id, event.order.number)
-        plan = await _plan(conn, run, bound, did, event, callback)
+        plan = await _plan(conn, run, bound, did, event, entry)
     # Redis is touched only after the commit: never while holding the order's lock.
     if plan.closed:
         await metrics.count(
@@ -146,9 +149,10 @@ async def _plan(
     bound: structlog.stdlib.BoundLogger,
     did: uuid.UUID,
     event: Event,
-    callback: callbacks.Callback | None,
+    entry: cache.Entry,
 ) -> _Plan:
     """Open (or find) the delivery and decide, under the order's lock, what happens next."""
+    callback = entry.callback
     delivery = await ledger.open_delivery(
         conn, did, event, None if callback is None else callback.id
     )
@@ -168,7 +172,7 @@ async def _plan(
         bound.info("delivery_in_flight_elsewhere", job_id=delivery.claimed_by)
         return _Plan("return", delivery.state)
 
-    ready = _ready(delivery, callback)
+    ready = _ready(delivery, entry)
     if not isinstance(ready, _Ready):
         state, reason = ready
         woken = await ledger.close(conn, did, state, reason)
@@ -192,7 +196,7 @@ async def _plan(
 
 
 def _ready(
-    delivery: ledger.Delivery, callback: callbacks.Callback | None
+    delivery: ledger.Delivery, entry: cache.Entry
 ) -> _Ready | tuple[Literal["skipped", "dead"], str]:
     """What to send, or why this delivery cannot be sent and the state that leaves it in."""
     try:
@@ -200,17 +204,15 @@ def _ready(
     except InvalidEvent as exc:
         # Only a row edited by hand, or one from a version with other rules, gets here.
         return "dead", f"stored event is invalid: {exc}"
+    callback = entry.callback
     if callback is None:
         reason = f"no {stored.type} callback configured for affiliate {stored.affiliate_id}"
     elif not callback.enabled:
         reason = "callback disabled"
+    elif entry.template is None:
+        return "dead", f"stored template is invalid: {entry.invalid}"
     else:
-        try:
-            template = render.parse(callback.url_template)
-            return _Ready(stored, callback, template, delivery)
-        except render.TemplateError as exc:
-            # Only a template written to the table by hand gets here.
-            return "dead", f"stored template is invalid: {exc}"
+        return _Ready(stored, callback, entry.template, delivery)
     # Never tried: nothing to replay. Tried before the callback went away: a dead letter,
     # so ops can replay it once the callback is back.
     return ("skipped" if delivery.attempts == 0 else "dead"), reason

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from arq import Worker
@@ -10,7 +12,7 @@ from arq.cron import cron
 from arq.worker import func
 
 from producer.queue import JOB_NAME, deserialize, serialize
-from worker import database, deliver
+from worker import cache, database, deliver
 from worker.config import Settings
 from worker.job import deliver_event
 from worker.sweep import sweep_job
@@ -36,9 +38,15 @@ async def _startup(ctx: dict[str, Any]) -> None:
     ctx["http"] = deliver.session(
         settings.connect_timeout, settings.request_timeout, settings.allowed
     )
+    ctx["callbacks"] = callbacks = cache.CallbackCache(settings.database_url)
+    ctx["cache_listener"] = asyncio.create_task(callbacks.run(), name="callback-cache")
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
+    if "cache_listener" in ctx:
+        ctx["cache_listener"].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx["cache_listener"]
     if "http" in ctx:
         await ctx["http"].close()
     if "db" in ctx:
