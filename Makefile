@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint bench
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,7 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# The benchmark suite (bench/README.md): real Redis and Postgres, a few minutes.
+bench: install
+	$(BIN)/python -m bench

@@ -97,6 +97,7 @@ def postback(database_url: str, redis_url: str, queue_name: str, tmp_path: Path)
     env["POSTBACK_REDIS_URL"] = redis_url
     env["POSTBACK_QUEUE_NAME"] = queue_name
     env["POSTBACK_ALLOW_NETWORKS"] = ALLOW_NETWORKS
+    env["POSTBACK_CIRCUIT_FAILURES"] = "1000"  # as in the settings fixture
     return Postback(env, tmp_path)
 
 

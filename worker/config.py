@@ -62,6 +62,24 @@ class Settings(BaseSettings):
         description="Seconds a stopping worker lets in-flight deliveries finish.",
     )
     max_jobs: int = Field(default=50, ge=1, description="Deliveries one worker runs at once.")
+    destination_max_in_flight: int = Field(
+        default=10,
+        ge=1,
+        description="Requests one worker process sends to one destination (scheme, host, "
+        "port) at once; more wait their turn outside the worker's job slots.",
+    )
+    circuit_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Requests in a row without an answer that open a destination's "
+        "circuit: its deliveries wait, without spending attempts, until a probe gets one.",
+    )
+    circuit_open_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long an opened circuit waits before its probe; doubled after each "
+        "failed probe, up to 10 minutes.",
+    )
     db_pool_size: int = Field(
         default=10, ge=1, description="Postgres connections one worker process keeps."
     )

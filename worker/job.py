@@ -9,6 +9,7 @@ Redis loses it anyway.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,17 @@ from yarl import URL
 
 from producer.event import Event, InvalidEvent, parse_event
 from producer.queue import JOB_EXPIRES, job_id
-from worker import cache, callbacks, database, deliver, ledger, metrics, render, retry
+from worker import (
+    cache,
+    callbacks,
+    database,
+    deliver,
+    fairness,
+    ledger,
+    metrics,
+    render,
+    retry,
+)
 from worker.config import Settings
 
 log = structlog.get_logger("postback.worker")
@@ -53,6 +64,7 @@ class _Run:
     settings: Settings
     job_id: str
     callbacks: cache.CallbackCache
+    destinations: fairness.Destinations
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -67,7 +79,13 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         # DESIGN §2: defaults to enqueue time, whoever enqueued it.
         event = event.model_copy(update={"occurred_at": ctx["enqueue_time"].astimezone(UTC)})
     run = _Run(
-        ctx["db"], ctx["http"], ctx["redis"], ctx["settings"], ctx["job_id"], ctx["callbacks"]
+        ctx["db"],
+        ctx["http"],
+        ctx["redis"],
+        ctx["settings"],
+        ctx["job_id"],
+        ctx["callbacks"],
+        ctx["destinations"],
     )
     # arq deletes a job that outruns its timeout, and before the ledger has the delivery
     # nothing else knows of the event; so the job keeps a budget of its own, shorter
@@ -120,27 +138,42 @@ class _Plan:
     woken: tuple[str, ...] = ()
     closed: bool = False
     """Settled without being sent (skipped, or dead without an attempt)."""
+    slot: fairness.Slot | None = None
+    """For "send": the destination's leave, given back once the request is done."""
+    deferred: fairness.Defer | None = None
+    """For "wait": put off for its destination, without an attempt."""
 
 
 async def _deliver(run: _Run, event: Event) -> str:
     did = deliver.delivery_id(event)
     bound = log.bind(event_id=event.id, delivery_id=str(did), affiliate=event.affiliate_id)
     entry = await run.callbacks.get(run.db, event.affiliate_id, event.type)
-    async with run.db.acquire() as conn, conn.transaction():
-        await ledger.lock_order(conn, event.affiliate_id, event.order.number)
-        plan = await _plan(conn, run, bound, did, event, entry)
-    # Redis is touched only after the commit: never while holding the order's lock.
-    if plan.closed:
-        await metrics.count(
-            run.redis, run.settings.queue_name, event.affiliate_id, settled=plan.state
-        )
-    await _wake(run, plan.woken)
-    if plan.action == "wait":
-        raise await _defer(run, plan.wait)
-    if plan.action == "return":
-        return plan.state
-    assert plan.ready is not None
-    return await _attempt(run, bound, did, plan.ready)
+    plan: _Plan | None = None
+    try:
+        async with run.db.acquire() as conn, conn.transaction():
+            await ledger.lock_order(conn, event.affiliate_id, event.order.number)
+            plan = await _plan(conn, run, bound, did, event, entry)
+        # Redis is touched only after the commit: never while holding the order's lock.
+        if plan.closed or plan.deferred:
+            await metrics.count(
+                run.redis,
+                run.settings.queue_name,
+                event.affiliate_id,
+                settled=plan.state if plan.closed else None,
+                deferred=plan.deferred.reason if plan.deferred else None,
+            )
+        await _wake(run, plan.woken)
+        if plan.action == "wait":
+            raise await _defer(run, plan.wait)
+        if plan.action == "return":
+            return plan.state
+        assert plan.ready is not None
+        assert plan.slot is not None
+        return await _attempt(run, bound, did, plan.ready, plan.slot)
+    finally:
+        # Whatever stopped the job before its request was done: the slot goes back unused.
+        if plan is not None and plan.slot is not None:
+            run.destinations.release(plan.slot, None, time.monotonic())
 
 
 async def _plan(
@@ -191,8 +224,23 @@ async def _plan(
             )
         return _Plan("wait", delivery.state, wait=BLOCKED_RECHECK_SECONDS)
 
-    await ledger.claim(conn, did, run.job_id)
-    return _Plan("send", delivery.state, ready=ready)
+    target = fairness.destination(
+        ready.callback.url_template
+        if ready.delivery.resend is None
+        else ready.delivery.resend["url"]
+    )
+    slot = run.destinations.admit(target, time.monotonic())
+    if isinstance(slot, fairness.Defer):
+        bound.debug(
+            "delivery_deferred", reason=slot.reason, destination=target, seconds=slot.seconds
+        )
+        return _Plan("wait", delivery.state, wait=slot.seconds, deferred=slot)
+    try:
+        await ledger.claim(conn, did, run.job_id)
+    except BaseException:
+        run.destinations.release(slot, None, time.monotonic())
+        raise
+    return _Plan("send", delivery.state, ready=ready, slot=slot)
 
 
 def _ready(
@@ -223,6 +271,7 @@ async def _attempt(
     bound: structlog.stdlib.BoundLogger,
     did: uuid.UUID,
     ready: _Ready,
+    slot: fairness.Slot,
 ) -> str:
     callback, event = ready.callback, ready.event
     number = ready.delivery.attempts + 1
@@ -240,6 +289,12 @@ async def _attempt(
         # Free the delivery so the next run sends it again, with the same delivery id.
         await asyncio.shield(ledger.release(run.db, did, run.job_id))
         raise
+    circuit = run.destinations.release(slot, outcome, time.monotonic())
+    if circuit is not None:
+        # Said by the request that changed it: the next ones to that destination wait.
+        (bound.warning if circuit == "opened" else bound.info)(
+            f"circuit_{circuit}", destination=slot.origin
+        )
     verdict = retry.decide(
         outcome, number - ready.delivery.retry_base, run.settings.schedule, started_at
     )
@@ -252,6 +307,7 @@ async def _attempt(
         event.affiliate_id,
         attempt=(verdict.state, outcome.duration_ms / 1000),
         settled=None if verdict.state == "retrying" else verdict.state,
+        circuit=circuit,
     )
     fields: dict[str, Any] = {
         "state": verdict.state,

@@ -53,9 +53,12 @@ async def count(
     *,
     attempt: tuple[str, float] | None = None,
     settled: str | None = None,
+    deferred: str | None = None,
+    circuit: str | None = None,
 ) -> None:
     """Count an attempt (the state it left the delivery in, and its duration in seconds),
-    and the state a delivery settled in, if it did."""
+    the state a delivery settled in, a delivery deferred for its destination (the reason),
+    and a destination's circuit opening or closing."""
     key = _counters_key(queue_name)
     try:
         # `async with`: the pipeline gives its connection back even when cancelled.
@@ -69,6 +72,10 @@ async def count(
                     pipe.hincrby(_failures_key(queue_name), affiliate, 1)
             if settled is not None:
                 pipe.hincrby(key, f"deliveries:{settled}", 1)
+            if deferred is not None:
+                pipe.hincrby(key, f"deferred:{deferred}", 1)
+            if circuit is not None:
+                pipe.hincrby(key, f"circuit:{circuit}", 1)
             await pipe.execute()
     except RedisError as exc:
         log.warning("metrics_not_counted", error=str(exc))
@@ -150,5 +157,31 @@ async def exposition(redis: Redis, db: asyncpg.Pool, queue_name: str) -> bytes:
         "Dead-lettered deliveries, not replayed or discarded.",
         value=by_state.get("dead", 0),
     )
-    families = [deliveries, attempts, duration, failures, depth, deferred, retrying, dead]
+    held = CounterMetricFamily(
+        "postback_destination_deferrals",
+        "Deliveries put off for their destination, without an attempt: over the per-"
+        "destination cap, or its circuit open.",
+        labels=["reason"],
+    )
+    for reason in ("at_cap", "circuit_open"):
+        held.add_metric([reason], counters.get(f"deferred:{reason}", 0.0))
+    circuits = CounterMetricFamily(
+        "postback_circuit_changes",
+        "Destinations' circuits opened (after repeated failures) and closed (by a probe).",
+        labels=["change"],
+    )
+    for change in ("opened", "closed"):
+        circuits.add_metric([change], counters.get(f"circuit:{change}", 0.0))
+    families = [
+        deliveries,
+        attempts,
+        duration,
+        failures,
+        depth,
+        deferred,
+        retrying,
+        dead,
+        held,
+        circuits,
+    ]
     return generate_latest(_Families(families))

@@ -12,7 +12,7 @@ from arq.cron import cron
 from arq.worker import func
 
 from producer.queue import JOB_NAME, deserialize, serialize
-from worker import cache, database, deliver
+from worker import cache, database, deliver, fairness
 from worker.config import Settings
 from worker.job import deliver_event
 from worker.sweep import sweep_job
@@ -37,6 +37,12 @@ async def _startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = await database.create_pool(settings.database_url, settings.db_pool_size)
     ctx["http"] = deliver.session(
         settings.connect_timeout, settings.request_timeout, settings.allowed
+    )
+    ctx["destinations"] = fairness.Destinations(
+        max_in_flight=settings.destination_max_in_flight,
+        failures=settings.circuit_failures,
+        open_seconds=settings.circuit_open_seconds,
+        max_open_seconds=fairness.MAX_OPEN_SECONDS,
     )
     ctx["callbacks"] = callbacks = cache.CallbackCache(settings.database_url)
     ctx["cache_listener"] = asyncio.create_task(callbacks.run(), name="callback-cache")

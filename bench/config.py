@@ -1,0 +1,69 @@
+"""Where the bench runs (servers, names) and how big each scenario is.
+
+Every name the bench creates carries one random run id, so a run can find and delete
+exactly what it made in a Redis and a Postgres that others share.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+
+ALLOW_NETWORKS = "127.0.0.1/32"
+"""The receivers listen on loopback, which the SSRF policy refuses: open just that."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """The servers the bench uses, from POSTBACK_BENCH_* variables, and the run's id."""
+
+    admin_url: str
+    redis_base: str
+    redis_db: int
+    run: str = field(default_factory=lambda: secrets.token_hex(5))
+
+    @classmethod
+    def from_env(cls) -> BenchConfig:
+        return cls(
+            admin_url=os.environ.get(
+                "POSTBACK_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+            ),
+            redis_base=os.environ.get("POSTBACK_BENCH_REDIS_URL", "redis://127.0.0.1:6379"),
+            redis_db=int(os.environ.get("POSTBACK_BENCH_REDIS_DB", "14")),
+        )
+
+    @property
+    def database_name(self) -> str:
+        return f"postback_bench_{self.run}"
+
+    @property
+    def database_url(self) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + f"/{self.database_name}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"{self.redis_base.rstrip('/')}/{self.redis_db}"
+
+    def queue_name(self, scenario: str) -> str:
+        """A queue per scenario: one scenario's leftovers can never feed the next's worker."""
+        return f"postback-bench:{self.run}:{scenario}"
+
+    def event_id(self, scenario: str, n: int) -> str:
+        """Event ids carry the run id, so every job key arq derives from them does too."""
+        return f"bench-{self.run}-{scenario}-{n}"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Sizes from the command line; None means the scenario's own default."""
+
+    events: int | None = None
+    """The scenario's main count: events per run (throughput, per worker for scale, queued
+    for memory, healthy for isolation)."""
+    rate: float = 300.0
+    """latency: events per second."""
+    seconds: float = 30.0
+    """latency: how long the steady rate is kept up."""
+    memory_window: float = 20.0
+    """memory: seconds of draining during which RSS is sampled."""

@@ -1,0 +1,144 @@
+"""Fairness between destinations: one slow or broken receiver must not take a worker's
+capacity from every other affiliate.
+
+A destination is a callback URL's origin (scheme, host, port). Per worker process:
+
+- **Cap.** At most `max_in_flight` requests to one destination at once. A delivery over
+  the cap is deferred (its job runs again shortly) rather than waiting inside a job slot,
+  so a receiver that holds its requests for the whole timeout holds that many slots, not
+  all of them.
+- **Circuit breaker.** After `failures` requests in a row that got no answer (could not
+  connect, timed out, cut off), the destination's circuit opens for `open_seconds`: its
+  deliveries are deferred until then without spending an attempt. Then one delivery goes
+  through as a probe: an answer closes the circuit, no answer opens it again for twice as
+  long, up to `max_open_seconds`. An answer, even a 5xx, is a receiver that is up and
+  quick to say no: its deliveries keep their own retry schedules, and other affiliates on
+  the same host (a shared tracking platform) are not held back for one endpoint's errors.
+
+Plain bookkeeping with the time passed in; the job does the deferring, logging and counting.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from worker.deliver import Outcome
+
+MAX_OPEN_SECONDS = 600.0
+"""The longest a circuit stays open between probes, however many have failed."""
+
+AT_CAP_SECONDS = 2.0
+"""About how long a delivery over the cap waits before trying for a slot again."""
+
+Change = Literal["opened", "closed"]
+
+NO_ANSWER = frozenset({"connect_error", "timeout", "http_error"})
+"""Failures that say the destination is down or stuck, as opposed to answering."""
+
+
+def destination(url: str) -> str:
+    """What deliveries are capped and circuits broken by: the URL's scheme, host and port
+    (`https://t.example:443`). A template's host is literal, so its source gives the same
+    answer as every URL rendered from it."""
+    split = urlsplit(url)
+    scheme = split.scheme.lower()
+    host = split.hostname or ""
+    try:
+        port = split.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return f"{scheme}://{split.netloc.lower()}"  # a stored URL edited by hand
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+@dataclass
+class _Destination:
+    in_flight: int = 0
+    failures: int = 0
+    """Transient failures in a row."""
+    opened_for: float = 0.0
+    """How long the circuit was last opened for; 0 while it is closed."""
+    open_until: float = 0.0
+    probing: bool = False
+
+
+@dataclass
+class Slot:
+    """Leave to send one request to `origin`; given back with `Destinations.release`."""
+
+    origin: str
+    probe: bool
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Not now: try again in `seconds`, and why."""
+
+    seconds: float
+    reason: Literal["at_cap", "circuit_open"]
+
+
+@dataclass
+class Destinations:
+    max_in_flight: int
+    failures: int
+    open_seconds: float
+    max_open_seconds: float
+    rng: random.Random = field(default_factory=random.Random)
+    _states: dict[str, _Destination] = field(default_factory=dict, init=False, repr=False)
+
+    def admit(self, origin: str, now: float) -> Slot | Defer:
+        state = self._states.setdefault(origin, _Destination())
+        if state.opened_for:
+            if now < state.open_until:
+                return self._defer(state.open_until - now, "circuit_open")
+            if state.probing:
+                return self._defer(AT_CAP_SECONDS, "circuit_open")
+            state.probing = True
+            state.in_flight += 1
+            return Slot(origin, probe=True)
+        if state.in_flight >= self.max_in_flight:
+            return self._defer(AT_CAP_SECONDS, "at_cap")
+        state.in_flight += 1
+        return Slot(origin, probe=False)
+
+    def release(self, slot: Slot, outcome: Outcome | None, now: float) -> Change | None:
+        """Give the slot back with what its request got (None: it was never sent, or was
+        cancelled); says when that opened or closed the circuit. Only the first call counts."""
+        if slot.released:
+            return None
+        slot.released = True
+        state = self._states[slot.origin]
+        state.in_flight -= 1
+        if slot.probe:
+            state.probing = False
+        change: Change | None = None
+        if outcome is not None and outcome.status is None and outcome.error_class in NO_ANSWER:
+            state.failures += 1
+            if slot.probe or (not state.opened_for and state.failures >= self.failures):
+                state.opened_for = min(
+                    self.max_open_seconds,
+                    state.opened_for * 2 if state.opened_for else self.open_seconds,
+                )
+                state.open_until = now + state.opened_for
+                change = "opened"
+        elif outcome is not None:
+            if state.opened_for and slot.probe:
+                change = "closed"
+            if slot.probe or not state.opened_for:
+                state.failures = 0
+                state.opened_for = state.open_until = 0.0
+        if state == _Destination():
+            del self._states[slot.origin]  # forget destinations that are idle and well
+        return change
+
+    def is_open(self, origin: str) -> bool:
+        state = self._states.get(origin)
+        return state is not None and state.opened_for > 0
+
+    def _defer(self, seconds: float, reason: Literal["at_cap", "circuit_open"]) -> Defer:
+        # Spread out, so deferred deliveries do not all come back in the same instant.
+        return Defer(seconds * self.rng.uniform(1.0, 1.5), reason)
