@@ -18,7 +18,7 @@ from arq import Worker
 from ops.demo import running
 from producer import Producer
 from tests.conftest import Receiver, event_data, save_callback
-from worker.cache import CallbackCache
+from worker.cache import LISTENER_NAME, TRIGGER, CallbackCache
 from worker.config import Settings
 from worker.pool import create_worker
 
@@ -123,8 +123,9 @@ async def test_a_lost_listener_reads_through_until_it_listens_again(
         cut = await db.fetchval(
             """
             SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-            WHERE datname = current_database() AND query LIKE 'LISTEN%'
-            """
+            WHERE datname = current_database() AND application_name = $1
+            """,
+            LISTENER_NAME,
         )
         assert cut == 1
 
@@ -141,3 +142,23 @@ async def test_a_lost_listener_reads_through_until_it_listens_again(
         assert await _publish(producer, db, "again") == "delivered"
         assert await _publish(producer, db, "cached again") == "delivered"
     assert [request.path_qs for request in receiver.requests] == ["/v1", "/v2", "/v2", "/v2"]
+
+
+async def test_without_the_trigger_nothing_is_cached(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    # A database whose schema predates the trigger, or whose trigger was disabled: changes
+    # would never be announced, so every callback is read from Postgres.
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/v1")
+    await db.execute(f"ALTER TABLE callbacks DISABLE TRIGGER {TRIGGER}")
+    try:
+        async with worker(settings) as running_worker:
+            cache = _cache(running_worker)
+            assert await _publish(producer, db, "one") == "delivered"
+            await db.execute("UPDATE callbacks SET url_template = $1", receiver.url + "/v2")
+            assert await _publish(producer, db, "two") == "delivered"
+            assert not cache.listening
+            assert cache.loads == 2
+    finally:
+        await db.execute(f"ALTER TABLE callbacks ENABLE TRIGGER {TRIGGER}")
+    assert [request.path_qs for request in receiver.requests] == ["/v1", "/v2"]

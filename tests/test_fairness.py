@@ -232,3 +232,30 @@ async def test_an_open_circuit_defers_without_spending_attempts_then_a_probe_clo
     assert counters[b"circuit:opened"] == b"1"
     assert counters[b"circuit:closed"] == b"1"
     assert int(counters[b"deferred:circuit_open"]) >= 1
+
+
+def test_a_delivery_that_waited_before_waits_longer_up_to_about_a_minute() -> None:
+    places = _destinations(cap=1)
+    assert isinstance(places.admit(ORIGIN, 0.0), fairness.Slot)
+    waits = []
+    for runs in (0, 1, 2, 5, 9):
+        held = places.admit(ORIGIN, 0.0, runs)
+        assert isinstance(held, fairness.Defer)
+        waits.append(held.seconds / fairness.AT_CAP_SECONDS)
+    for wait, doubled in zip(waits, (1, 2, 4, 32, 32), strict=True):
+        assert doubled <= wait <= doubled * 1.5
+
+
+def test_a_probe_stopped_before_the_wire_neither_closes_nor_reopens_the_circuit() -> None:
+    places = _destinations(failures=1)
+    assert _fail(places, 0.0) == "opened"
+    probe = places.admit(ORIGIN, 30.0)
+    assert isinstance(probe, fairness.Slot)
+    refused = Outcome(None, 0.1, "blocked_address", "10.0.0.1 is a refused address (private)")
+    assert places.release(probe, refused, 30.0) is None
+    assert places.is_open(ORIGIN)
+    assert isinstance(places.admit(ORIGIN, 30.0), fairness.Slot)  # another probe may go
+
+
+def test_a_destination_never_carries_user_info() -> None:
+    assert fairness.destination("http://user:pw@t.example:99999/x") == "http://t.example:99999"

@@ -5,9 +5,11 @@ API, a 410 that disables a callback, SQL typed by hand), notifies the channel be
 trigger in schema.sql, and a worker empties its cache when told. Callbacks change rarely,
 so emptying all of it keeps the rule simple.
 
-Two rules keep it from serving a stale callback:
-- it caches only while its listening connection is up; when that connection is lost,
-  notifications could be missed, so it empties and reads through until listening again;
+Three rules keep it from serving a stale callback:
+- it caches only once it has checked that changes reach it: the trigger is there and
+  enabled, and a notification it sends comes back (not so behind a pooler in transaction
+  mode); the check is repeated every few seconds, which also finds a cut connection;
+- whenever that is not so, it empties and reads every callback through until it is;
 - a value read before a notification arrived is not kept, since it may predate the
   change the notification announced (`_generation`).
 """
@@ -15,6 +17,7 @@ Two rules keep it from serving a stale callback:
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 
 import asyncpg
@@ -25,11 +28,19 @@ from worker import callbacks, database, render
 CHANNEL = "postback_callbacks"
 """Notified by schema.sql's trigger on every change to `callbacks`."""
 
+TRIGGER = "callbacks_changed"
+
+LISTENER_NAME = "postback-cache"
+"""The listening connection's application_name, as pg_stat_activity shows it."""
+
 RELISTEN_SECONDS = 1.0
 """Wait before listening again after the listening connection was lost."""
 
-PING_SECONDS = 5.0
-"""How often a quiet listening connection is checked, and how long the check may take."""
+CHECK_SECONDS = 2.0
+"""How often the listener checks that changes still reach it, and how long a check may
+take: a cut connection or a disabled trigger is noticed within twice this."""
+
+_CHECK = "check:"
 
 log = structlog.get_logger("postback.cache")
 
@@ -62,6 +73,7 @@ class CallbackCache:
         self._entries: dict[tuple[str, str], Entry] = {}
         self._generation = 0
         self._listening = False
+        self._checks: dict[str, asyncio.Event] = {}
         self.loads = 0
         """Callbacks read from Postgres: what the cache saves shows here."""
 
@@ -88,49 +100,76 @@ class CallbackCache:
         or back."""
         return self._generation
 
-    def _forget(self, *_: object) -> None:
+    def forget(self) -> None:
+        """Empty the cache now: for a change this worker made itself (a 410 disabling a
+        callback), which must not wait for its own notification to come back."""
         self._generation += 1
         self._entries.clear()
 
+    def _heard(self, _conn: database.Conn, _pid: int, _channel: str, payload: object) -> None:
+        if isinstance(payload, str) and payload.startswith(_CHECK):
+            self._checks.get(payload, asyncio.Event()).set()
+        else:
+            self.forget()
+
+    async def _hears(self, conn: asyncpg.Connection) -> str | None:
+        """Whether changes will be heard: the trigger is there and enabled, and a
+        notification sent now comes back. None if so, else what is wrong."""
+        enabled = await conn.fetchval(
+            "SELECT tgenabled <> 'D' FROM pg_trigger"
+            " WHERE tgrelid = 'callbacks'::regclass AND tgname = $1",
+            TRIGGER,
+            timeout=CHECK_SECONDS,
+        )
+        if not enabled:
+            return f"trigger {TRIGGER} on callbacks is missing or disabled: run postback db init"
+        check = f"{_CHECK}{uuid.uuid4()}"
+        heard = self._checks[check] = asyncio.Event()
+        try:
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, check, timeout=CHECK_SECONDS)
+            await asyncio.wait_for(heard.wait(), CHECK_SECONDS)
+        except TimeoutError:
+            return "a notification sent did not come back (a pooler in transaction mode?)"
+        finally:
+            del self._checks[check]
+        return None
+
     async def run(self) -> None:
         """Listen for changes until cancelled, listening again whenever the connection is
-        lost; meanwhile `get` reads every callback from Postgres."""
+        lost or a check fails; meanwhile `get` reads every callback from Postgres."""
         while True:
             try:
-                conn = await database.connect(self._url)
+                await self._listen()
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
                 # Never fatal: without the listener every delivery reads its callback.
                 log.warning("cache_listen_failed", error=database.describe(exc))
-                await asyncio.sleep(RELISTEN_SECONDS)
-                continue
-            lost = asyncio.Event()
-            try:
-                conn.add_termination_listener(lambda _, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._forget)
-                # Anything read before now may predate a change that was never announced.
-                self._forget()
-                self._listening = True
-                await _until_lost(conn, lost)
-                log.warning("cache_listen_lost")
-            finally:
-                self._listening = False
-                self._forget()
-                await _close(conn)
             await asyncio.sleep(RELISTEN_SECONDS)
 
-
-async def _until_lost(conn: asyncpg.Connection, lost: asyncio.Event) -> None:
-    # A connection cut without a FIN (a network partition) is only noticed when used.
-    while True:
+    async def _listen(self) -> None:
+        conn = await database.connect(self._url, application_name=LISTENER_NAME)
         try:
-            await asyncio.wait_for(lost.wait(), PING_SECONDS)
-            return
-        except TimeoutError:
-            pass
-        try:
-            await conn.fetchval("SELECT 1", timeout=PING_SECONDS)
-        except Exception:
-            return
+            await conn.add_listener(CHANNEL, self._heard)
+            problem = await self._hears(conn)
+            if problem is not None:
+                log.error("cache_not_notified", problem=problem)
+                return
+            # Anything read before now may predate a change that was never announced.
+            self.forget()
+            self._listening = True
+            # Checked again and again: a connection cut without a FIN (a network partition)
+            # is only noticed when used, and a trigger disabled later must be noticed too.
+            while True:
+                await asyncio.sleep(CHECK_SECONDS)
+                problem = await self._hears(conn)
+                if problem is not None:
+                    log.warning("cache_listen_lost", problem=problem)
+                    return
+        finally:
+            self._listening = False
+            self.forget()
+            await _close(conn)
 
 
 async def _close(conn: asyncpg.Connection) -> None:

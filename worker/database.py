@@ -74,9 +74,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def connect(database_url: str) -> asyncpg.Connection:
+async def connect(database_url: str, application_name: str | None = None) -> asyncpg.Connection:
+    """`application_name` names a connection with a role of its own in pg_stat_activity."""
+    settings = {} if application_name is None else {"application_name": application_name}
     try:
-        conn: asyncpg.Connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT)
+        conn: asyncpg.Connection = await asyncpg.connect(
+            database_url, timeout=CONNECT_TIMEOUT, server_settings=settings
+        )
     except UNAVAILABLE as exc:
         raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
     await _init_connection(conn)

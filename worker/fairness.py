@@ -31,7 +31,12 @@ MAX_OPEN_SECONDS = 600.0
 """The longest a circuit stays open between probes, however many have failed."""
 
 AT_CAP_SECONDS = 2.0
-"""About how long a delivery over the cap waits before trying for a slot again."""
+"""About how long a delivery over the cap first waits before trying for a slot again..."""
+
+AT_CAP_DOUBLINGS = 5
+"""...doubled each time its job has run before, up to this many times (about a minute):
+a backlog of thousands for one slow destination must not keep every worker busy putting
+the same deliveries off every two seconds."""
 
 Change = Literal["opened", "closed"]
 
@@ -49,7 +54,8 @@ def destination(url: str) -> str:
     try:
         port = split.port or (443 if scheme == "https" else 80)
     except ValueError:
-        return f"{scheme}://{split.netloc.lower()}"  # a stored URL edited by hand
+        # A stored URL edited by hand; never its user info, which is logged with it.
+        return f"{scheme}://{split.netloc.rpartition('@')[2].lower()}"
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
@@ -90,18 +96,21 @@ class Destinations:
     rng: random.Random = field(default_factory=random.Random)
     _states: dict[str, _Destination] = field(default_factory=dict, init=False, repr=False)
 
-    def admit(self, origin: str, now: float) -> Slot | Defer:
+    def admit(self, origin: str, now: float, runs: int = 0) -> Slot | Defer:
+        """`runs`: how many times the delivery's job ran before, which stretches its wait
+        when it has to wait again."""
         state = self._states.setdefault(origin, _Destination())
+        backoff = AT_CAP_SECONDS * 2 ** min(runs, AT_CAP_DOUBLINGS)
         if state.opened_for:
             if now < state.open_until:
                 return self._defer(state.open_until - now, "circuit_open")
             if state.probing:
-                return self._defer(AT_CAP_SECONDS, "circuit_open")
+                return self._defer(backoff, "circuit_open")
             state.probing = True
             state.in_flight += 1
             return Slot(origin, probe=True)
         if state.in_flight >= self.max_in_flight:
-            return self._defer(AT_CAP_SECONDS, "at_cap")
+            return self._defer(backoff, "at_cap")
         state.in_flight += 1
         return Slot(origin, probe=False)
 
@@ -116,7 +125,11 @@ class Destinations:
         if slot.probe:
             state.probing = False
         change: Change | None = None
-        if outcome is not None and outcome.status is None and outcome.error_class in NO_ANSWER:
+        if outcome is None or (outcome.status is None and outcome.error_class not in NO_ANSWER):
+            # Never sent, or stopped before the wire (refused address, unusable URL): says
+            # nothing of the destination either way.
+            pass
+        elif outcome.status is None:
             state.failures += 1
             if slot.probe or (not state.opened_for and state.failures >= self.failures):
                 state.opened_for = min(
@@ -125,7 +138,7 @@ class Destinations:
                 )
                 state.open_until = now + state.opened_for
                 change = "opened"
-        elif outcome is not None:
+        else:
             if state.opened_for and slot.probe:
                 change = "closed"
             if slot.probe or not state.opened_for:

@@ -65,6 +65,8 @@ class _Run:
     job_id: str
     callbacks: cache.CallbackCache
     destinations: fairness.Destinations
+    runs: int
+    """How many times this job ran before."""
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -86,6 +88,7 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         ctx["job_id"],
         ctx["callbacks"],
         ctx["destinations"],
+        ctx["job_try"] - 1,
     )
     # arq deletes a job that outruns its timeout, and before the ledger has the delivery
     # nothing else knows of the event; so the job keeps a budget of its own, shorter
@@ -229,11 +232,13 @@ async def _plan(
         if ready.delivery.resend is None
         else ready.delivery.resend["url"]
     )
-    slot = run.destinations.admit(target, time.monotonic())
+    slot = run.destinations.admit(target, time.monotonic(), run.runs)
     if isinstance(slot, fairness.Defer):
         bound.debug(
             "delivery_deferred", reason=slot.reason, destination=target, seconds=slot.seconds
         )
+        # No longer waiting for an earlier delivery; when it goes is now up to its destination.
+        await ledger.put_off(conn, did, slot.seconds)
         return _Plan("wait", delivery.state, wait=slot.seconds, deferred=slot)
     try:
         await ledger.claim(conn, did, run.job_id)
@@ -301,6 +306,8 @@ async def _attempt(
     woken = await ledger.record_attempt(
         run.db, event, did, callback.id, request, started_at, outcome, verdict
     )
+    if verdict.disable_callback:
+        run.callbacks.forget()  # not waiting for its own notification to come back
     await metrics.count(
         run.redis,
         run.settings.queue_name,

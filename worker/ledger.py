@@ -148,6 +148,20 @@ async def blocker(conn: Conn, delivery: uuid.UUID) -> Blocker | None:
     return None if row is None else Blocker(row["id"], row["event_id"])
 
 
+async def put_off(conn: Executor, delivery: uuid.UUID, seconds: float) -> None:
+    """The delivery waits for its destination (its cap, or its open circuit): what the
+    ledger shows is when it goes next, not an earlier delivery it no longer waits for."""
+    await conn.execute(
+        """
+        UPDATE deliveries SET blocked_by = NULL,
+            next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
+        WHERE id = $1
+        """,
+        delivery,
+        seconds,
+    )
+
+
 async def block(conn: Conn, delivery: uuid.UUID, by: uuid.UUID) -> None:
     await conn.execute("UPDATE deliveries SET blocked_by = $2 WHERE id = $1", delivery, by)
 

@@ -159,8 +159,8 @@ async def exposition(redis: Redis, db: asyncpg.Pool, queue_name: str) -> bytes:
     )
     held = CounterMetricFamily(
         "postback_destination_deferrals",
-        "Deliveries put off for their destination, without an attempt: over the per-"
-        "destination cap, or its circuit open.",
+        "Times a delivery was put off for its destination, without an attempt: over the "
+        "per-destination cap, or its circuit open.",
         labels=["reason"],
     )
     for reason in ("at_cap", "circuit_open"):

@@ -51,7 +51,8 @@ async def _startup(ctx: dict[str, Any]) -> None:
 async def _shutdown(ctx: dict[str, Any]) -> None:
     if "cache_listener" in ctx:
         ctx["cache_listener"].cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # Its failures were logged as they happened; closing the rest must not wait on it.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await ctx["cache_listener"]
     if "http" in ctx:
         await ctx["http"].close()
