@@ -90,6 +90,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "on_shutdown": _shutdown,
         "ctx": {"settings": settings},
         "max_jobs": settings.max_jobs,
+        "poll_delay": settings.poll_delay,
         # The ledger, not Redis, answers "was this event delivered?"; results would only
         # fill Redis.
         "keep_result": 0,
