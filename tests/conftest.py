@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,3 +318,45 @@ async def make_deliveries(
     await producer.publish_many([ann, ann_update, *bobs, carol])
     await drain(settings)
     return Made(ann["id"], ann_update["id"], [bob["id"] for bob in bobs], carol["id"])
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_server(
+    handle: RawHandler, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """A TCP server on `host` that runs `handle` per connection; yields its base URL.
+    For receivers that must misbehave at the byte level, below what aiohttp's server allows.
+
+    On the way out every connection still open is cancelled and awaited: the event loop
+    lives for the whole session, and a handler left running would outlive the test.
+    """
+    running: set[asyncio.Task[None]] = set()
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        running.add(task)
+        try:
+            await handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client hung up, which is what most of these receivers wait for
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            running.discard(task)
+
+    server = await asyncio.start_server(connection, host, port, backlog=512)
+    bound = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
+    finally:
+        server.close()
+        left = list(running)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        await server.wait_closed()

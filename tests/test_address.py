@@ -20,10 +20,19 @@ import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from ops.demo import serve
 from producer import Producer
-from tests.conftest import ALLOW_NETWORKS, Api, Receiver, drain, event_data, save_callback
+from tests.conftest import (
+    ALLOW_NETWORKS,
+    Api,
+    Receiver,
+    drain,
+    event_data,
+    raw_server,
+    save_callback,
+)
 from worker import address, callbacks, deliver
 from worker.config import Settings
 
@@ -289,19 +298,13 @@ async def listening(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Lis
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state.connections += 1
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            await writer.drain()
-        writer.close()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
 
-    server = await asyncio.start_server(answer, host, port)
-    state.port = server.sockets[0].getsockname()[1]
-    try:
+    async with raw_server(answer, host, port) as url:
+        state.port = URL(url).port or 0
         yield state
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 class HostsFile(AbstractResolver):

@@ -47,8 +47,16 @@ async def _until(condition: Callable[[], Awaitable[bool]], seconds: float = 5.0)
         await asyncio.sleep(0.01)
 
 
-async def _emptied_since(cache: CallbackCache, generation: int) -> bool:
-    return cache.generation > generation
+@contextlib.asynccontextmanager
+async def _told_within_a_second(cache: CallbackCache) -> AsyncIterator[None]:
+    """The change made in the block empties the worker's cache within a second."""
+    before = cache.generation
+
+    async def emptied() -> bool:
+        return cache.generation > before
+
+    yield
+    await _until(emptied, seconds=1.0)
 
 
 async def _settled(db: asyncpg.Connection, event_id: str) -> str:
@@ -85,9 +93,8 @@ async def test_a_changed_template_is_used_for_the_next_event(
         assert await _publish(producer, db, "second") == "delivered"
         assert cache.loads == 1  # the second event read no callback from Postgres
 
-        before = cache.generation
-        await save_callback(db, "ann", "order.created", "GET", receiver.url + "/v2")
-        await _until(lambda: _emptied_since(cache, before), seconds=1.0)  # within a second
+        async with _told_within_a_second(cache):
+            await save_callback(db, "ann", "order.created", "GET", receiver.url + "/v2")
         assert await _publish(producer, db, "third") == "delivered"
     assert [request.path_qs for request in receiver.requests] == ["/v1", "/v1", "/v2"]
 
@@ -100,13 +107,11 @@ async def test_a_callback_disabled_by_hand_is_skipped_from_the_next_event(
         cache = _cache(running_worker)
         await _listening(cache)
         assert await _publish(producer, db, "before") == "delivered"
-        before = cache.generation
-        await db.execute("UPDATE callbacks SET enabled = false")  # SQL typed by hand
-        await _until(lambda: _emptied_since(cache, before), seconds=1.0)
+        async with _told_within_a_second(cache):
+            await db.execute("UPDATE callbacks SET enabled = false")  # SQL typed by hand
         assert await _publish(producer, db, "after") == "skipped"
-        before = cache.generation
-        await db.execute("UPDATE callbacks SET enabled = true")
-        await _until(lambda: _emptied_since(cache, before), seconds=1.0)
+        async with _told_within_a_second(cache):
+            await db.execute("UPDATE callbacks SET enabled = true")
         assert await _publish(producer, db, "back") == "delivered"
     assert len(receiver.requests) == 2
 

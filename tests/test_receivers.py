@@ -24,7 +24,7 @@ from aiohttp import web
 
 from ops.demo import serve
 from producer import Producer
-from tests.conftest import drain, event_data, save_callback
+from tests.conftest import drain, event_data, raw_server, save_callback
 from worker import address, deliver
 from worker.config import Settings
 
@@ -33,44 +33,6 @@ HUGE = 100 * 1024 * 1024
 """What the huge receivers announce and would send if nobody stopped reading."""
 
 CHUNK = 64 * 1024
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def raw_server(handle: Handler) -> AsyncIterator[str]:
-    """A TCP server on 127.0.0.1 that runs `handle` per connection; yields its base URL.
-
-    On the way out every connection still open is cancelled and awaited: the event loop
-    lives for the whole session, and a handler left running would outlive the test.
-    """
-    running: set[asyncio.Task[None]] = set()
-
-    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        running.add(task)
-        try:
-            await handle(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client hung up, which is what most of these receivers wait for
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-            running.discard(task)
-
-    server = await asyncio.start_server(connection, "127.0.0.1", 0, backlog=512)
-    host, port = server.sockets[0].getsockname()[:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.close()
-        left = list(running)
-        for task in left:
-            task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
-        await server.wait_closed()
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:

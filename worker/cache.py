@@ -108,7 +108,9 @@ class CallbackCache:
 
     def _heard(self, _conn: database.Conn, _pid: int, _channel: str, payload: object) -> None:
         if isinstance(payload, str) and payload.startswith(_CHECK):
-            self._checks.get(payload, asyncio.Event()).set()
+            # Another worker's check, or this one's: only a check waited for here counts.
+            if payload in self._checks:
+                self._checks[payload].set()
         else:
             self.forget()
 

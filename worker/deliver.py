@@ -223,8 +223,8 @@ def _unusable(started: float, exc: Exception) -> Outcome:
         # aiohttp refuses a host that spells an IPv4 address the legacy way (2130706433),
         # whatever the allow-list says; when the address is one the policy refuses, that is
         # what ops are told.
-        url = exc.url if isinstance(exc.url, URL) else URL(str(exc.url))
-        host = url.host or str(exc.url)
+        # A host refused for its spelling comes as the bare host, not a URL.
+        host = (exc.url.host or "") if isinstance(exc.url, URL) else str(exc.url)
         legacy = address.legacy_spelling(host)
         if legacy is not None:
             whose = "a redirect's host" if redirect else "the URL's host"
