@@ -87,6 +87,10 @@ async def collect(
     versions = ", ".join(
         f"{p} {metadata.version(p)}" for p in ("arq", "aiohttp", "asyncpg", "redis")
     )
+    try:  # the workers' event loop (worker.pool.use_fast_loop)
+        loop = f"uvloop {metadata.version('uvloop')}"
+    except metadata.PackageNotFoundError:
+        loop = "asyncio (uvloop not installed)"
     return [
         ("cores", f"{os.cpu_count()} logical ({physical} physical), {usable} usable by the bench"),
         ("load", load_average()),
@@ -96,6 +100,7 @@ async def collect(
         ("postgres", str(await db.fetchval("SHOW server_version"))),
         ("redis", f"{info['redis_version']} at {config.redis_url}"),
         ("libraries", versions),
+        ("event loop", loop),
         ("relay code", await code_version()),
         ("relay worker", _relay_settings(config)),
         (

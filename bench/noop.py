@@ -2,7 +2,7 @@
 
 It is the relay's own arq configuration (`worker.pool.worker_settings`, read from the same
 POSTBACK_* environment: max_jobs, poll delay, queue read limit, JSON serializer, Redis
-settings, timeouts) with the delivery replaced by a function that returns at once, and
+settings, timeouts, event loop) with the delivery replaced by a function that returns at once, and
 without the relay's startup (no Postgres pool, no HTTP session) or its sweep. Whatever this
 worker achieves on the same Redis is the ceiling the queue itself sets; the throughput
 scenario reports the relay's rate as a fraction of it.
@@ -17,7 +17,7 @@ from arq.worker import func, run_worker
 
 from producer.queue import JOB_NAME
 from worker.config import Settings
-from worker.pool import worker_settings
+from worker.pool import use_fast_loop, worker_settings
 
 
 async def noop(ctx: dict[str, Any], event_data: Any) -> str:
@@ -44,6 +44,7 @@ def settings(poll_delay: float | None = None) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.noop", description=__doc__)
     parser.add_argument("--poll-delay", type=float, help="seconds (default: the relay's)")
+    use_fast_loop()  # as the relay's worker does
     run_worker(settings(parser.parse_args().poll_delay), burst=True)
 
 

@@ -32,7 +32,7 @@ from worker import callbacks, database, logs, render
 from worker.config import Settings
 from worker.deliver import build_request, delivery_id
 from worker.ledger import STATES
-from worker.pool import create_worker
+from worker.pool import create_worker, use_fast_loop
 
 EXIT_USAGE = 2
 
@@ -411,6 +411,7 @@ async def send_events(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    use_fast_loop()
     worker = create_worker(settings, burst=args.burst)
     worker.run()
     return 0

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -121,154 +121,105 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Ready:
-    """A delivery that can be sent: its event as the ledger first recorded it, and how."""
+    """A delivery claimed for sending: its event as the ledger first recorded it, and how."""
 
     event: Event
     callback: callbacks.Callback
     template: render.Template
-    delivery: ledger.Delivery
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """What the job does once its transaction on the ledger has committed."""
-
-    action: Literal["return", "wait", "send"]
-    state: str
-    wait: float = 0.0
-    ready: _Ready | None = None
-    """For "send": what to send."""
-    woken: tuple[str, ...] = ()
-    closed: bool = False
-    """Settled without being sent (skipped, or dead without an attempt)."""
-    slot: fairness.Slot | None = None
-    """For "send": the destination's leave, given back once the request is done."""
-    deferred: fairness.Defer | None = None
-    """For "wait": put off for its destination, without an attempt."""
+    delivery: ledger.Taken
 
 
 async def _deliver(run: _Run, event: Event) -> str:
     did = deliver.delivery_id(event)
     bound = log.bind(event_id=event.id, delivery_id=str(did), affiliate=event.affiliate_id)
     entry = await run.callbacks.get(run.db, event.affiliate_id, event.type)
-    plan: _Plan | None = None
-    try:
-        async with run.db.acquire() as conn, conn.transaction():
-            await ledger.lock_order(conn, event.affiliate_id, event.order.number)
-            plan = await _plan(conn, run, bound, did, event, entry)
-        # Redis is touched only after the commit: never while holding the order's lock.
-        if plan.closed or plan.deferred:
-            await metrics.count(
-                run.redis,
-                run.settings.queue_name,
-                event.affiliate_id,
-                settled=plan.state if plan.closed else None,
-                deferred=plan.deferred.reason if plan.deferred else None,
-            )
-        await _wake(run, plan.woken)
-        if plan.action == "wait":
-            raise await _defer(run, plan.wait)
-        if plan.action == "return":
-            return plan.state
-        assert plan.ready is not None
-        assert plan.slot is not None
-        return await _attempt(run, bound, did, plan.ready, plan.slot)
-    finally:
-        # Whatever stopped the job before its request was done: the slot goes back unused.
-        if plan is not None and plan.slot is not None:
-            run.destinations.release(plan.slot, None, time.monotonic())
-
-
-async def _plan(
-    conn: database.Conn,
-    run: _Run,
-    bound: structlog.stdlib.BoundLogger,
-    did: uuid.UUID,
-    event: Event,
-    entry: cache.Entry,
-) -> _Plan:
-    """Open (or find) the delivery and decide, under the order's lock, what happens next."""
-    callback = entry.callback
-    delivery = await ledger.open_delivery(
-        conn, did, event, None if callback is None else callback.id
+    callback_id = None if entry.callback is None else entry.callback.id
+    close = _unsendable(event, entry)
+    taken = await ledger.take(
+        run.db, did, event, callback_id, run.job_id, run.settings.job_timeout, close
     )
-    if not delivery.open:
-        # The same event id again after it settled: at most one postback per event.
-        bound.info("delivery_repeat_ignored", state=delivery.state)
-        return _Plan("return", delivery.state)
-    if delivery.wait > 0:
-        # Run early (re-enqueued by the sweep, or woken): the schedule still holds.
-        return _Plan("wait", delivery.state, wait=delivery.wait)
-    if (
-        delivery.claimed_by not in (None, run.job_id)
-        and delivery.claim_age is not None
-        and delivery.claim_age < run.settings.job_timeout
-    ):
-        # Another job is sending it right now (an event enqueued under a second job id).
-        bound.info("delivery_in_flight_elsewhere", job_id=delivery.claimed_by)
-        return _Plan("return", delivery.state)
-
-    ready = _ready(delivery, entry)
-    if not isinstance(ready, _Ready):
-        state, reason = ready
-        woken = await ledger.close(conn, did, state, reason)
-        if state == "dead":
-            bound.warning("delivery_dead", state=state, reason=reason, attempts=delivery.attempts)
-        else:
-            bound.info("delivery_skipped", state=state, reason=reason)
-        return _Plan("return", state, woken=tuple(woken), closed=True)
-
-    earlier = await ledger.blocker(conn, did)
-    if earlier is not None:
-        await ledger.block(conn, did, earlier.id)
-        if earlier.id != delivery.blocked_by:  # said once per delivery waited for
-            bound.info(
-                "delivery_waiting", waiting_for=str(earlier.id), waiting_for_event=earlier.event_id
+    if taken.action == "claimed" and not taken.inserted:
+        try:
+            event = parse_event(taken.event)  # as first recorded
+        except InvalidEvent as exc:
+            # Only a row edited by hand, or one from a version with other rules, gets here.
+            close = f"stored event is invalid: {exc}", True
+            taken = await ledger.take(
+                run.db, did, event, callback_id, run.job_id, run.settings.job_timeout, close
             )
-        return _Plan("wait", delivery.state, wait=BLOCKED_RECHECK_SECONDS)
+    # Redis is touched only once the ledger has committed: never while holding an order lock.
+    if taken.action == "settled":
+        # The same event id again after it settled: at most one postback per event.
+        bound.info("delivery_repeat_ignored", state=taken.state)
+        return taken.state
+    if taken.action == "early":
+        # Run early (re-enqueued by the sweep, or woken): the schedule still holds.
+        raise await _defer(run, taken.wait)
+    if taken.action == "elsewhere":
+        # Another job is sending it right now (an event enqueued under a second job id).
+        bound.info("delivery_in_flight_elsewhere", job_id=taken.claimed_by)
+        return taken.state
+    if taken.action == "closed":
+        assert close is not None
+        if taken.state == "dead":
+            bound.warning(
+                "delivery_dead", state=taken.state, reason=close[0], attempts=taken.attempts
+            )
+        else:
+            bound.info("delivery_skipped", state=taken.state, reason=close[0])
+        await metrics.count(
+            run.redis, run.settings.queue_name, event.affiliate_id, settled=taken.state
+        )
+        await _wake(run, taken.woken)
+        return taken.state
+    if taken.action == "blocked":
+        assert taken.blocker is not None
+        if taken.blocker.id != taken.blocked_by:  # said once per delivery waited for
+            bound.info(
+                "delivery_waiting",
+                waiting_for=str(taken.blocker.id),
+                waiting_for_event=taken.blocker.event_id,
+            )
+        raise await _defer(run, BLOCKED_RECHECK_SECONDS)
 
+    assert entry.callback is not None
+    assert entry.template is not None
+    ready = _Ready(event, entry.callback, entry.template, taken)
     target = fairness.destination(
-        ready.callback.url_template
-        if ready.delivery.resend is None
-        else ready.delivery.resend["url"]
+        ready.callback.url_template if taken.resend is None else taken.resend["url"]
     )
     slot = run.destinations.admit(target, time.monotonic(), run.runs)
     if isinstance(slot, fairness.Defer):
         bound.debug(
             "delivery_deferred", reason=slot.reason, destination=target, seconds=slot.seconds
         )
-        # No longer waiting for an earlier delivery; when it goes is now up to its destination.
-        await ledger.put_off(conn, did, slot.seconds)
-        return _Plan("wait", delivery.state, wait=slot.seconds, deferred=slot)
+        await ledger.put_off(run.db, did, run.job_id, slot.seconds)
+        await metrics.count(
+            run.redis, run.settings.queue_name, event.affiliate_id, deferred=slot.reason
+        )
+        raise await _defer(run, slot.seconds)
     try:
-        await ledger.claim(conn, did, run.job_id)
-    except BaseException:
+        return await _attempt(run, bound, did, ready, slot)
+    finally:
+        # Whatever stopped the job before its request was done: the slot goes back unused.
         run.destinations.release(slot, None, time.monotonic())
-        raise
-    return _Plan("send", delivery.state, ready=ready, slot=slot)
 
 
-def _ready(
-    delivery: ledger.Delivery, entry: cache.Entry
-) -> _Ready | tuple[Literal["skipped", "dead"], str]:
-    """What to send, or why this delivery cannot be sent and the state that leaves it in."""
-    try:
-        stored = parse_event(delivery.event)
-    except InvalidEvent as exc:
-        # Only a row edited by hand, or one from a version with other rules, gets here.
-        return "dead", f"stored event is invalid: {exc}"
+def _unsendable(event: Event, entry: cache.Entry) -> tuple[str, bool] | None:
+    """Why the event's delivery cannot be sent, and whether that makes it a dead letter even
+    if it was never tried; None when it can be sent.
+
+    The ledger settles it `skipped` if never tried (nothing to replay), and `dead` if tried
+    before the callback went away, so ops can replay it once the callback is back.
+    """
     callback = entry.callback
     if callback is None:
-        reason = f"no {stored.type} callback configured for affiliate {stored.affiliate_id}"
-    elif not callback.enabled:
-        reason = "callback disabled"
-    elif entry.template is None:
-        return "dead", f"stored template is invalid: {entry.invalid}"
-    else:
-        return _Ready(stored, callback, entry.template, delivery)
-    # Never tried: nothing to replay. Tried before the callback went away: a dead letter,
-    # so ops can replay it once the callback is back.
-    return ("skipped" if delivery.attempts == 0 else "dead"), reason
+        return f"no {event.type} callback configured for affiliate {event.affiliate_id}", False
+    if not callback.enabled:
+        return "callback disabled", False
+    if entry.template is None:
+        return f"stored template is invalid: {entry.invalid}", True
+    return None
 
 
 async def _attempt(

@@ -9,7 +9,6 @@ over.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -17,7 +16,7 @@ from typing import Any, Literal
 import asyncpg
 
 from producer.event import Event
-from worker.database import Conn, Executor
+from worker.database import Executor
 from worker.deliver import Outcome, Request
 from worker.retry import Verdict
 
@@ -27,27 +26,8 @@ OPEN_STATES: tuple[State, ...] = ("pending", "retrying")
 """The states a delivery can still leave; the others are final."""
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    id: uuid.UUID
-    event: dict[str, Any]
-    """As first recorded: a repeated event id never changes what is sent."""
-    state: State
-    attempts: int
-    wait: float
-    """Seconds until the next try is due; 0 or less when it is due now."""
-    claimed_by: str | None
-    claim_age: float | None
-    """Seconds since `claimed_by` claimed it."""
-    blocked_by: uuid.UUID | None
-    retry_base: int
-    """Attempts made before the last replay; the retry schedule counts from there."""
-    resend: dict[str, Any] | None
-    """The request to send again as it was, when a replay asked for that."""
-
-    @property
-    def open(self) -> bool:
-        return self.state in OPEN_STATES
+Action = Literal["settled", "early", "elsewhere", "closed", "blocked", "claimed"]
+"""What `take` did with the delivery (schema.sql, `postback_take`, says each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,30 +38,53 @@ class Blocker:
     event_id: str
 
 
-_DELIVERY_COLUMNS = """
-    id, event, state, attempts, claimed_by, blocked_by, retry_base,
-    CASE WHEN resend THEN request END AS resend,
-    extract(epoch FROM next_attempt_at - now())::float8 AS wait,
-    extract(epoch FROM now() - claimed_at)::float8 AS claim_age
-"""
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A delivery as `take` found it, and what `take` did with it."""
+
+    action: Action
+    inserted: bool
+    """Created by this call: its recorded event is the one the caller passed."""
+    event: dict[str, Any]
+    """As first recorded: a repeated event id never changes what is sent."""
+    state: State
+    """After the call: for "closed", the state it settled in."""
+    attempts: int
+    wait: float
+    """Seconds until the next try is due; 0 or less when it is due now."""
+    claimed_by: str | None
+    """Before the call: for "elsewhere", the job that holds it."""
+    blocked_by: uuid.UUID | None
+    """Before the call: the earlier delivery it was waiting for, if any."""
+    retry_base: int
+    """Attempts made before the last replay; the retry schedule counts from there."""
+    resend: dict[str, Any] | None
+    """The request to send again as it was, when a replay asked for that."""
+    blocker: Blocker | None
+    """For "blocked": the delivery that goes first."""
+    woken: list[str]
+    """For "closed": the event ids of deliveries that were waiting for this one."""
 
 
-async def open_delivery(
-    conn: Conn, delivery: uuid.UUID, event: Event, callback_id: int | None
-) -> Delivery:
-    """The delivery for this event, created `pending` and due now if new; locked until commit.
+async def take(
+    db: Executor,
+    delivery: uuid.UUID,
+    event: Event,
+    callback_id: int | None,
+    job_id: str,
+    claim_timeout: float,
+    close: tuple[str, bool] | None = None,
+) -> Taken:
+    """Open (or find) the delivery and, under its order's lock, claim it for `job_id` when
+    it can be sent now; one round trip.
 
-    An existing row wins: a repeated event id never makes a second delivery. A concurrent
-    insert of the same row makes the INSERT wait for it, and the SELECT then finds it.
+    `close`, a reason and whether it makes a dead letter even if never tried, settles it
+    instead when the caller already knows it cannot be sent. A claim younger than
+    `claim_timeout` seconds is another job's; an older one is stale and taken over.
     """
-    row = await conn.fetchrow(
-        f"""
-        INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
-                                occurred_at, callback_id, event, state, next_attempt_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', now())
-        ON CONFLICT (id) DO NOTHING
-        RETURNING {_DELIVERY_COLUMNS}
-        """,  # noqa: S608 -- a constant column list; values go as parameters
+    reason, dead = (None, False) if close is None else close
+    row = await db.fetchrow(
+        "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         delivery,
         event.id,
         event.type,
@@ -90,97 +93,48 @@ async def open_delivery(
         event.occurred_at,
         callback_id,
         event.to_json(),
+        job_id,
+        claim_timeout,
+        reason,
+        dead,
     )
-    if row is None:  # it exists: a repeat, a retry, or a re-check of a waiting delivery
-        row = await conn.fetchrow(
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = $1 FOR UPDATE",  # noqa: S608
-            delivery,
-        )
     assert row is not None
-    return Delivery(
-        row["id"],
+    blocker_id = row["blocker_id"]
+    return Taken(
+        row["action"],
+        row["inserted"],
         row["event"],
         row["state"],
         row["attempts"],
-        row["wait"] or 0.0,
+        row["wait"],
         row["claimed_by"],
-        row["claim_age"],
         row["blocked_by"],
         row["retry_base"],
         row["resend"],
+        None if blocker_id is None else Blocker(blocker_id, row["blocker_event_id"]),
+        row["woken"],
     )
 
 
-async def lock_order(conn: Conn, affiliate_id: str, order_number: str) -> None:
-    """Serialise, until commit, the transactions that order one affiliate's order.
-
-    Taken before a delivery looks for earlier ones (`blocker`) and before one settles
-    (`record_attempt`, `close`), so a delivery either sees an earlier one that is open, or
-    that one sees it waiting when it settles and wakes it: never neither.
-    """
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{affiliate_id}\n{order_number}"
-    )
-
-
-async def blocker(conn: Conn, delivery: uuid.UUID) -> Blocker | None:
-    """The earliest open delivery of the same affiliate and order that must go first.
-
-    Creates go before updates, then by `occurred_at`, then by arrival. Call it holding
-    `lock_order`.
-    """
-    row = await conn.fetchrow(
+async def put_off(db: Executor, delivery: uuid.UUID, job_id: str, seconds: float) -> None:
+    """Give back this job's claim: the delivery waits for its destination (its cap, or its
+    open circuit). What the ledger shows is when it goes next, not an earlier delivery it
+    no longer waits for."""
+    await db.execute(
         """
-        SELECT p.id, p.event_id
-        FROM deliveries d
-        JOIN deliveries p
-          ON p.affiliate_id = d.affiliate_id AND p.order_number = d.order_number
-        WHERE d.id = $1
-          AND p.state IN ('pending', 'retrying')
-          AND p.id <> d.id
-          AND ((p.event_type <> 'order.created')::int, p.occurred_at, p.created_at, p.id)
-            < ((d.event_type <> 'order.created')::int, d.occurred_at, d.created_at, d.id)
-        ORDER BY (p.event_type <> 'order.created')::int, p.occurred_at, p.created_at, p.id
-        LIMIT 1
+        UPDATE deliveries SET blocked_by = NULL, claimed_by = NULL, claimed_at = NULL,
+            next_attempt_at = now() + make_interval(secs => $3), updated_at = now()
+        WHERE id = $1 AND claimed_by = $2
         """,
         delivery,
-    )
-    return None if row is None else Blocker(row["id"], row["event_id"])
-
-
-async def put_off(conn: Executor, delivery: uuid.UUID, seconds: float) -> None:
-    """The delivery waits for its destination (its cap, or its open circuit): what the
-    ledger shows is when it goes next, not an earlier delivery it no longer waits for."""
-    await conn.execute(
-        """
-        UPDATE deliveries SET blocked_by = NULL,
-            next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
-        WHERE id = $1
-        """,
-        delivery,
+        job_id,
         seconds,
     )
 
 
-async def block(conn: Conn, delivery: uuid.UUID, by: uuid.UUID) -> None:
-    await conn.execute("UPDATE deliveries SET blocked_by = $2 WHERE id = $1", delivery, by)
-
-
-async def claim(conn: Conn, delivery: uuid.UUID, job_id: str) -> None:
-    """Mark the delivery in flight for this job; a claim older than the job timeout is stale."""
-    await conn.execute(
-        """
-        UPDATE deliveries SET claimed_by = $2, claimed_at = now(), blocked_by = NULL
-        WHERE id = $1
-        """,
-        delivery,
-        job_id,
-    )
-
-
-async def release(conn: Executor, delivery: uuid.UUID, job_id: str) -> None:
+async def release(db: Executor, delivery: uuid.UUID, job_id: str) -> None:
     """Give up this job's claim without an outcome, so the delivery can be tried again."""
-    await conn.execute(
+    await db.execute(
         """
         UPDATE deliveries SET claimed_by = NULL, claimed_at = NULL
         WHERE id = $1 AND claimed_by = $2
@@ -190,33 +144,8 @@ async def release(conn: Executor, delivery: uuid.UUID, job_id: str) -> None:
     )
 
 
-async def close(
-    conn: Conn,
-    delivery: uuid.UUID,
-    state: Literal["skipped", "dead"],
-    reason: str,
-) -> list[str]:
-    """Settle a delivery without sending it (no callback, a broken stored template).
-
-    Returns the event ids of deliveries that were waiting for this one. Call it holding
-    `lock_order`.
-    """
-    await conn.execute(
-        """
-        UPDATE deliveries
-        SET state = $2, reason = $3, next_attempt_at = NULL,
-            claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, updated_at = now()
-        WHERE id = $1
-        """,
-        delivery,
-        state,
-        reason,
-    )
-    return await _waiting_for(conn, delivery)
-
-
 async def record_attempt(
-    pool: asyncpg.Pool,
+    db: Executor,
     event: Event,
     delivery: uuid.UUID,
     callback_id: int,
@@ -225,66 +154,31 @@ async def record_attempt(
     outcome: Outcome,
     verdict: Verdict,
 ) -> list[str]:
-    """Record an attempt and what follows from it, in one transaction.
+    """Record an attempt and what follows from it (`postback_record`); one round trip.
 
     Returns the event ids of deliveries that were waiting for this one, when it settles.
-    A 410 disables the callback in the same transaction: a delivery that starts after it
-    commits is skipped (one already sending when the 410 came still finishes).
     """
-    async with pool.acquire() as conn, conn.transaction():
-        if verdict.state != "retrying":
-            await lock_order(conn, event.affiliate_id, event.order.number)
-        number: int = await conn.fetchval(
-            """
-            UPDATE deliveries
-            SET attempts = attempts + 1, state = $2, reason = $3, error_class = $4,
-                request = $5, callback_id = $6,
-                next_attempt_at = now() + make_interval(secs => $7),
-                claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, updated_at = now()
-            WHERE id = $1
-            RETURNING attempts
-            """,
-            delivery,
-            verdict.state,
-            verdict.reason,
-            outcome.failure_class,
-            request.as_json(),
-            callback_id,
-            verdict.delay,
-        )
-        await conn.execute(
-            """
-            INSERT INTO attempts (delivery_id, number, started_at, duration_ms, status_code,
-                                  error_class, error, response_excerpt, request)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            """,
-            delivery,
-            number,
-            started_at,
-            outcome.duration_ms,
-            outcome.status,
-            outcome.error_class,
-            outcome.error,
-            outcome.excerpt,
-            request.as_json(),
-        )
-        if verdict.disable_callback:
-            await conn.execute(
-                "UPDATE callbacks SET enabled = false, updated_at = now() WHERE id = $1",
-                callback_id,
-            )
-        return [] if verdict.state == "retrying" else await _waiting_for(conn, delivery)
-
-
-async def _waiting_for(conn: Conn, delivery: uuid.UUID) -> list[str]:
-    rows: Sequence[asyncpg.Record] = await conn.fetch(
-        """
-        SELECT event_id FROM deliveries
-        WHERE blocked_by = $1 AND state IN ('pending', 'retrying')
-        """,
+    woken: list[str] = await db.fetchval(
+        "SELECT postback_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+        " $15, $16)",
         delivery,
+        event.affiliate_id,
+        event.order.number,
+        callback_id,
+        verdict.state,
+        verdict.reason,
+        outcome.failure_class,
+        verdict.delay,
+        request.as_json(),
+        started_at,
+        outcome.duration_ms,
+        outcome.status,
+        outcome.error_class,
+        outcome.error,
+        outcome.excerpt,
+        verdict.disable_callback,
     )
-    return [row["event_id"] for row in rows]
+    return woken
 
 
 async def due_without_claim(
