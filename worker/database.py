@@ -62,6 +62,14 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 _TRANSIENT_SQLSTATES = ("08", "40", "53", "55", "57")
 
 
+OUTDATED_SCHEMA: tuple[type[BaseException], ...] = (
+    asyncpg.UndefinedFunctionError,
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedColumnError,
+)
+"""What a query against a database made by an older `schema.sql` fails with."""
+
+
 def transient(exc: BaseException) -> bool:
     """Whether a database failure is worth waiting out, as opposed to one that will recur."""
     if isinstance(exc, UNAVAILABLE):

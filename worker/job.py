@@ -106,6 +106,15 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         elif database.transient(exc):
             log.warning("database_failed", event_id=event.id, error=database.describe(exc))
             wait = INFRA_RETRY_SECONDS
+        elif isinstance(exc, database.OUTDATED_SCHEMA):
+            # New workers on a database the new schema.sql was not applied to yet.
+            log.error(
+                "schema_outdated",
+                event_id=event.id,
+                error=database.describe(exc),
+                hint="run `postback db init`",
+            )
+            wait = CRASH_RETRY_SECONDS
         else:
             # Nobody foresaw it: a bug, most likely. Kept, not dropped, so a fix can still
             # deliver it; the traceback only when it cannot quote stored data.
