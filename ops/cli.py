@@ -134,9 +134,21 @@ def _parser() -> _Parser:
 
     _ledger_commands(commands)
 
-    commands.add_parser(
+    demo_cmd = commands.add_parser(
         "demo", help="run everything on this machine and show postbacks arriving"
-    ).set_defaults(run=run_demo, needs=("database", "redis"))
+    )
+    demo_cmd.add_argument(
+        "--receiver",
+        help="base URL of a `postback receive` elsewhere; workers elsewhere deliver",
+    )
+    demo_cmd.set_defaults(run=run_demo, needs=("database", "redis"))
+
+    receive = commands.add_parser(
+        "receive", help="the demo's receiver: prints every postback it gets"
+    )
+    receive.add_argument("--host", default=demo.RECEIVER_HOST, help="address to listen on")
+    receive.add_argument("--port", type=int, default=9000, help="port to listen on")
+    receive.set_defaults(run=run_receive, needs=())
     return parser
 
 
@@ -419,7 +431,12 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 @_sync
 async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    return await demo.run(settings)
+    return await demo.run(settings, args.receiver)
+
+
+@_sync
+async def run_receive(args: argparse.Namespace, settings: Settings) -> int:
+    return await demo.receive(args.host, args.port)
 
 
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -126,24 +126,32 @@ async def serve(handler: Handler, host: str = RECEIVER_HOST, port: int = 0) -> A
         await runner.cleanup()
 
 
-async def run(settings: Settings) -> int:
-    if "retry_schedule" not in settings.model_fields_set:
+async def run(settings: Settings, receiver: str | None = None) -> int:
+    """The demo. `receiver`: the base URL of a `postback receive` elsewhere, with workers
+    elsewhere delivering this queue (docker compose's demo profile); otherwise both run here.
+    """
+    here = receiver is None
+    if here and "retry_schedule" not in settings.model_fields_set:
         settings = settings.model_copy(update={"retry_schedule": DEMO_SCHEDULE})
-    # The demo's receivers listen on loopback, which the SSRF policy refuses: open just that.
-    allow = f"{settings.allow_networks or ''},{RECEIVER_HOST}/32".lstrip(",")
-    settings = settings.model_copy(update={"allow_networks": allow})
+    if here:
+        # The demo's receivers listen on loopback, which the SSRF policy refuses: open just that.
+        allow = f"{settings.allow_networks or ''},{RECEIVER_HOST}/32".lstrip(",")
+        settings = settings.model_copy(update={"allow_networks": allow})
     assert settings.database_url is not None
     assert settings.redis_url is not None
     # The demo narrates on stdout; the worker's own log lines would only repeat it.
     console.quiet_logs(settings)
     run_id = f"demo-{int(time.time() * 1000)}"
     events = _events(run_id)
-    async with (
-        database.connection(settings.database_url) as conn,
-        serve(_Receiver().handle) as base,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        conn = await stack.enter_async_context(database.connection(settings.database_url))
+        if receiver is None:
+            base = await stack.enter_async_context(serve(_Receiver().handle))
+            print(f"demo receiver listening on {base}")
+        else:
+            base = receiver.rstrip("/")
+            print(f"demo receiver at {base}; the workers of queue {settings.queue_name} deliver")
         await database.apply_schema(conn)
-        print(f"demo receiver listening on {base}")
         for affiliate, (method, path) in AFFILIATES.items():
             for event_type in EVENT_TYPES:
                 spec = callbacks.validate(
@@ -152,19 +160,21 @@ async def run(settings: Settings) -> int:
                 await callbacks.save(conn, spec)
             print(f"callback: {affiliate} {method} {base}{path}")
 
-        async with running(create_worker(settings, handle_signals=False, poll_delay=0.05)):
-            async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
-                published: list[str] = []
-                for event in events:
-                    if event.type == "order.updated":
-                        # As in a shop, an update follows its create, here by the moment it
-                        # takes a worker to record the create: the relay orders what its
-                        # ledger has seen, and this keeps the demo's order the same each run.
-                        await _recorded(conn, published)
-                    await producer.publish(event)
-                    published.append(event.id)
-                    print(f"published: {event.id} {event.type} {event.affiliate_id}")
-            rows = await _settled(conn, [event.id for event in events])
+        if here:
+            worker = create_worker(settings, handle_signals=False, poll_delay=0.05)
+            await stack.enter_async_context(running(worker))
+        async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
+            published: list[str] = []
+            for event in events:
+                if event.type == "order.updated":
+                    # As in a shop, an update follows its create, here by the moment it
+                    # takes a worker to record the create: the relay orders what its
+                    # ledger has seen, and this keeps the demo's order the same each run.
+                    await _recorded(conn, published)
+                await producer.publish(event)
+                published.append(event.id)
+                print(f"published: {event.id} {event.type} {event.affiliate_id}")
+        rows = await _settled(conn, [event.id for event in events])
 
     print("\nledger:")
     for row in rows:
@@ -174,6 +184,14 @@ async def run(settings: Settings) -> int:
     if unsettled:
         print(f"{unsettled} deliveries did not settle within {WAIT_SECONDS:.0f} s")
         return 1
+    return 0
+
+
+async def receive(host: str, port: int) -> int:
+    """`postback receive`: the demo's receiver on its own, until the process is stopped."""
+    async with serve(_Receiver().handle, host, port) as url:
+        print(f"demo receiver listening on {url}", flush=True)
+        await asyncio.Event().wait()
     return 0
 
 

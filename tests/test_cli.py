@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -796,6 +797,43 @@ def test_demo_on_the_configured_servers(postback: Postback) -> None:
 
     check_demo_output(succeeded(result))
     assert "embedded" not in result.stderr
+
+
+@pytest.mark.usefixtures("db", "producer")
+def test_demo_as_docker_compose_runs_it_receiver_and_worker_apart(postback: Postback) -> None:
+    """The compose demo profile: `receive`, a `worker` and `demo --receiver`, three
+    processes; the postbacks reach the receiver and the demo prints the ledger."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**postback.env, "POSTBACK_RETRY_SCHEDULE": "1s"}
+    apart = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ops", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in (["receive", "--port", str(port)], ["worker"])
+    ]
+    receiver, worker = apart
+    try:
+        assert receiver.stdout is not None
+        assert receiver.stdout.readline() == f"demo receiver listening on http://127.0.0.1:{port}\n"
+        result = postback("demo", "--receiver", f"http://127.0.0.1:{port}", timeout=120)
+    finally:
+        outputs = []
+        for process in apart:
+            process.terminate()
+            outputs.append(process.communicate(timeout=30))
+    for _, stderr in outputs:
+        leakcheck.logged(stderr)
+    demo_out = succeeded(result)
+    assert f"demo receiver at http://127.0.0.1:{port}" in demo_out
+    check_demo_output(outputs[0][0] + demo_out)
+    assert worker.returncode == 0, outputs[1][1]
 
 
 def processes_using(folder: Path) -> list[str]:

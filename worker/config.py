@@ -146,6 +146,12 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("ingest_token", "ops_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        # `POSTBACK_OPS_TOKEN=` in an env file (.env.example has both) means "not set".
+        return None if value == "" else value
+
     @field_validator("ingest_token", "ops_token")
     @classmethod
     def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:

@@ -1,0 +1,35 @@
+# One image for every role of the relay: `db init`, `worker`, `serve`, and the demo's
+# `receive` and `demo --receiver`. The command picks the role (docker-compose.yml).
+
+# Build stage: compilers for any dependency without a wheel for this platform.
+FROM python:3.11-slim AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv
+WORKDIR /app
+COPY . .
+# Pinned: every dependency at the version constraints.txt names. Editable, so the
+# installed package finds schema.sql and the ops page where the source tree has them.
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
+        -c constraints.txt -e .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin postback
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /app /app
+WORKDIR /app
+# The source tree and the venv stay root's: the relay cannot rewrite its own code.
+# POSTBACK_DATA_DIR is only for the embedded servers, which a container with both
+# URLs set never starts; it points somewhere writable all the same.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    POSTBACK_DATA_DIR=/tmp/postback
+USER postback
+EXPOSE 8080
+# Exec form: `postback` is the process that gets SIGTERM (through the init compose adds),
+# so a worker stops taking jobs and lets those in flight finish.
+ENTRYPOINT ["postback"]
+CMD ["worker"]
