@@ -1032,3 +1032,12 @@ def test_serve_refuses_to_start_without_tokens(postback: Postback) -> None:
     line = refusal(postback("serve", "--port", "0"))
     assert "POSTBACK_INGEST_TOKEN and POSTBACK_OPS_TOKEN not set" in line
     assert "--insecure" in line
+
+
+def test_empty_tokens_as_in_env_example_are_unset_not_refused(postback: Postback) -> None:
+    """.env.example has `POSTBACK_INGEST_TOKEN=`: a worker runs with it, serve says what
+    is missing rather than that the token is too short."""
+    empty = {"POSTBACK_INGEST_TOKEN": "", "POSTBACK_OPS_TOKEN": ""}
+    line = refusal(postback("serve", "--port", "0", env_overrides=empty))
+    assert "POSTBACK_INGEST_TOKEN and POSTBACK_OPS_TOKEN not set" in line
+    succeeded(postback("worker", "--burst", env_overrides=empty))
