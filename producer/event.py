@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, Required, TypedDict, Unpack
 from urllib.parse import urlsplit
 
@@ -141,10 +141,22 @@ def loads_event(text: str | bytes) -> Event:
     return parse_event(loads_json(text))
 
 
+def json_decimal(text: str) -> Decimal:
+    """`parse_float` for `json.loads`: numbers stay exact (`10.50` stays `10.50`).
+
+    A number whose exponent Decimal cannot hold (`0e1000000000000000000`) is a ValueError,
+    like any other bad JSON, rather than the ArithmeticError Decimal raises.
+    """
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"the number {text[:40]} is out of range") from None
+
+
 def loads_json(text: str | bytes) -> Any:
     """Decode JSON with exact decimals; bad JSON is an `InvalidEvent`, not a traceback."""
     try:
-        return json.loads(text, parse_float=Decimal)
+        return json.loads(text, parse_float=json_decimal)
     except (ValueError, RecursionError) as exc:
         raise InvalidEvent([FieldError("event", f"not valid JSON ({exc})")]) from None
 

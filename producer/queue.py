@@ -13,6 +13,8 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
+from producer.event import json_decimal
+
 DEFAULT_QUEUE = "postback:queue"
 """The Redis key of the queue (a sorted set, as arq keeps it) unless configured otherwise."""
 
@@ -70,4 +72,4 @@ def serialize(obj: Any) -> bytes:
 
 def deserialize(data: bytes | str) -> Any:
     # A producer in another language may write 10.50 as a JSON number; keep it exact.
-    return json.loads(data, parse_float=Decimal)
+    return json.loads(data, parse_float=json_decimal)

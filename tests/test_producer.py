@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio
 
 from producer import InvalidEvent, Producer, loads_event, order_created, order_updated, parse_event
-from producer.queue import JOB_NAME, job_id
+from producer.queue import JOB_NAME, deserialize, job_id
 from tests.conftest import event_data
 
 
@@ -63,6 +63,15 @@ def test_not_an_object_and_not_json_are_refused() -> None:
     assert _refusal([1, 2]) == ["event"]
     with pytest.raises(InvalidEvent, match="not valid JSON"):
         loads_event("{nope")
+
+
+def test_a_number_beyond_what_a_decimal_holds_is_bad_json_not_a_crash() -> None:
+    text = json.dumps(event_data()).replace('"10.50"', "0e1000000000000000000")
+    with pytest.raises(InvalidEvent, match=r"event: not valid JSON \(the number 0e1000"):
+        loads_event(text)
+    # A job written so by hand into Redis: arq's deserializer fails the way bad JSON does.
+    with pytest.raises(ValueError, match="out of range"):
+        deserialize(text.encode())
 
 
 def test_decimals_stay_exact_from_json_numbers_and_strings() -> None:
