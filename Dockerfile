@@ -8,11 +8,16 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 WORKDIR /app
+# The dependencies first, in a layer of their own that a change of the code leaves alone;
+# pinned: each at the version constraints.txt names.
+COPY pyproject.toml constraints.txt ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
+        -c constraints.txt -r /tmp/requirements.txt
 COPY . .
-# Pinned: every dependency at the version constraints.txt names. Editable, so the
-# installed package finds schema.sql and the ops page where the source tree has them.
-RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
-        -c constraints.txt -e .
+# Editable, so the installed package finds schema.sql and the ops page where the source
+# tree has them.
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps -e .
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home \

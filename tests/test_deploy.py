@@ -97,7 +97,8 @@ def test_the_image_runs_the_postback_command_and_compose_runs_real_subcommands()
     assert scripts["postback"] == "ops.cli:main"
     _parses(_dockerfile("CMD"))
     services = _relay_services()
-    assert {"migrate", "worker", "api", "demo-receiver", "demo-worker", "demo"} <= set(services)
+    expected = {"migrate", "worker", "api", "demo-migrate", "demo-receiver", "demo-worker", "demo"}
+    assert expected <= set(services)
     for service in services.values():
         _parses(service["command"])
     assert services["migrate"]["command"] == ["db", "init"]
@@ -133,8 +134,14 @@ def test_the_api_port_and_the_demo_network_line_up() -> None:
     for name, service in _relay_services().items():
         allowed = service.get("environment", {}).get("POSTBACK_ALLOW_NETWORKS")
         assert allowed == (subnet if name == "demo-worker" else None), name
-    worker_queue = compose["services"]["demo-worker"]["environment"]["POSTBACK_QUEUE_NAME"]
-    assert compose["services"]["demo"]["environment"]["POSTBACK_QUEUE_NAME"] == worker_queue
+    # The demo's services share their servers with each other and with nothing else.
+    services = compose["services"]
+    production = services["worker"]["environment"]
+    for name in ("demo-migrate", "demo-worker", "demo"):
+        env = services[name]["environment"]
+        for url in ("POSTBACK_DATABASE_URL", "POSTBACK_REDIS_URL"):
+            assert env[url] == services["demo"]["environment"][url], (name, url)
+            assert env[url] != production[url], (name, url)
     # A stopping worker gets longer than it waits for its in-flight deliveries.
     grace = int(compose["services"]["worker"]["stop_grace_period"].rstrip("s"))
     assert grace > Settings.model_fields["shutdown_wait"].default

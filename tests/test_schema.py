@@ -212,7 +212,7 @@ async def insert_previous_attempt(
 
 
 async def insert_current_delivery(conn: asyncpg.Connection, state: str) -> uuid.UUID:
-    """A delivery as the current worker writes it (ledger.open_delivery)."""
+    """A delivery as the current worker writes it (postback_take in schema.sql)."""
     delivery = uuid.uuid4()
     event_id = f"{RUN}-new-{state}-{delivery.hex[:6]}"
     await conn.execute(

@@ -67,7 +67,9 @@ OUTDATED_SCHEMA: tuple[type[BaseException], ...] = (
     asyncpg.UndefinedTableError,
     asyncpg.UndefinedColumnError,
 )
-"""What a query against a database made by an older `schema.sql` fails with."""
+"""What a query against a database made by an older `schema.sql` fails with. (42883 is
+also "no such operator", and 42703 a misspelt column: a bug the hint would misname, which
+the tests would have caught first.)"""
 
 
 def transient(exc: BaseException) -> bool:

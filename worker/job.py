@@ -202,7 +202,9 @@ async def _deliver(run: _Run, event: Event) -> str:
         bound.debug(
             "delivery_deferred", reason=slot.reason, destination=target, seconds=slot.seconds
         )
-        await ledger.put_off(run.db, did, run.job_id, slot.seconds)
+        # Shielded: a shutdown now must not leave the delivery claimed until the claim goes
+        # stale; the job itself goes back to the queue either way.
+        await asyncio.shield(ledger.put_off(run.db, did, run.job_id, slot.seconds))
         await metrics.count(
             run.redis, run.settings.queue_name, event.affiliate_id, deferred=slot.reason
         )
@@ -219,7 +221,9 @@ def _unsendable(event: Event, entry: cache.Entry) -> tuple[str, bool] | None:
     if it was never tried; None when it can be sent.
 
     The ledger settles it `skipped` if never tried (nothing to replay), and `dead` if tried
-    before the callback went away, so ops can replay it once the callback is back.
+    before the callback went away, so ops can replay it once the callback is back. (A stored
+    event that no longer validates is only noticed when the delivery is claimed, so with
+    its callback gone it is skipped rather than dead: only a row edited by hand is so.)
     """
     callback = entry.callback
     if callback is None:

@@ -106,18 +106,18 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
 
 def use_fast_loop() -> bool:
-    """Run the event loops created from now on with uvloop, when it is installed.
+    """Make a uvloop event loop this thread's current loop, when uvloop is installed.
 
     A worker spends most of its time in socket calls to Redis, Postgres and receivers, and
-    uvloop's are cheaper than asyncio's. Call it before arq's Worker is built: the Worker
-    takes its loop when it is created. For a process that is only a worker: the policy is
-    process-wide. Returns whether uvloop is in use.
+    uvloop's are cheaper than asyncio's. Call it just before arq's Worker is built: the
+    Worker runs on the loop that is current when it is created. Returns whether uvloop is
+    in use.
     """
     try:
         import uvloop  # optional: absent where it does not build
     except ImportError:
         return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.set_event_loop(uvloop.new_event_loop())
     return True
 
 
