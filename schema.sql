@@ -219,12 +219,14 @@ $$;
 --              tried, or if `p_close_dead`), with `woken` the deliveries that waited for it;
 --   blocked    an earlier open delivery of the same order goes first: `blocker_*`, and
 --              `blocked_by` is the one it waited for before this call;
+--   deferred   it could go, but `p_defer` was given (its destination is busy or down):
+--              due again in `p_defer` seconds, waiting for no earlier delivery;
 --   claimed    claimed for `p_job`: send it.
 -- Creates go before updates, then by occurred_at, then by arrival.
 CREATE OR REPLACE FUNCTION postback_take(
     p_id uuid, p_event_id text, p_event_type text, p_affiliate_id text, p_order_number text,
     p_occurred_at timestamptz, p_callback_id bigint, p_event jsonb, p_job text,
-    p_claim_timeout float8, p_close_reason text, p_close_dead boolean,
+    p_claim_timeout float8, p_close_reason text, p_close_dead boolean, p_defer float8,
     OUT action text, OUT inserted boolean, OUT event jsonb, OUT state text,
     OUT attempts integer, OUT wait float8, OUT claimed_by text, OUT blocked_by uuid,
     OUT retry_base integer, OUT resend jsonb, OUT blocker_id uuid, OUT blocker_event_id text,
@@ -284,6 +286,12 @@ BEGIN
         IF FOUND THEN
             UPDATE deliveries SET blocked_by = blocker_id WHERE id = p_id;
             action := 'blocked';
+        ELSIF p_defer IS NOT NULL THEN
+            UPDATE deliveries
+            SET blocked_by = NULL, next_attempt_at = now() + make_interval(secs => p_defer),
+                updated_at = now()
+            WHERE id = p_id;
+            action := 'deferred';
         ELSE
             UPDATE deliveries SET claimed_by = p_job, claimed_at = now(), blocked_by = NULL
             WHERE id = p_id;

@@ -20,11 +20,11 @@ import pytest
 from aiohttp import web
 
 from ops.demo import serve
-from producer import Producer
+from producer import Producer, parse_event
 from tests.conftest import drain, event_data, save_callback
-from worker import fairness
+from worker import fairness, ledger
 from worker.config import Settings
-from worker.deliver import Outcome
+from worker.deliver import Outcome, delivery_id
 
 ORIGIN = "https://t.example:443"
 
@@ -259,3 +259,36 @@ def test_a_probe_stopped_before_the_wire_neither_closes_nor_reopens_the_circuit(
 
 def test_a_destination_never_carries_user_info() -> None:
     assert fairness.destination("http://user:pw@t.example:99999/x") == "http://t.example:99999"
+
+
+async def test_the_ledger_shows_a_put_off_delivery_unclaimed_and_when_it_goes(
+    db: asyncpg.Connection,
+) -> None:
+    """What `take` does when the destination said "not now": no claim, no attempt, the time
+    it comes back; and an earlier delivery of its order still comes first."""
+    create = parse_event(event_data("put-off-create", occurred_at="2030-01-01T00:00:00Z"))
+    update = parse_event(
+        event_data("put-off-update", type="order.updated", occurred_at="2030-01-01T00:00:01Z")
+    )
+    first = await ledger.take(db, delivery_id(create), create, None, "job-a", 60, defer=30.0)
+    assert first.action == "deferred"
+    row = await db.fetchrow(
+        "SELECT state, attempts, claimed_by, blocked_by,"
+        " extract(epoch FROM next_attempt_at - now())::float8 AS wait"
+        " FROM deliveries WHERE id = $1",
+        delivery_id(create),
+    )
+    assert row is not None
+    assert (row["state"], row["attempts"], row["claimed_by"], row["blocked_by"]) == (
+        "pending",
+        0,
+        None,
+        None,
+    )
+    assert 29 < row["wait"] <= 30
+    # Run again before then: it is not due, whatever its destination says now.
+    assert (await ledger.take(db, delivery_id(create), create, None, "job-a", 60)).action == "early"
+    # The order's update waits for its create rather than for the destination.
+    later = await ledger.take(db, delivery_id(update), update, None, "job-b", 60, defer=30.0)
+    assert later.action == "blocked"
+    assert later.blocker == ledger.Blocker(delivery_id(create), create.id)

@@ -142,10 +142,46 @@ async def _deliver(run: _Run, event: Event) -> str:
     did = deliver.delivery_id(event)
     bound = log.bind(event_id=event.id, delivery_id=str(did), affiliate=event.affiliate_id)
     entry = await run.callbacks.get(run.db, event.affiliate_id, event.type)
-    callback_id = None if entry.callback is None else entry.callback.id
     close = _unsendable(event, entry)
+    # The destination is asked before the ledger, so that a delivery put off for it costs
+    # one statement and is never claimed. A resend goes where it first went, and is counted
+    # against its callback's destination now: the same, unless the template's host changed.
+    admitted: fairness.Slot | fairness.Defer | None = None
+    if entry.callback is not None and close is None:
+        target = fairness.destination(entry.callback.url_template)
+        admitted = run.destinations.admit(target, time.monotonic(), run.runs)
+        if isinstance(admitted, fairness.Defer):
+            bound = bound.bind(destination=target)
+    slot = admitted if isinstance(admitted, fairness.Slot) else None
+    try:
+        return await _go(run, bound, did, event, entry, close, admitted)
+    finally:
+        # Not sent (put off, waiting, settled) or stopped before its request was done: the
+        # slot goes back unused. After a request, `_attempt` gave it back with the outcome.
+        if slot is not None:
+            run.destinations.release(slot, None, time.monotonic())
+
+
+async def _go(
+    run: _Run,
+    bound: structlog.stdlib.BoundLogger,
+    did: uuid.UUID,
+    event: Event,
+    entry: cache.Entry,
+    close: tuple[str, bool] | None,
+    admitted: fairness.Slot | fairness.Defer | None,
+) -> str:
+    callback_id = None if entry.callback is None else entry.callback.id
+    defer = admitted if isinstance(admitted, fairness.Defer) else None
     taken = await ledger.take(
-        run.db, did, event, callback_id, run.job_id, run.settings.job_timeout, close
+        run.db,
+        did,
+        event,
+        callback_id,
+        run.job_id,
+        run.settings.job_timeout,
+        close,
+        None if defer is None else defer.seconds,
     )
     if taken.action == "claimed" and not taken.inserted:
         try:
@@ -190,30 +226,19 @@ async def _deliver(run: _Run, event: Event) -> str:
                 waiting_for_event=taken.blocker.event_id,
             )
         raise await _defer(run, BLOCKED_RECHECK_SECONDS)
+    if taken.action == "deferred":
+        assert defer is not None
+        bound.debug("delivery_deferred", reason=defer.reason, seconds=defer.seconds)
+        await metrics.count(
+            run.redis, run.settings.queue_name, event.affiliate_id, deferred=defer.reason
+        )
+        raise await _defer(run, defer.seconds)
 
+    assert isinstance(admitted, fairness.Slot)
     assert entry.callback is not None
     assert entry.template is not None
     ready = _Ready(event, entry.callback, entry.template, taken)
-    target = fairness.destination(
-        ready.callback.url_template if taken.resend is None else taken.resend["url"]
-    )
-    slot = run.destinations.admit(target, time.monotonic(), run.runs)
-    if isinstance(slot, fairness.Defer):
-        bound.debug(
-            "delivery_deferred", reason=slot.reason, destination=target, seconds=slot.seconds
-        )
-        # Shielded: a shutdown now must not leave the delivery claimed until the claim goes
-        # stale; the job itself goes back to the queue either way.
-        await asyncio.shield(ledger.put_off(run.db, did, run.job_id, slot.seconds))
-        await metrics.count(
-            run.redis, run.settings.queue_name, event.affiliate_id, deferred=slot.reason
-        )
-        raise await _defer(run, slot.seconds)
-    try:
-        return await _attempt(run, bound, did, ready, slot)
-    finally:
-        # Whatever stopped the job before its request was done: the slot goes back unused.
-        run.destinations.release(slot, None, time.monotonic())
+    return await _attempt(run, bound, did, ready, admitted)
 
 
 def _unsendable(event: Event, entry: cache.Entry) -> tuple[str, bool] | None:

@@ -26,7 +26,7 @@ OPEN_STATES: tuple[State, ...] = ("pending", "retrying")
 """The states a delivery can still leave; the others are final."""
 
 
-Action = Literal["settled", "early", "elsewhere", "closed", "blocked", "claimed"]
+Action = Literal["settled", "early", "elsewhere", "closed", "blocked", "deferred", "claimed"]
 """What `take` did with the delivery (schema.sql, `postback_take`, says each)."""
 
 
@@ -74,17 +74,19 @@ async def take(
     job_id: str,
     claim_timeout: float,
     close: tuple[str, bool] | None = None,
+    defer: float | None = None,
 ) -> Taken:
     """Open (or find) the delivery and, under its order's lock, claim it for `job_id` when
     it can be sent now; one round trip.
 
     `close`, a reason and whether it makes a dead letter even if never tried, settles it
-    instead when the caller already knows it cannot be sent. A claim younger than
-    `claim_timeout` seconds is another job's; an older one is stale and taken over.
+    instead when the caller already knows it cannot be sent. `defer` puts it off for that
+    many seconds instead of claiming it (its destination said not now). A claim younger
+    than `claim_timeout` seconds is another job's; an older one is stale and taken over.
     """
     reason, dead = (None, False) if close is None else close
     row = await db.fetchrow(
-        "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         delivery,
         event.id,
         event.type,
@@ -97,6 +99,7 @@ async def take(
         claim_timeout,
         reason,
         dead,
+        defer,
     )
     assert row is not None
     blocker_id = row["blocker_id"]
@@ -113,22 +116,6 @@ async def take(
         row["resend"],
         None if blocker_id is None else Blocker(blocker_id, row["blocker_event_id"]),
         row["woken"],
-    )
-
-
-async def put_off(db: Executor, delivery: uuid.UUID, job_id: str, seconds: float) -> None:
-    """Give back this job's claim: the delivery waits for its destination (its cap, or its
-    open circuit). What the ledger shows is when it goes next, not an earlier delivery it
-    no longer waits for."""
-    await db.execute(
-        """
-        UPDATE deliveries SET blocked_by = NULL, claimed_by = NULL, claimed_at = NULL,
-            next_attempt_at = now() + make_interval(secs => $3), updated_at = now()
-        WHERE id = $1 AND claimed_by = $2
-        """,
-        delivery,
-        job_id,
-        seconds,
     )
 
 
