@@ -292,3 +292,38 @@ async def test_the_ledger_shows_a_put_off_delivery_unclaimed_and_when_it_goes(
     later = await ledger.take(db, delivery_id(update), update, None, "job-b", 60, defer=30.0)
     assert later.action == "blocked"
     assert later.blocker == ledger.Blocker(delivery_id(create), create.id)
+
+
+def _put_off(places: fairness.Destinations, now: float, count: int) -> list[float]:
+    waits = []
+    for _ in range(count):
+        held = places.admit(ORIGIN, now)
+        assert isinstance(held, fairness.Defer)
+        assert held.reason == "at_cap"
+        waits.append(held.seconds)
+    return waits
+
+
+def test_at_a_slow_destination_the_put_off_wait_grows_with_how_many_are_waiting() -> None:
+    """No request to it has started for a while: 40 deliveries come back spread over about
+    as long as it takes them to get the 2 slots, not all at once every few seconds."""
+    places = _destinations(cap=2)
+    assert isinstance(places.admit(ORIGIN, 0.0), fairness.Slot)
+    assert isinstance(places.admit(ORIGIN, 0.0), fairness.Slot)
+    waits = _put_off(places, fairness.SLOW_SECONDS + 1.0, 40)
+    assert fairness.AT_CAP_SECONDS <= waits[0] <= fairness.AT_CAP_SECONDS * 1.5
+    # The k-th waits about AT_CAP_SECONDS x k / cap, up to the longest wait.
+    assert waits[-1] >= fairness.AT_CAP_SECONDS * 39 / 2
+    assert max(waits) <= fairness.MAX_AT_CAP_SECONDS * 1.5
+    assert sorted(waits[::10]) == waits[::10]
+
+
+def test_at_a_busy_quick_destination_the_put_off_wait_stays_short() -> None:
+    places = _destinations(cap=2)
+    first = places.admit(ORIGIN, 0.0)
+    assert isinstance(first, fairness.Slot)
+    assert isinstance(places.admit(ORIGIN, 0.0), fairness.Slot)
+    places.release(first, Outcome(200, 5.0), 0.5)
+    assert isinstance(places.admit(ORIGIN, 0.5), fairness.Slot)  # a request just started
+    waits = _put_off(places, 1.0, 40)
+    assert max(waits) <= fairness.AT_CAP_SECONDS * 1.5

@@ -6,7 +6,9 @@ A destination is a callback URL's origin (scheme, host, port). Per worker proces
 - **Cap.** At most `max_in_flight` requests to one destination at once. A delivery over
   the cap is deferred (its job runs again shortly) rather than waiting inside a job slot,
   so a receiver that holds its requests for the whole timeout holds that many slots, not
-  all of them.
+  all of them. When none of its requests has started for a while (a slow destination),
+  the deliveries put off for it are spread over a longer wait, in proportion to how many
+  are waiting, rather than all coming back for the one slot that may free.
 - **Circuit breaker.** After `failures` requests in a row that got no answer (could not
   connect, timed out, cut off), the destination's circuit opens for `open_seconds`: its
   deliveries are deferred until then without spending an attempt. Then one delivery goes
@@ -20,6 +22,7 @@ Plain bookkeeping with the time passed in; the job does the deferring, logging a
 
 from __future__ import annotations
 
+import heapq
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -37,6 +40,16 @@ AT_CAP_DOUBLINGS = 5
 """...doubled each time its job has run before, up to this many times (about a minute):
 a backlog of thousands for one slow destination must not keep every worker busy putting
 the same deliveries off every two seconds."""
+
+MAX_AT_CAP_SECONDS = AT_CAP_SECONDS * 2**AT_CAP_DOUBLINGS
+"""The longest a delivery is put off at the cap (before jitter)."""
+
+SLOW_SECONDS = AT_CAP_SECONDS
+"""A destination at its cap where no request has started for this long frees its slots
+slowly: whoever comes back for one will most likely be put off again."""
+
+FORGET_SECONDS = 60.0
+"""How often destinations with nothing in flight, waiting or failing are forgotten."""
 
 Change = Literal["opened", "closed"]
 
@@ -68,6 +81,15 @@ class _Destination:
     """How long the circuit was last opened for; 0 while it is closed."""
     open_until: float = 0.0
     probing: bool = False
+    last_start: float = 0.0
+    """When a request to it last started."""
+    put_off: list[float] = field(default_factory=list)
+    """When the deliveries put off at its cap come back (a heap)."""
+
+    def idle(self, now: float) -> bool:
+        while self.put_off and self.put_off[0] <= now:
+            heapq.heappop(self.put_off)
+        return not (self.in_flight or self.failures or self.opened_for or self.put_off)
 
 
 @dataclass
@@ -95,11 +117,18 @@ class Destinations:
     max_open_seconds: float
     rng: random.Random = field(default_factory=random.Random)
     _states: dict[str, _Destination] = field(default_factory=dict, init=False, repr=False)
+    _forgot_at: float = field(default=0.0, init=False, repr=False)
 
     def admit(self, origin: str, now: float, runs: int = 0) -> Slot | Defer:
         """`runs`: how many times the delivery's job ran before, which stretches its wait
         when it has to wait again."""
+        if now - self._forgot_at >= FORGET_SECONDS:
+            self._forgot_at = now
+            for gone in [o for o, s in self._states.items() if s.idle(now)]:
+                del self._states[gone]
         state = self._states.setdefault(origin, _Destination())
+        while state.put_off and state.put_off[0] <= now:
+            heapq.heappop(state.put_off)
         backoff = AT_CAP_SECONDS * 2 ** min(runs, AT_CAP_DOUBLINGS)
         if state.opened_for:
             if now < state.open_until:
@@ -108,10 +137,17 @@ class Destinations:
                 return self._defer(backoff, "circuit_open")
             state.probing = True
             state.in_flight += 1
+            state.last_start = now
             return Slot(origin, probe=True)
         if state.in_flight >= self.max_in_flight:
-            return self._defer(backoff, "at_cap")
+            if now - state.last_start >= SLOW_SECONDS:
+                waiting = len(state.put_off) / self.max_in_flight
+                backoff = min(MAX_AT_CAP_SECONDS, backoff * max(1.0, waiting))
+            held = self._defer(backoff, "at_cap")
+            heapq.heappush(state.put_off, now + held.seconds)
+            return held
         state.in_flight += 1
+        state.last_start = now
         return Slot(origin, probe=False)
 
     def release(self, slot: Slot, outcome: Outcome | None, now: float) -> Change | None:
@@ -144,7 +180,7 @@ class Destinations:
             if slot.probe or not state.opened_for:
                 state.failures = 0
                 state.opened_for = state.open_until = 0.0
-        if state == _Destination():
+        if state.idle(now):
             del self._states[slot.origin]  # forget destinations that are idle and well
         return change
 
