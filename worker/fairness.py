@@ -86,9 +86,13 @@ class _Destination:
     put_off: list[float] = field(default_factory=list)
     """When the deliveries put off at its cap come back (a heap)."""
 
-    def idle(self, now: float) -> bool:
+    def expire(self, now: float) -> None:
+        """Drop the put-off deliveries whose wait is over."""
         while self.put_off and self.put_off[0] <= now:
             heapq.heappop(self.put_off)
+
+    def idle(self, now: float) -> bool:
+        self.expire(now)
         return not (self.in_flight or self.failures or self.opened_for or self.put_off)
 
 
@@ -127,8 +131,7 @@ class Destinations:
             for gone in [o for o, s in self._states.items() if s.idle(now)]:
                 del self._states[gone]
         state = self._states.setdefault(origin, _Destination())
-        while state.put_off and state.put_off[0] <= now:
-            heapq.heappop(state.put_off)
+        state.expire(now)
         backoff = AT_CAP_SECONDS * 2 ** min(runs, AT_CAP_DOUBLINGS)
         if state.opened_for:
             if now < state.open_until:

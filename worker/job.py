@@ -171,6 +171,7 @@ async def _go(
     close: tuple[str, bool] | None,
     admitted: fairness.Slot | fairness.Defer | None,
 ) -> str:
+    """Ask the ledger, then do what it says: return, run again later, or send."""
     callback_id = None if entry.callback is None else entry.callback.id
     defer = admitted if isinstance(admitted, fairness.Defer) else None
     taken = await ledger.take(
