@@ -130,10 +130,9 @@ async def run(settings: Settings, receiver: str | None = None) -> int:
     """The demo. `receiver`: the base URL of a `postback receive` elsewhere, with workers
     elsewhere delivering this queue (docker compose's demo profile); otherwise both run here.
     """
-    here = receiver is None
-    if here and "retry_schedule" not in settings.model_fields_set:
+    if receiver is None and "retry_schedule" not in settings.model_fields_set:
         settings = settings.model_copy(update={"retry_schedule": DEMO_SCHEDULE})
-    if here:
+    if receiver is None:
         # The demo's receivers listen on loopback, which the SSRF policy refuses: open just that.
         allow = f"{settings.allow_networks or ''},{RECEIVER_HOST}/32".lstrip(",")
         settings = settings.model_copy(update={"allow_networks": allow})
@@ -160,7 +159,7 @@ async def run(settings: Settings, receiver: str | None = None) -> int:
                 await callbacks.save(conn, spec)
             print(f"callback: {affiliate} {method} {base}{path}")
 
-        if here:
+        if receiver is None:
             worker = create_worker(settings, handle_signals=False, poll_delay=0.05)
             await stack.enter_async_context(running(worker))
         async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:

@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
-from arq import Worker
 
 from ops.demo import running
 from producer import Producer
@@ -24,7 +23,8 @@ from worker.pool import create_worker
 
 
 @contextlib.asynccontextmanager
-async def worker(settings: Settings) -> AsyncIterator[Worker]:
+async def worker(settings: Settings, listening: bool = True) -> AsyncIterator[CallbackCache]:
+    """A running worker's callback cache, once it listens for changes (if `listening`)."""
     started = create_worker(settings, handle_signals=False, poll_delay=0.01)
     async with running(started):
 
@@ -32,12 +32,10 @@ async def worker(settings: Settings) -> AsyncIterator[Worker]:
             return "callbacks" in started.ctx
 
         await _until(up)
-        yield started
-
-
-def _cache(running_worker: Worker) -> CallbackCache:
-    cache: CallbackCache = running_worker.ctx["callbacks"]
-    return cache
+        cache: CallbackCache = started.ctx["callbacks"]
+        if listening:
+            await _listening(cache)
+        yield cache
 
 
 async def _until(condition: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
@@ -86,9 +84,7 @@ async def test_a_changed_template_is_used_for_the_next_event(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/v1")
-    async with worker(settings) as running_worker:
-        cache = _cache(running_worker)
-        await _listening(cache)
+    async with worker(settings) as cache:
         assert await _publish(producer, db, "first") == "delivered"
         assert await _publish(producer, db, "second") == "delivered"
         assert cache.loads == 1  # the second event read no callback from Postgres
@@ -103,9 +99,7 @@ async def test_a_callback_disabled_by_hand_is_skipped_from_the_next_event(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
-    async with worker(settings) as running_worker:
-        cache = _cache(running_worker)
-        await _listening(cache)
+    async with worker(settings) as cache:
         assert await _publish(producer, db, "before") == "delivered"
         async with _told_within_a_second(cache):
             await db.execute("UPDATE callbacks SET enabled = false")  # SQL typed by hand
@@ -120,9 +114,7 @@ async def test_a_lost_listener_reads_through_until_it_listens_again(
     db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
 ) -> None:
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/v1")
-    async with worker(settings) as running_worker:
-        cache = _cache(running_worker)
-        await _listening(cache)
+    async with worker(settings) as cache:
         assert await _publish(producer, db, "cached") == "delivered"
         # Cut the listening connection: notifications sent meanwhile would be missed.
         cut = await db.fetchval(
@@ -157,8 +149,7 @@ async def test_without_the_trigger_nothing_is_cached(
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/v1")
     await db.execute(f"ALTER TABLE callbacks DISABLE TRIGGER {TRIGGER}")
     try:
-        async with worker(settings) as running_worker:
-            cache = _cache(running_worker)
+        async with worker(settings, listening=False) as cache:
             assert await _publish(producer, db, "one") == "delivered"
             await db.execute("UPDATE callbacks SET url_template = $1", receiver.url + "/v2")
             assert await _publish(producer, db, "two") == "delivered"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
-from worker import callbacks, database, render
+from worker import callbacks, database, fairness, render
 
 CHANNEL = "postback_callbacks"
 """Notified by schema.sql's trigger on every change to `callbacks`."""
@@ -54,13 +54,17 @@ class Entry:
     """None when there is no callback, or when its stored template does not parse..."""
     invalid: str | None = None
     """...which says why: only a template written to the table by hand gets here."""
+    destination: str | None = None
+    """The template's scheme, host and port, which the per-destination cap and circuit go
+    by; set whenever `template` is."""
 
 
 def _entry(callback: callbacks.Callback | None) -> Entry:
     if callback is None:
         return Entry(None)
     try:
-        return Entry(callback, render.parse(callback.url_template))
+        template = render.parse(callback.url_template)
+        return Entry(callback, template, destination=fairness.destination(callback.url_template))
     except render.TemplateError as exc:
         return Entry(callback, invalid=str(exc))
 

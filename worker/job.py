@@ -147,11 +147,10 @@ async def _deliver(run: _Run, event: Event) -> str:
     # one statement and is never claimed. A resend goes where it first went, and is counted
     # against its callback's destination now: the same, unless the template's host changed.
     admitted: fairness.Slot | fairness.Defer | None = None
-    if entry.callback is not None and close is None:
-        target = fairness.destination(entry.callback.url_template)
-        admitted = run.destinations.admit(target, time.monotonic(), run.runs)
+    if close is None and entry.destination is not None:
+        admitted = run.destinations.admit(entry.destination, time.monotonic(), run.runs)
         if isinstance(admitted, fairness.Defer):
-            bound = bound.bind(destination=target)
+            bound = bound.bind(destination=entry.destination)
     slot = admitted if isinstance(admitted, fairness.Slot) else None
     try:
         return await _go(run, bound, did, event, entry, close, admitted)
