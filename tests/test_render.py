@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import re
+import string
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -517,7 +518,7 @@ PREFIX = "template must start with http:// or https:// and a literal host"
         (
             r"https://\{{link.query.h\}}/x",
             f"{PREFIX}; a variable cannot be part of the host,"
-            " got 'https://\\\\{{link.query.h\\\\}}/x'",
+            r" got 'https://\{{link.query.h\}}/x'",
         ),
         (
             "https://t.example:99999/x",
@@ -531,8 +532,11 @@ PREFIX = "template must start with http:// or https:// and a literal host"
             " got 'https://bücher.example/{{order.number}}'",
         ),
         (
-            "https://evil.example\\@t.example/x",
-            f"{PREFIX}; the host contains '\\\\', got 'https://evil.example\\\\@t.example/x'",
+            # `\@` alone is a markdown escape for `@` (see the markdown tests below). `\\`
+            # stands for a backslash, which URL parsers read differently in a host: refused.
+            r"https://evil.example\\@t.example/x",
+            r"escaped backslash '\\' at character 21 of the template stands for a backslash,"
+            " which a URL cannot carry; write %5C for a literal backslash",
         ),
         (
             "ftp://t.example/" + "x" * 100,
@@ -559,6 +563,306 @@ def test_urls_that_are_not_absolute_http_with_a_literal_host_are_refused(
 )
 def test_absolute_http_urls_with_a_literal_host_are_accepted(source: str) -> None:
     assert parse(source).source == source
+
+
+# --- parse: markdown backslash escapes, as copied from the docs' raw text -----------------------
+
+# CommonMark lets a backslash escape any ASCII punctuation character.
+PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+# In the template's own text every one of them but the backslash reads as the character.
+TEXT_ESCAPABLE = PUNCTUATION.replace("\\", "")
+NOT_AN_ESCAPE = "remove it, or write %5C for a literal backslash"
+
+
+def test_the_escapable_set_is_all_ascii_punctuation() -> None:
+    assert len(PUNCTUATION) == 32
+    assert set(PUNCTUATION) == {chr(c) for c in range(0x21, 0x7F) if not chr(c).isalnum()}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        r"https://t.example/?s={{link.sub\_id}}",
+        r"https://t.example/?s=\{{link.sub\_id\}}",
+        r"https://t.example/?s=\{\{ link.sub\_id \}\}",
+        r"https://t.example/?s={{link\.sub\_id}}",
+        r"https://t.example/?s={{ link.sub\_id\}}",
+    ],
+)
+def test_an_escaped_underscore_in_a_variable_is_the_plain_name(source: str) -> None:
+    template = parse(source)
+    assert template.parts == ("https://t.example/?s=", Variable("link.sub_id"))
+    assert template.source == source  # stored as typed; the worker parses it again
+    assert render(template, variables(make_event())) == "https://t.example/?s=fb1"
+
+
+def test_an_escaped_query_parameter_name_is_the_plain_name() -> None:
+    template = parse(
+        r"https://t.example/?u={{link.query.utm\_source}}&m=\{{link.query.utm\_medium\}}"
+    )
+    assert template.parts == (
+        "https://t.example/?u=",
+        Variable("link.query.utm_source"),
+        "&m=",
+        Variable("link.query.utm_medium"),
+    )
+    event = make_event(link={"url": "https://shop.example/?utm_source=fb&utm_medium=cpc"})
+    assert render(template, variables(event)) == "https://t.example/?u=fb&m=cpc"
+
+
+@pytest.mark.parametrize("char", PUNCTUATION)
+def test_inside_a_variable_a_backslash_before_punctuation_is_dropped(char: str) -> None:
+    template = parse(f"https://t.example/?v={{{{link.query.a\\{char}b}}}}")
+    assert template.parts == ("https://t.example/?v=", Variable(f"link.query.a{char}b"))
+
+
+def test_inside_a_variable_other_backslashes_are_kept() -> None:
+    # Markdown shows `\b` as typed, so the name keeps it; `\\` shows one backslash.
+    assert parse(r"https://t.example/?v={{link.query.a\b}}").parts[1] == Variable(r"link.query.a\b")
+    assert parse(r"https://t.example/?v={{link.query.a\\_}}").parts[1] == (
+        Variable(r"link.query.a\_")
+    )
+
+
+def _with(char: str) -> str:
+    """A template with `char` in its path, query and fragment text, as typed."""
+    return f"https://t.example/a{char}b?q=1{char}2&o={{{{order.number}}}}#x{char}"
+
+
+@pytest.mark.parametrize("char", TEXT_ESCAPABLE)
+def test_an_escape_in_the_text_renders_exactly_as_the_character(char: str) -> None:
+    escaped, plain = parse(_with("\\" + char)), parse(_with(char))
+    assert escaped.source == _with("\\" + char)
+    assert escaped.parts == plain.parts
+    assert escaped.host == plain.host == "t.example"
+    values = variables(make_event())
+    assert render(escaped, values) == render(plain, values)
+    assert "%5C" not in render(escaped, values)
+
+
+# Next to a variable too; `\{` before `{{` would make the escaped pair `\{{` (see above).
+@pytest.mark.parametrize("char", TEXT_ESCAPABLE.replace("{", ""))
+def test_an_escape_next_to_a_variable_renders_as_the_character(char: str) -> None:
+    def shaped(c: str) -> str:
+        return f"https://t.example/{c}{{{{order.number}}}}{c}{{{{order.amount}}}}{c}"
+
+    values = variables(make_event())
+    assert render(parse(shaped("\\" + char)), values) == render(parse(shaped(char)), values)
+
+
+def test_the_docs_example_with_an_escaped_ampersand_sends_the_plain_url() -> None:
+    escaped = r"https://t.example/pb?order={{order.number}}\&amount={{order.amount}}"
+    plain = "https://t.example/pb?order={{order.number}}&amount={{order.amount}}"
+    sent = "https://t.example/pb?order=%231001&amount=10.50"
+    assert fill(escaped, make_event()) == fill(plain, make_event()) == sent
+    assert fill(r"https://t.example/?a=1\&b=2", make_event()) == "https://t.example/?a=1&b=2"
+
+
+@pytest.mark.parametrize(
+    ("source", "host", "rendered"),
+    [
+        (r"https://t\.example\:8443/pb\?o=1", "t.example", "https://t.example:8443/pb?o=1"),
+        (r"https\://t\-x.example/x", "t-x.example", "https://t-x.example/x"),
+        (r"https://evil.example\@t.example/x", "t.example", "https://evil.example@t.example/x"),
+        (r"https://\[2001:db8::1\]:8443/x", "2001:db8::1", "https://[2001:db8::1]:8443/x"),
+        (r"https://t.example\/{{order.number}}", "t.example", "https://t.example/%231001"),
+        (r"https://t.example\#{{link.hash}}", "t.example", "https://t.example#promo"),
+    ],
+)
+def test_the_host_is_read_from_the_unescaped_text(source: str, host: str, rendered: str) -> None:
+    template = parse(source)
+    assert (template.host, template.source) == (host, source)
+    assert render(template, variables(make_event())) == rendered
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            r"https://t.example\[::1\]/x",
+            f"{PREFIX}; brackets may only enclose an IPv6 host, e.g. [2001:db8::1]:8080,"
+            r" got 'https://t.example\[::1\]/x'",
+        ),
+        (
+            r"https://t.example\:x/",
+            f"{PREFIX}; the host is not valid (Port could not be cast to integer value as 'x'),"
+            r" got 'https://t.example\:x/'",
+        ),
+        (
+            r"ftp\://t.example/a\_b",
+            rf"{PREFIX}, got 'ftp\://t.example/a\_b'",
+        ),
+    ],
+)
+def test_a_host_refusal_after_unescaping_quotes_the_template_as_typed(
+    source: str, message: str
+) -> None:
+    assert refusal(source) == message
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            r"https://t.example/pb?o=1\x",
+            "backslash before 'x' at character 25 of the template escapes nothing"
+            f" (only ASCII punctuation can be escaped); {NOT_AN_ESCAPE}",
+        ),
+        (
+            r"https://t.example/\&\_\q",
+            "backslash before 'q' at character 23 of the template escapes nothing"
+            f" (only ASCII punctuation can be escaped); {NOT_AN_ESCAPE}",
+        ),
+        (
+            r"https://t.example/?o={{order.number}}\b",
+            "backslash before 'b' at character 38 of the template escapes nothing"
+            f" (only ASCII punctuation can be escaped); {NOT_AN_ESCAPE}",
+        ),
+        (
+            r"https://t\ ex/x",
+            "backslash before ' ' at character 10 of the template escapes nothing"
+            f" (only ASCII punctuation can be escaped); {NOT_AN_ESCAPE}",
+        ),
+        (
+            "https://t.example/a\\\u00a0",
+            "backslash before '<U+00A0>' at character 20 of the template escapes nothing"
+            f" (only ASCII punctuation can be escaped); {NOT_AN_ESCAPE}",
+        ),
+        (
+            "https://t.example/pb\\",
+            "backslash at character 21 of the template is its last character and escapes"
+            f" nothing; {NOT_AN_ESCAPE}",
+        ),
+        (
+            r"https://t.example/a\\b",
+            r"escaped backslash '\\' at character 20 of the template stands for a backslash,"
+            " which a URL cannot carry; write %5C for a literal backslash",
+        ),
+        (
+            r"https://t.example/pb\\&x=1",
+            r"escaped backslash '\\' at character 21 of the template stands for a backslash,"
+            " which a URL cannot carry; write %5C for a literal backslash",
+        ),
+        (
+            # Markdown reads `\\{{` as a backslash, then a variable.
+            r"https://t.example/?o=\\{{order.number}}",
+            r"escaped backslash '\\' at character 22 of the template stands for a backslash,"
+            " which a URL cannot carry; write %5C for a literal backslash",
+        ),
+    ],
+)
+def test_a_backslash_that_is_not_a_markdown_escape_is_refused(source: str, message: str) -> None:
+    assert refusal(source) == message
+
+
+@pytest.mark.parametrize("char", [*string.ascii_letters, *string.digits, " ", "é", "€"])
+def test_a_backslash_before_anything_but_punctuation_is_refused(char: str) -> None:
+    assert refusal(f"https://t.example/a\\{char}") == (
+        f"backslash before '{char}' at character 20 of the template escapes nothing"
+        f" (only ASCII punctuation can be escaped); {NOT_AN_ESCAPE}"
+    )
+
+
+def test_percent_5c_is_how_to_send_a_backslash() -> None:
+    assert fill("https://t.example/a%5Cb?o={{order.number}}", make_event()) == (
+        "https://t.example/a%5Cb?o=%231001"
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            "https://t.example/\\&\\_?o={order.number}}",
+            "unmatched '}}' at character 39 of the template; variables are written {{name}}",
+        ),
+        (
+            "https://t.example/\\&\\_?o={{order.number",
+            "unclosed '{{' at character 26 of the template; close it with '}}'",
+        ),
+        (
+            "https://t.example/\\&\\_?o=1\n",
+            "template contains control character U+000A at character 27; a URL cannot contain it",
+        ),
+        (
+            "https://t.example/\\&\\_?o={{\\}}",
+            "empty variable '{{}}' at character 26 of the template;"
+            " put a name inside, e.g. {{order.number}}",
+        ),
+    ],
+)
+def test_positions_count_the_template_as_typed(source: str, message: str) -> None:
+    assert refusal(source) == message
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            r"https://t.example/?s={{link.sub\_idd}}",
+            r"unknown variable 'link.sub\_idd' in template; did you mean 'link.sub_id'?",
+        ),
+        (
+            r"https://t.example/?o={{order\number}}",
+            r"unknown variable 'order\number' in template; did you mean 'order.number'?",
+        ),
+        (
+            r"https://t.example/?u={{link.qeury.utm\_source}}",
+            r"unknown variable 'link.qeury.utm\_source' in template;"
+            " did you mean 'link.query.utm_source'?",
+        ),
+        (
+            r"https://t.example/?u={{link.query\.}}",
+            r"variable 'link.query\.' needs a query parameter name after 'link.query.',"
+            " e.g. 'link.query.ref' for ?ref=...",
+        ),
+        (
+            "https://t.example/?o={{it's}}",
+            "unknown variable 'it's' in template; known variables are event.id, event.type,"
+            " event.occurred_at, affiliate.id, order.number, order.amount, order.commission,"
+            " order.currency, order.status, link.url, link.path, link.hash, link.sub_id,"
+            " link.query.NAME",
+        ),
+        (
+            "https://t.example/?o={{order.\nnumber}}",
+            "unknown variable 'order.<U+000A>number' in template; did you mean 'order.number'?",
+        ),
+        (r"it's\_", rf"{PREFIX}, got 'it's\_'"),
+    ],
+)
+def test_messages_quote_the_template_as_typed_on_one_line(source: str, message: str) -> None:
+    assert refusal(source) == message
+    assert "\n" not in message
+
+
+MARKDOWN_PIECES = (
+    "\\", "\\\\", "\\&", "\\_", "\\#", "\\.", "\\{", "\\}", "\\ ", "\\a", "\\1", "&", "_",
+    "%5C", "%5c", "%", "a", " ", "é", "?", "/", "#", "=", "{", "}",
+    "{{order.number}}", "\\{{link.sub\\_id\\}}", "{{link.query.a\\&b}}", "{{link.query.a\\b}}",
+)  # fmt: skip
+
+
+def test_no_backslash_is_ever_sent_and_percent_5c_only_where_typed() -> None:
+    rng = random.Random(2024)
+    values = {"order.number": "1", "link.sub_id": "s", "link.query.a&b": "q"}
+    accepted = 0
+    refusals: list[str] = []
+    for _ in range(3000):
+        tail = "".join(rng.choices(MARKDOWN_PIECES, k=rng.randint(1, 8)))
+        source = "https://t.example/" + tail
+        try:
+            template = parse(source)
+        except TemplateError as exc:
+            refusals.append(str(exc))
+            continue
+        accepted += 1
+        url = render(template, values)
+        assert "\\" not in url, source
+        assert url.upper().count("%5C") == source.upper().count("%5C"), source
+        assert urlsplit(url).hostname == template.host == "t.example"
+    assert accepted > 300
+    assert len(refusals) > 300
+    assert not [message for message in refusals if "\n" in message]
 
 
 # --- body -----------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
-"""Callback URL templates: parsed once when a callback is saved, rendered for every delivery.
+r"""Callback URL templates: parsed once when a callback is saved, rendered for every delivery.
 
 Two promises matter here (DESIGN.md section 3). A template that would fail later is refused
 at save time, with a message the affiliate manager can act on. And no event value can change
 where a request goes or how the URL is read: the scheme and host are literal text, and every
 substituted value is percent-encoded, so a `/`, `?`, `#` or `&` in an order number stays data.
+
+Templates are copied from the raw text of markdown docs, so they carry markdown's backslash
+escapes (`\{{link.sub\_id\}}`, `?a=1\&b=2`). The parser reads them as a markdown renderer
+shows them, and refuses a backslash that is no escape rather than send it as `%5C`.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +47,14 @@ _QUERY_PREFIX = _QUERY_FAMILY + "."
 # Docs renderers often show `\{{name\}}`; each brace of a pair may carry its own backslash.
 _OPEN = re.compile(r"\\?\{\\?\{")
 _CLOSE = re.compile(r"\\?\}\\?\}")
+# CommonMark: a backslash before any ASCII punctuation character (string.punctuation, all 32)
+# escapes it, and docs written in markdown escape `_` and `&` in URLs. Inside `{{...}}` the
+# backslash is dropped, so `{{link.sub\_id}}` is link.sub_id. In the template's own text the
+# escaped character is kept, except `\\`: it stands for a backslash, which a URL cannot carry.
+_ESCAPE_IN_NAME = re.compile(r"\\([" + re.escape(string.punctuation) + "])")
+_ESCAPABLE_IN_TEXT = frozenset(string.punctuation) - {"\\"}
+# A backslash and the character after it, if any; matched left to right, so `\\_` is `\\`, `_`.
+_BACKSLASH = re.compile(r"\\(.?)", re.DOTALL)
 _SCHEME = re.compile(r"(https?)://", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _AUTHORITY_END = re.compile(r"[/?#]")
@@ -77,11 +90,14 @@ class Template:
 
 
 def parse(source: str) -> Template:
-    """Validate a template when the callback is saved, so mistakes surface to a person.
+    r"""Validate a template when the callback is saved, so mistakes surface to a person.
 
     Raises `TemplateError` for an unknown variable (suggesting the closest known name), an
-    empty or unclosed `{{`, a stray `}}`, control characters, a template over 4096
-    characters, and any template whose scheme and host are not literal `http(s)://host`.
+    empty or unclosed `{{`, a stray `}}`, control characters, a backslash in the text that is
+    no markdown escape, a template over 4096 characters, and any template whose scheme and
+    host are not literal `http(s)://host`. Markdown escapes are read as the docs show them
+    (`\&` is `&`), so the host check and the parts see the unescaped text; `source` is kept
+    as typed, and positions in messages count it as typed.
     """
     if len(source) > MAX_TEMPLATE_LENGTH:
         raise TemplateError(
@@ -160,6 +176,7 @@ def body(values: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _tokenize(source: str) -> tuple[str | Variable, ...]:
+    """The template's text (unescaped, not yet URI-encoded) and variables, in order."""
     parts: list[str | Variable] = []
     pos = 0
     while True:
@@ -167,7 +184,7 @@ def _tokenize(source: str) -> tuple[str | Variable, ...]:
         literal = source[pos : opening.start() if opening else len(source)]
         _check_literal(literal, pos)
         if literal:
-            parts.append(literal)
+            parts.append(_unescape_text(source, pos, literal))
         if opening is None:
             return tuple(parts)
         closing = _CLOSE.search(source, opening.end())
@@ -177,8 +194,9 @@ def _tokenize(source: str) -> tuple[str | Variable, ...]:
                 f"unclosed '{{{{' at character {opening.start() + 1} of the template; "
                 "close it with '}}'"
             )
-        name = source[opening.end() : closing.start()].strip()
-        _check_name(name, opening.start() + 1)
+        typed = source[opening.end() : closing.start()].strip()
+        name = _ESCAPE_IN_NAME.sub(r"\1", typed)
+        _check_name(name, typed, opening.start() + 1)
         parts.append(Variable(name))
         pos = closing.end()
 
@@ -208,7 +226,45 @@ def _check_literal(literal: str, offset: int) -> None:
         )
 
 
-def _check_name(name: str, position: int) -> None:
+def _unescape_text(source: str, offset: int, literal: str) -> str:
+    """`literal` (which starts at `offset` of `source`) as a markdown renderer shows it.
+
+    A backslash that is not an escape is refused rather than kept: it would go out as `%5C`,
+    and the affiliate would silently get a URL that neither the docs nor the user showed.
+    """
+    text: list[str] = []
+    pos = 0
+    for escape in _BACKSLASH.finditer(literal):
+        if escape.group(1) not in _ESCAPABLE_IN_TEXT:
+            raise TemplateError(_backslash_error(source, offset + escape.start()))
+        text.extend((literal[pos : escape.start()], escape.group(1)))
+        pos = escape.end()
+    text.append(literal[pos:])
+    return "".join(text)
+
+
+def _backslash_error(source: str, index: int) -> str:
+    # Read the next character from the whole source: a literal cut short by `\{{` ends in
+    # the first backslash of `\\{{`, which markdown reads as an escaped backslash.
+    following = source[index + 1 : index + 2]
+    where = f"at character {index + 1} of the template"
+    if following == "\\":
+        typed = _quoted(source[index : index + 2])
+        return (
+            f"escaped backslash {typed} {where} stands for a backslash, which a URL cannot "
+            "carry; write %5C for a literal backslash"
+        )
+    fix = "remove it, or write %5C for a literal backslash"
+    if not following:
+        return f"backslash {where} is its last character and escapes nothing; {fix}"
+    return (
+        f"backslash before {_quoted(following)} {where} escapes nothing "
+        f"(only ASCII punctuation can be escaped); {fix}"
+    )
+
+
+def _check_name(name: str, typed: str, position: int) -> None:
+    """Check an unescaped variable `name`; messages quote it as `typed`, escapes and all."""
     if not name:
         raise TemplateError(
             f"empty variable '{{{{}}}}' at character {position} of the template; "
@@ -218,14 +274,16 @@ def _check_name(name: str, position: int) -> None:
         return
     if name in (_QUERY_FAMILY, _QUERY_PREFIX):
         raise TemplateError(
-            f"variable {name!r} needs a query parameter name after 'link.query.', "
+            f"variable {_quoted(typed)} needs a query parameter name after 'link.query.', "
             "e.g. 'link.query.ref' for ?ref=..."
         )
     suggestion = _suggest(name)
     if suggestion:
-        raise TemplateError(f"unknown variable {name!r} in template; did you mean {suggestion!r}?")
+        raise TemplateError(
+            f"unknown variable {_quoted(typed)} in template; did you mean {_quoted(suggestion)}?"
+        )
     raise TemplateError(
-        f"unknown variable {name!r} in template; known variables are "
+        f"unknown variable {_quoted(typed)} in template; known variables are "
         + ", ".join((*KNOWN_VARIABLES, "link.query.NAME"))
     )
 
@@ -260,7 +318,7 @@ def _scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> str:
         )
     bad = _BAD_HOST_CHAR.search(authority)
     if bad:
-        raise TemplateError(_host_error(source, f"the host contains {bad.group()!r}"))
+        raise TemplateError(_host_error(source, f"the host contains {_quoted(bad.group())}"))
     userinfo, _, host_and_port = authority.rpartition("@")
     if "[" in userinfo or "]" in userinfo or not _HOST_AND_PORT.fullmatch(host_and_port):
         raise TemplateError(
@@ -281,5 +339,16 @@ def _host_error(source: str, reason: str = "") -> str:
     excerpt = source if len(source) <= 80 else source[:77] + "..."
     detail = f"; {reason}" if reason else ""
     return (
-        f"template must start with http:// or https:// and a literal host{detail}, got {excerpt!r}"
+        "template must start with http:// or https:// and a literal host"
+        f"{detail}, got {_quoted(excerpt)}"
     )
+
+
+def _quoted(text: str) -> str:
+    r"""User text for a message, in single quotes and exactly as typed.
+
+    Not `repr`: it doubles every backslash, so a markdown escape such as `\_` would be quoted
+    as `\\_`, which is not what the user wrote, and it switches quote styles. Only characters
+    that would break the one-line message or hide in it (newline, NBSP, ...) are spelled out.
+    """
+    return "'" + "".join(c if c.isprintable() else f"<U+{ord(c):04X}>" for c in text) + "'"
