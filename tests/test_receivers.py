@@ -438,3 +438,75 @@ async def test_a_stored_url_the_http_client_cannot_read_fails_without_a_crash() 
     finally:
         await http.close()
     assert (outcome.status, outcome.error_class) == (None, "invalid_url")
+
+
+# -- a receiver that cuts off a reused connection: every request is an attempt -------------
+
+
+@dataclass
+class OneRequestPerConnection:
+    """Answers the first request on a connection and keeps it alive; reads the next request
+    on that connection and ends it unanswered, as a receiver whose keep-alive timeout races
+    the reuse does."""
+
+    reset: bool
+    """End with a TCP reset rather than a plain close."""
+    url: str = ""
+    read: int = 0
+    """Every request that reached the receiver, answered or not."""
+    cut_off: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+        await writer.drain()
+        await self._read_request(reader)
+        self.cut_off += 1
+        if self.reset:
+            writer.transport.abort()
+        # Otherwise raw_server closes the connection when this returns.
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> None:
+        head = await read_head(reader)
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        self.read += 1
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_every_request_a_receiver_reads_is_an_attempt_in_the_ledger(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, method: str, ending: str
+) -> None:
+    # One job at a time: each request finds the connection the one before it left in the
+    # pool, so every second request on a connection is one the receiver cuts off.
+    one_at_a_time = settings.model_copy(update={"max_jobs": 1})
+    receiver = OneRequestPerConnection(reset=ending == "reset")
+    async with raw_server(receiver.handle) as url:
+        await save_callback(db, "ann", "order.created", method, url + "/pb?o={{order.number}}")
+        await producer.publish_many(
+            [event_data(f"wire{n}", order=order(f"W{n}")) for n in range(6)]
+        )
+        await drain(one_at_a_time)
+
+    attempts = await db.fetchval("SELECT count(*) FROM attempts")
+    print(
+        f"\n{method}, {ending}: the receiver read {receiver.read} requests "
+        f"({receiver.cut_off} cut off); the ledger has {attempts} attempts"
+    )
+    assert receiver.cut_off > 0  # connections were reused, so the test tests something
+    assert attempts == receiver.read
+    # Each cut-off request is a failed attempt of its own, retried like any other.
+    answered = await db.fetchval("SELECT count(*) FROM attempts WHERE status_code = 200")
+    failed = await db.fetch("SELECT error_class FROM attempts WHERE status_code IS NULL")
+    assert answered == receiver.read - receiver.cut_off
+    assert [row["error_class"] for row in failed] == ["http_error"] * receiver.cut_off
+    # ... and a transient one: its delivery tried again, on the schedule.
+    assert await db.fetchval("SELECT count(*) FROM deliveries WHERE attempts > 1") > 0

@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 import standardwebhooks
+from aiohttp import web
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from ops.demo import serve
 from producer import Producer
-from tests.conftest import Api, Receiver, drain, event_data, save_callback
+from tests.conftest import Api, Received, Receiver, drain, event_data, save_callback
 from worker import callbacks, sign
 from worker.config import Settings
 
@@ -125,6 +127,86 @@ async def test_a_delivery_verifies_with_the_standardwebhooks_package(
         verifier.verify(tampered, request.headers)
     with pytest.raises(WebhookVerificationError):
         standardwebhooks.Webhook(sign.generate()).verify(request.body, request.headers)
+
+
+GET_TEMPLATES = [
+    "/pb?order={{order.number}}&amount={{order.amount}}",
+    # No path (the request line says /), and a fragment, which never leaves the relay.
+    "?order={{order.number}}&amount={{order.amount}}#{{order.number}}",
+    # An encoded slash, which the request line keeps as it is.
+    "/a%2Fb/{{order.number}}?amount={{order.amount}}",
+]
+
+
+@pytest.mark.parametrize("template", GET_TEMPLATES)
+async def test_a_signed_get_verifies_with_the_standardwebhooks_package_on_its_target(
+    db: asyncpg.Connection,
+    producer: Producer,
+    receiver: Receiver,
+    settings: Settings,
+    template: str,
+) -> None:
+    """What an affiliate's receiver does with a GET: the standard's own library, with the
+    request target as it arrived (path and query) as the payload."""
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + template, SECRET)
+    await producer.publish(
+        event_data("get", order={"number": "#7", "amount": "12.30", "commission": "1.23"})
+    )
+    await drain(settings)
+
+    [request] = receiver.requests
+    assert "amount=12.30" in request.path_qs
+    assert request.body == b""
+    verifier = standardwebhooks.Webhook(SECRET)
+    verifier.verify(request.path_qs, request.headers, json_parse=False)
+    # One query parameter changed on the way, and the signature no longer holds.
+    tampered = request.path_qs.replace("amount=12.30", "amount=99.30")
+    with pytest.raises(WebhookVerificationError):
+        verifier.verify(tampered, request.headers, json_parse=False)
+    # Nor does it hold over an empty body, as it did when a GET signed nothing but its id.
+    with pytest.raises(WebhookVerificationError):
+        verifier.verify(b"", request.headers, json_parse=False)
+
+
+async def test_a_redirected_get_carries_the_signature_of_the_first_target(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    arrived: list[Received] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        arrived.append(Received(request.method, request.raw_path, dict(request.headers), b""))
+        if request.path == "/old":
+            return web.Response(status=302, headers={"Location": "/new?moved=1"})
+        return web.Response(text="thanks")
+
+    async with serve(moved) as url:
+        await save_callback(
+            db, "ann", "order.created", "GET", url + "/old?o={{order.number}}", SECRET
+        )
+        await producer.publish(event_data("moved"))
+        await drain(settings)
+
+    first, redirected = arrived
+    assert (first.path_qs, redirected.path_qs) == ("/old?o=%231001", "/new?moved=1")
+    verifier = standardwebhooks.Webhook(SECRET)
+    # The redirected-to receiver gets the same signature, which covers the first target.
+    assert redirected.headers["webhook-signature"] == first.headers["webhook-signature"]
+    verifier.verify(first.path_qs, redirected.headers, json_parse=False)
+    with pytest.raises(WebhookVerificationError):
+        verifier.verify(redirected.path_qs, redirected.headers, json_parse=False)
+
+
+async def test_a_test_fire_of_a_signed_get_verifies_on_its_target(
+    api: Api, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await save_callback(
+        db, "ann", "order.created", "GET", receiver.url + "/pb?o={{order.number}}", SECRET
+    )
+    status, fired = await api.call("POST", "/v1/callbacks/ann/order.created/test")
+    assert status == 200, fired
+    [request] = receiver.requests
+    assert request.path_qs == "/pb?o=TEST-1001"
+    standardwebhooks.Webhook(SECRET).verify(request.path_qs, request.headers, json_parse=False)
 
 
 async def test_the_api_answers_a_generated_secret_once_and_never_lists_it(

@@ -112,8 +112,41 @@ def _request(
         body = json.dumps(render.body(render.variables(event)), separators=(",", ":")).encode()
     if secret is not None:
         signed_at = int(time.time()) if timestamp is None else timestamp
-        headers |= sign.headers(secret, message_id, signed_at, body or b"")
+        headers |= sign.headers(secret, message_id, signed_at, _signed_content(url, body))
     return Request(method, url, headers, body)
+
+
+def _signed_content(url: str, body: bytes | None) -> bytes:
+    """What the signature covers: the body, as Standard Webhooks has it; for a GET, which
+    has none, the request target in its place, so no query parameter can be changed under
+    the signature. After a redirect the same headers go along, so the signature covers the
+    target the relay first asked for, not the one the redirected-to receiver gets."""
+    if body is not None:
+        return body
+    try:
+        # UTF-8, as aiohttp writes the request line.
+        return request_target(url).encode()
+    except ValueError:
+        # Never sent: `send` refuses such a URL as invalid_url before anything goes out.
+        return b""
+
+
+def wire_url(url: str) -> URL:
+    """The URL a request to `url` goes to. Raises ValueError for one yarl cannot read."""
+    # encoded=True: the rendered URL goes out byte for byte; yarl would otherwise
+    # "normalise" it, e.g. turn an encoded value's %2F back into /.
+    return URL(url, encoded=True)
+
+
+def request_target(url: str) -> str:
+    """The request target on the request line of a request to `url`: its path and query,
+    exactly as they are in it (`/` for an empty path, never the fragment).
+
+    Raises ValueError for a URL yarl cannot read.
+    """
+    # What aiohttp's ClientRequest.send writes when not sending through a proxy, which the
+    # relay never does.
+    return wire_url(url).raw_path_qs
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +202,7 @@ def session(
         # max_jobs of them.
         limit=0,
     )
-    return aiohttp.ClientSession(
+    http = aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
         # Cookies from one affiliate must never travel to another.
@@ -178,14 +211,22 @@ def session(
         # checked, and it would connect anywhere.
         trust_env=False,
     )
+    # aiohttp (3.10+) silently sends a GET again when the receiver closed the kept-alive
+    # connection it went out on: two requests on the wire in one recorded attempt. Off, every
+    # request is an attempt of its own; the cut-off one fails as http_error and is retried
+    # on the schedule. This is the switch aiohttp's re-send checks, and aiohttp lists it in
+    # ClientSession.ATTRS, the attributes it lets be set. A client middleware turning the
+    # error into another would be public API, but would have to know which errors aiohttp
+    # re-sends on (a connect error must still come through as one) and need aiohttp 3.12.
+    # tests/test_receivers.py counts requests against attempts, so a rename shows there.
+    http._retry_connection = False
+    return http
 
 
 async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
     started = time.perf_counter()
     try:
-        # encoded=True: the rendered URL goes out byte for byte; yarl would otherwise
-        # "normalise" it, e.g. turn an encoded value's %2F back into /.
-        url = URL(request.url, encoded=True)
+        url = wire_url(request.url)
     except ValueError:
         # A URL stored before the template check refused its kind must not crash the job.
         return _failure(started, "invalid_url", "the URL cannot be requested (only http(s) is)")

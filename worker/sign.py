@@ -1,7 +1,9 @@
 """Standard Webhooks signatures, so a receiver can prove a postback came from the store.
 
 https://www.standardwebhooks.com: `webhook-signature: v1,<base64 HMAC-SHA256>` over
-`<webhook-id>.<webhook-timestamp>.<body>`, keyed with the secret.
+`<webhook-id>.<webhook-timestamp>.<body>`, keyed with the secret. A GET has no body: the
+relay signs its request target (path and query as sent) in the body's place, so a receiver
+verifies it with the standard's libraries by passing the target as the payload.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ def key(secret: str) -> bytes:
     return decoded
 
 
-def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
-    signed = f"{message_id}.{timestamp}.".encode() + body
+def signature(secret: str, message_id: str, timestamp: int, content: bytes) -> str:
+    """`content`: the body, or a GET's request target (see the module's docstring)."""
+    signed = f"{message_id}.{timestamp}.".encode() + content
     digest = hmac.new(key(secret), signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 
-def headers(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    values = (message_id, str(timestamp), signature(secret, message_id, timestamp, body))
+def headers(secret: str, message_id: str, timestamp: int, content: bytes) -> dict[str, str]:
+    values = (message_id, str(timestamp), signature(secret, message_id, timestamp, content))
     return dict(zip(HEADER_NAMES, values, strict=True))
