@@ -25,7 +25,8 @@ from ops import console, demo, records, replay, service
 from ops.embedded import services
 from ops.records import FILTER_FIELDS, Cursor, Filter, InputError, parse_id, parse_limit
 from ops.service import Insecure
-from producer.event import EVENT_TYPES, Event, InvalidEvent, loads_json, parse_event
+from producer.event import EVENT_TYPES, Event, InvalidEvent, parse_event
+from producer.json_input import BadJson, NotJson, read_json
 from producer.publish import Producer
 from producer.queue import open_redis
 from worker import callbacks, database, logs, render
@@ -356,9 +357,13 @@ def read_events(source: str) -> list[Event]:
     """One JSON event, a JSON array of events, or JSON lines; all valid or refused."""
     text = _read_input(source)
     try:
-        whole = loads_json(text)
-    except InvalidEvent:
+        whole = read_json(text)
+    except NotJson:
         documents = _json_lines(text)  # not one JSON document: read it line by line
+    except BadJson as exc:
+        # JSON, but refused (a duplicate key, a number out of range). Not read again line
+        # by line: a pretty-printed document would be blamed on its first line.
+        raise Refused(str(exc)) from None
     else:
         if isinstance(whole, list):
             documents = [(f"event {i}", item) for i, item in enumerate(whole, start=1)]
@@ -380,8 +385,8 @@ def _json_lines(text: str) -> list[tuple[str, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                documents.append((f"line {number}", loads_json(line)))
-            except InvalidEvent as exc:
+                documents.append((f"line {number}", read_json(line)))
+            except BadJson as exc:
                 raise Refused(f"line {number}: {exc}") from None
     return documents
 

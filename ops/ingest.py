@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from producer.event import Event, InvalidEvent, loads_json, parse_event
+from producer.event import Event, InvalidEvent, parse_event
+from producer.json_input import BadJson, read_json
 
 MAX_BATCH = 1000
 MAX_BODY = 1024 * 1024
@@ -39,9 +40,9 @@ def parse_batch(body: bytes) -> list[Event]:
     """Every event of an ingest body (one JSON event, or an array of them), or `Refused`
     naming each bad one by its index (0 for a single event) and field."""
     try:
-        document = loads_json(body)
-    except InvalidEvent as exc:
-        raise Refused([Refusal(None, e.field, e.message) for e in exc.errors]) from None
+        document = read_json(body)
+    except BadJson as exc:
+        raise Refused([Refusal(None, "event", str(exc))]) from None
     items = document if isinstance(document, list) else [document]
     if not items:
         raise Refused([Refusal(None, "events", "the array holds no event")])

@@ -133,26 +133,31 @@ _LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 @web.middleware
 async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     expected = _required_token(request)
-    if expected is not None and request.method in _CHANGES:
-        # A browser sends a cross-site POST of text/plain or form data without asking
-        # first; a web page visited by an ops engineer must not replay or disable anything
-        # through a service on their machine (in --insecure mode, no token stops it).
-        origin = request.headers.get("Origin")
-        if origin is not None and _authority(origin) != request.host:
-            return error(403, "cross-site request refused")
-        if request.can_read_body and request.content_type != "application/json":
-            return error(415, "send the body as JSON (Content-Type: application/json)")
-    if expected == b"" and _name(request.host) not in _LOCAL_NAMES:
-        # No token: only this machine may call. Checking the name it was called by also
-        # stops a web page from rebinding its own name to 127.0.0.1 to read the API.
-        return error(403, "without a token, only requests to localhost are served")
-    if expected:  # None: open endpoint; b"": no token configured (insecure mode)
+    if expected is None:  # an open endpoint
+        return await handler(request)
+    if expected:
+        # Before anything else: a caller without the token gets 401 whatever it sent, and
+        # learns nothing from which of the other checks its request would fail.
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             return _unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
         # Constant time: how much of a guess is right must not show in the timing.
         if not hmac.compare_digest(given.strip().encode(errors="surrogateescape"), expected):
             return _unauthorized("wrong token")
+    elif _name(request.host) not in _LOCAL_NAMES:
+        # No token configured (--insecure): only this machine may call. Checking the name
+        # it was called by also stops a web page from rebinding its own name to 127.0.0.1.
+        return error(403, "without a token, only requests to localhost are served")
+    if request.method in _CHANGES:
+        # A browser sends a cross-site POST of text/plain or form data without asking
+        # first; a web page visited by an ops engineer must not replay or disable anything
+        # through a service on their machine. With --insecure no token stops such a
+        # request, so this check must not depend on one.
+        origin = request.headers.get("Origin")
+        if origin is not None and _authority(origin) != request.host:
+            return error(403, "cross-site request refused")
+        if request.can_read_body and request.content_type != "application/json":
+            return error(415, "send the body as JSON (Content-Type: application/json)")
     return await handler(request)
 
 

@@ -6,11 +6,10 @@ every refusal names the field that is wrong.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, Literal, Required, TypedDict, Unpack
 from urllib.parse import urlsplit
 
@@ -23,6 +22,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+
+from producer.json_input import BadJson, read_json
 
 EventType = Literal["order.created", "order.updated"]
 EVENT_TYPES: tuple[EventType, ...] = ("order.created", "order.updated")
@@ -138,27 +139,11 @@ def parse_event(data: Any) -> Event:
 
 def loads_event(text: str | bytes) -> Event:
     """Decode and validate one JSON event, keeping decimals exact (`10.50` stays `10.50`)."""
-    return parse_event(loads_json(text))
-
-
-def json_decimal(text: str) -> Decimal:
-    """`parse_float` for `json.loads`: numbers stay exact (`10.50` stays `10.50`).
-
-    A number whose exponent Decimal cannot hold (`0e1000000000000000000`) is a ValueError,
-    like any other bad JSON, rather than the ArithmeticError Decimal raises.
-    """
     try:
-        return Decimal(text)
-    except InvalidOperation:
-        raise ValueError(f"the number {text[:40]} is out of range") from None
-
-
-def loads_json(text: str | bytes) -> Any:
-    """Decode JSON with exact decimals; bad JSON is an `InvalidEvent`, not a traceback."""
-    try:
-        return json.loads(text, parse_float=json_decimal)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidEvent([FieldError("event", f"not valid JSON ({exc})")]) from None
+        data = read_json(text)
+    except BadJson as exc:
+        raise InvalidEvent([FieldError("event", str(exc))]) from None
+    return parse_event(data)
 
 
 class OrderFields(TypedDict, total=False):

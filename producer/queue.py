@@ -13,7 +13,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from producer.event import json_decimal
+from producer.json_input import read_json
 
 DEFAULT_QUEUE = "postback:queue"
 """The Redis key of the queue (a sorted set, as arq keeps it) unless configured otherwise."""
@@ -38,7 +38,7 @@ def open_redis(redis_url: str, queue_name: str = DEFAULT_QUEUE) -> ArqRedis:
         redis_url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT
     )
     redis.job_serializer = serialize
-    redis.job_deserializer = deserialize
+    redis.job_deserializer = read_json
     redis.default_queue_name = queue_name
     return redis
 
@@ -68,8 +68,3 @@ def _default(value: object) -> str:
 
 def serialize(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=_default).encode()
-
-
-def deserialize(data: bytes | str) -> Any:
-    # A producer in another language may write 10.50 as a JSON number; keep it exact.
-    return json.loads(data, parse_float=json_decimal)

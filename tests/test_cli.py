@@ -333,6 +333,11 @@ async def test_callbacks_set_without_secret_keeps_the_stored_secret(
             id="unknown-variable",
         ),
         pytest.param(
+            {"--url": r"https://t.example/pb?o=1\x"},
+            ["backslash before 'x' at character 25 of the template", "write %5C"],
+            id="stray-backslash",
+        ),
+        pytest.param(
             {"--url": "ftp://t.example/pb"}, ["http://", "ftp://t.example/pb"], id="not-http"
         ),
         pytest.param({"--event": "order.shipped"}, ["--event", "'order.shipped'"], id="bad-event"),
@@ -685,6 +690,36 @@ async def test_send_refuses_all_when_one_event_is_invalid(
         assert await producer.redis.exists(f"arq:job:{job_id(data['id'])}") == 0
 
 
+@pytest.mark.parametrize(
+    ("form", "where"),
+    [("pretty", ""), ("array", ""), ("lines", "line 2: ")],
+)
+async def test_send_refuses_a_key_given_twice_naming_it(
+    producer: Producer, postback: Postback, tmp_path: Path, form: str, where: str
+) -> None:
+    good, bad = json.dumps(event_data("twice-good")), event_data("twice-bad")
+    twice = '"amount": "10.50", "amount": "99999.00"'
+    one_line = json.dumps(bad).replace('"amount": "10.50"', twice)
+    text = {
+        # A pretty-printed document is one document, not JSON lines with a bad line 1.
+        "pretty": json.dumps(bad, indent=2).replace('"amount": "10.50"', twice),
+        "array": f"[{good}, {one_line}]",
+        "lines": f"{good}\n{one_line}\n",
+    }[form]
+    assert twice in text
+
+    line = refusal(postback("send", "--event", write(tmp_path, text)))
+
+    assert line == f'postback: error: {where}duplicate key "amount"'
+    assert await queued(producer) == set()
+
+
+def test_preview_refuses_a_key_given_twice_naming_it(postback: Postback) -> None:
+    text = json.dumps(event_data("twice-preview")).replace('"#1001"', '"#1001", "number": "#2"')
+    line = refusal(postback("preview", "--url", GET_TEMPLATE, "--event", "-", stdin=text))
+    assert line == 'postback: error: duplicate key "number"'
+
+
 @pytest.mark.parametrize("text", ["", "\n\n", "[]"])
 async def test_send_refuses_input_without_events(
     producer: Producer, postback: Postback, text: str
@@ -746,6 +781,30 @@ async def test_worker_burst_delivers_what_send_enqueued(
     state = await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", data["id"])
     assert state == "delivered"
     assert await queued(producer) == set()
+
+
+async def test_a_template_copied_from_markdown_is_kept_as_typed_and_sent_plain(
+    db: asyncpg.Connection, receiver: Receiver, postback: Postback, tmp_path: Path
+) -> None:
+    # As copied from the raw text of markdown docs: `\&`, `\_` and `\{{...\}}` are escapes.
+    url = receiver.url + r"/pb?o={{order.number}}\&s=\{{link.sub\_id\}}\&q={{link.query.sub\_id}}"
+    sent = "/pb?o=%231001&s=fb1&q=fb1"
+    args = ["--affiliate", "ann", "--event", "order.created", "--url", url]
+
+    saved = succeeded(postback("callbacks", "set", *args))
+
+    assert saved == f"saved: ann order.created GET {url}\n"
+    assert [row["url_template"] for row in await callback_rows(db)] == [url]
+    event = write(tmp_path, json.dumps(event_data("markdown")))
+    assert succeeded(postback("preview", "--url", url, "--event", event)) == (
+        f"GET {receiver.url}{sent}\n"
+    )
+
+    succeeded(postback("send", "--event", event))
+    # The worker parses the stored template again, as typed.
+    succeeded(await asyncio.to_thread(postback, "worker", "--burst"))
+
+    assert [(got.method, got.path_qs) for got in receiver.requests] == [("GET", sent)]
 
 
 def test_worker_with_unreachable_redis_is_refused_in_one_line(postback: Postback) -> None:

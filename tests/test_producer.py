@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio
 
 from producer import InvalidEvent, Producer, loads_event, order_created, order_updated, parse_event
-from producer.queue import JOB_NAME, deserialize, job_id
-from tests.conftest import event_data
+from producer.queue import JOB_NAME, job_id
+from tests.conftest import Receiver, drain, event_data, save_callback
+from worker.config import Settings
 
 
 def _refusal(data: Any) -> list[str]:
@@ -65,13 +68,16 @@ def test_not_an_object_and_not_json_are_refused() -> None:
         loads_event("{nope")
 
 
-def test_a_number_beyond_what_a_decimal_holds_is_bad_json_not_a_crash() -> None:
+def test_a_number_beyond_what_a_decimal_holds_is_refused_not_a_crash() -> None:
     text = json.dumps(event_data()).replace('"10.50"', "0e1000000000000000000")
-    with pytest.raises(InvalidEvent, match=r"event: not valid JSON \(the number 0e1000"):
+    with pytest.raises(InvalidEvent, match=r"^invalid event: event: the number 0e1000\d* is out"):
         loads_event(text)
-    # A job written so by hand into Redis: arq's deserializer fails the way bad JSON does.
-    with pytest.raises(ValueError, match="out of range"):
-        deserialize(text.encode())
+
+
+def test_a_key_given_twice_is_refused_not_the_last_one_taken() -> None:
+    text = json.dumps(event_data()).replace('"10.50"', '"10.50", "amount": "99999.00"')
+    with pytest.raises(InvalidEvent, match=r'^invalid event: event: duplicate key "amount"$'):
+        loads_event(text)
 
 
 def test_decimals_stay_exact_from_json_numbers_and_strings() -> None:
@@ -149,3 +155,46 @@ async def test_invalid_event_never_reaches_redis(
             assert await client.zscore(queue_name, job_id(data["id"])) is None
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (('"10.50"', '"10.50", "amount": "99999.00"'), 'duplicate key "amount"'),
+        (('"10.50"', "0e1000000000000000000"), "the number 0e1000000000000000000 is out of range"),
+    ],
+    ids=["duplicate-key", "number-out-of-range"],
+)
+async def test_a_job_written_by_hand_that_the_reader_refuses_is_dropped_not_delivered(
+    db: asyncpg.Connection,
+    producer: Producer,
+    receiver: Receiver,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    change: tuple[str, str],
+    reason: str,
+) -> None:
+    """As a producer in another language would write them (README: straight into Redis);
+    the refused one is logged and dropped, as any job that does not deserialize, and the
+    one beside it is delivered."""
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
+    now_ms = int(time.time() * 1000)
+    good, bad = event_data("by-hand-good"), event_data("by-hand-bad")
+    for data, text in ((good, json.dumps(good)), (bad, json.dumps(bad).replace(*change))):
+        job = f'{{"t":1,"f":"{JOB_NAME}","a":[{text}],"k":{{}},"et":{now_ms}}}'
+        await producer.redis.set(f"arq:job:{job_id(data['id'])}", job)
+        await producer.redis.zadd(producer.queue_name, {job_id(data["id"]): now_ms})
+
+    await drain(settings)
+
+    assert [r.path_qs for r in receiver.requests] == ["/pb"]
+    taken = await db.fetch("SELECT event_id FROM deliveries")
+    assert [row["event_id"] for row in taken] == [good["id"]]
+    assert await producer.redis.zcard(producer.queue_name) == 0
+    assert await producer.redis.exists(f"arq:job:{job_id(bad['id'])}") == 0
+    [failed] = [r for r in caplog.records if r.getMessage().startswith("deserializing job")]
+    assert job_id(bad["id"]) in failed.getMessage()
+    assert failed.exc_info is not None
+    error = failed.exc_info[1]
+    assert error is not None
+    assert str(error.__cause__) == reason  # arq's DeserializationError, from the reader's

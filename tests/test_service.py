@@ -10,11 +10,14 @@ import asyncio
 import io
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import pytest
+import structlog.testing
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
@@ -129,15 +132,19 @@ async def test_each_invalid_event_is_refused_naming_its_field(
 
 
 @pytest.mark.parametrize(
-    ("raw", "field", "words"),
+    ("raw", "index", "field", "words"),
     [
-        (b"{not json", "event", "not valid JSON"),
-        (b"[]", "events", "no event"),
-        (b'"an event"', "event", "JSON object"),
+        (b"{not json", None, "event", "not valid JSON"),
+        (b"[]", None, "events", "no event"),
+        (b'"an event"', 0, "event", "JSON object"),
+        (b'{"id": "e1", "id": "e2"}', None, "event", 'duplicate key "id"'),
+        (b'[{"order": {"amount": 0e1000000000000000000}}]', None, "event", "is out of range"),
+        (b"[" * 100_000 + b"]" * 100_000, None, "event", "nested too deeply"),
     ],
+    ids=["not-json", "empty", "not-object", "key-twice", "number-out-of-range", "too-deep"],
 )
 async def test_a_body_that_is_not_events_is_refused(
-    api: Api, producer: Producer, raw: bytes, field: str, words: str
+    api: Api, producer: Producer, raw: bytes, index: int | None, field: str, words: str
 ) -> None:
     status, body = await api.call(
         "POST",
@@ -147,7 +154,7 @@ async def test_a_body_that_is_not_events_is_refused(
         headers={"Content-Type": "application/json"},
     )
     assert status == 422
-    assert body["errors"][0]["field"] == field
+    assert (body["errors"][0]["index"], body["errors"][0]["field"]) == (index, field)
     assert words in body["errors"][0]["message"]
     assert await queued(producer) == 0
 
@@ -765,6 +772,41 @@ async def test_bulk_replay_needs_a_filter_or_all(
     assert (status, summary["replayed"]) == (200, 1)
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"filter": {"affiliate": "ann", "affiliate": "bob"}}', 'duplicate key "affiliate"'),
+        (
+            b'{"filter": {"affiliate": 0e1000000000000000000}}',
+            "the number 0e1000000000000000000 is out of range",
+        ),
+        (b'{"filter": ' * 10_000 + b"{}" + b"}" * 10_000, "nested too deeply"),
+    ],
+    ids=["key-twice", "number-out-of-range", "too-deep"],
+)
+async def test_an_ops_body_the_reader_refuses_is_a_422_naming_why(
+    api: Api,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+    body: bytes,
+    message: str,
+) -> None:
+    await make_deliveries(db, producer, flaky, settings)
+    status, refused = await api.call(
+        "POST",
+        "/v1/dead-letters/replay",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    assert (status, refused) == (
+        422,
+        {"error": f"body: {message}", "errors": [{"field": "body", "message": message}]},
+    )
+    assert len(await listed(api, "/v1/dead-letters")) == 1  # nothing replayed
+
+
 async def test_a_web_page_cannot_drive_the_api_from_a_browser(
     api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
@@ -844,3 +886,216 @@ async def test_odd_headers_are_refused_not_crashed_on(
         "POST", "/v1/dead-letters/replay", token=token, json={"all": True}, headers=headers
     )
     assert got == status, body
+
+
+async def test_a_web_page_cannot_drive_an_insecure_service_either(settings: Settings) -> None:
+    # No token stops a cross-site request here, so the Origin check must not wait for one.
+    async with running_service(settings, insecure=True) as api:
+        for headers in ({}, {"Content-Type": "text/plain"}):
+            status, body = await api.call(
+                "POST",
+                "/v1/dead-letters/replay",
+                token=None,
+                data=b'{"all": true}',
+                headers={
+                    "Content-Type": "application/json",
+                    **headers,
+                    "Origin": "https://evil.example",
+                },
+            )
+            assert (status, body["error"]) == (403, "cross-site request refused")
+
+
+# --- any input on every route: no 5xx, and the token before anything else ---------------
+
+HUGE_NUMBERS = ("0e1000000000000000000", "1e999999999999")
+"""A number no Decimal holds, and one a Decimal holds but no field can take."""
+
+_LEAF = "@leaf@"
+"""Stands in a body built as Python data for raw JSON text put in its place."""
+
+
+@dataclass(frozen=True)
+class Operation:
+    """An operation of the OpenAPI document, which lists exactly the service's routes
+    (test_openapi_lists_exactly_the_routes_the_service_has): a new route is in here."""
+
+    method: str
+    path: str
+    spec: dict[str, Any]
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def parameters(self, where: str) -> list[dict[str, Any]]:
+        return [p for p in self.spec.get("parameters", []) if p["in"] == where]
+
+    def url(self, **given: str) -> str:
+        values = {
+            p["name"]: quote(given.get(p["name"], _example(p["schema"])), safe="")
+            for p in self.parameters("path")
+        }
+        return self.path.format(**values)
+
+    def body_schema(self) -> dict[str, Any] | None:
+        body = self.spec.get("requestBody")
+        return None if body is None else _resolved(body["content"]["application/json"]["schema"])
+
+
+OPERATIONS = [
+    Operation(method.upper(), path, spec)
+    for path, operations in document()["paths"].items()
+    for method, spec in operations.items()
+]
+
+
+def _resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in schema:
+        return _resolved(document()["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]])
+    if "oneOf" in schema:
+        return _resolved(schema["oneOf"][0])
+    return schema
+
+
+def _example(schema: dict[str, Any]) -> str:
+    """A plausible value, so that a request gets as far into its handler as it can."""
+    if "enum" in schema:
+        return str(schema["enum"][0])
+    if schema.get("format") == "uuid":
+        return str(uuid.uuid4())
+    return "ann"
+
+
+def _property_paths(schema: dict[str, Any], depth: int = 3) -> list[tuple[str, ...]]:
+    """Every property of an object schema, and theirs, down to `depth`."""
+    paths: list[tuple[str, ...]] = []
+    for name, sub in _resolved(schema).get("properties", {}).items():
+        paths.append((name,))
+        if depth > 1:
+            paths += [(name, *rest) for rest in _property_paths(sub, depth - 1)]
+    return paths
+
+
+def _body(schema: dict[str, Any], path: tuple[str, ...], leaf: str) -> bytes:
+    """A JSON object with the schema's required properties, and raw JSON `leaf` at `path`."""
+    properties = schema.get("properties", {})
+    body: dict[str, Any] = {
+        name: _example(_resolved(properties.get(name, {}))) for name in schema.get("required", ())
+    }
+    node = body
+    for name in path[:-1]:
+        node[name] = {}
+        node = node[name]
+    node[path[-1]] = _LEAF
+    return json.dumps(body).replace(json.dumps(_LEAF), leaf).encode()
+
+
+def _said(status: int, answer: Any) -> tuple[int, str]:
+    """An answer's status and its most precise message: the first field's, if any."""
+    if not isinstance(answer, dict):
+        return status, str(answer)
+    errors = answer.get("errors") or [{"message": answer.get("error", str(answer))}]
+    return status, str(errors[0]["message"])
+
+
+def _duplicated(key: str) -> str:
+    """A leaf that gives its key twice: `"k": "1", "k": "2"` once put after `"k": `."""
+    return f'"1", {json.dumps(key)}: "2"'
+
+
+@pytest.mark.parametrize("operation", OPERATIONS, ids=str)
+@pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "insecure"])
+async def test_no_input_gets_a_5xx_and_without_the_token_only_a_401(
+    settings: Settings,
+    db: asyncpg.Connection,
+    producer: Producer,
+    operation: Operation,
+    tokens: bool,
+) -> None:
+    # The routes with a callback in their path find one, and go as deep as input allows.
+    await save_callback(db, "ann", "order.created", "GET", "http://127.0.0.1:1/pb")
+    token = None
+    if tokens:
+        token = INGEST_TOKEN if operation.path == "/v1/events" else OPS_TOKEN
+    guarded = "security" in operation.spec
+    changes = operation.method != "GET"  # must send JSON, and not cross-site
+    schema = operation.body_schema()
+    body_paths = [("x",)] if schema is None else _property_paths(schema)
+    answers: dict[str, tuple[int, Any]] = {}
+    expected: dict[str, tuple[int, str]] = {}
+
+    with structlog.testing.capture_logs() as logs:
+        service = with_tokens(settings) if tokens else settings
+        async with running_service(service, insecure=not tokens) as api:
+
+            async def send(
+                label: str,
+                *,
+                path: str | None = None,
+                body: bytes | None = None,
+                content_type: str = "application/json",
+                headers: dict[str, str] | None = None,
+                **kwargs: Any,
+            ) -> None:
+                answers[label] = await api.call(
+                    operation.method,
+                    path or operation.url(),
+                    token=kwargs.pop("token", token),
+                    data=body,
+                    headers={"Content-Type": content_type, **(headers or {})},
+                    **kwargs,
+                )
+
+            for number in HUGE_NUMBERS:
+                for param in [*operation.parameters("query"), {"name": "x"}]:
+                    await send(f"query {param['name']}={number}", params={param["name"]: number})
+                for param in operation.parameters("path"):
+                    given = {param["name"]: number}
+                    await send(f"path {param['name']}={number}", path=operation.url(**given))
+                for where in body_paths:
+                    body = _body(schema or {}, where, number)
+                    await send(f"body {'.'.join(where)}: {number}", body=body)
+
+            for where in body_paths:
+                label = f"body {'.'.join(where)} twice"
+                await send(label, body=_body(schema or {}, where, _duplicated(where[-1])))
+                if schema is not None:
+                    expected[label] = (422, f'duplicate key "{where[-1]}"')
+
+            await send("text/plain", body=b"{}", content_type="text/plain")
+            if changes:
+                expected["text/plain"] = (
+                    415,
+                    "send the body as JSON (Content-Type: application/json)",
+                )
+
+            # Everything wrong at once but the token: the answer is about the token.
+            hostile = _body(schema or {}, body_paths[0], _duplicated(body_paths[0][-1]))
+            for label, authorization, refusal in (
+                ("no token", {}, "missing bearer token (Authorization: Bearer TOKEN)"),
+                ("wrong token", {"Authorization": "Bearer wrong-token-01234"}, "wrong token"),
+            ):
+                await send(
+                    label,
+                    token=None,
+                    body=hostile,
+                    content_type="text/plain",
+                    params={"limit": HUGE_NUMBERS[0]},
+                    headers={"Origin": "https://evil.example", **authorization},
+                )
+                if guarded and tokens:
+                    expected[label] = (401, refusal)
+                elif guarded and changes:  # --insecure: no token stops a web page, this does
+                    expected[label] = (403, "cross-site request refused")
+
+    # /healthz answers 503 by design: no worker runs here.
+    crashed = {
+        label: status
+        for label, (status, _) in answers.items()
+        if status >= 500 and operation.path != "/healthz"
+    }
+    assert crashed == {}
+    assert {label: _said(*answers[label]) for label in expected} == expected
+    assert [entry for entry in logs if entry["event"] == "request_crashed"] == []
+    if not tokens:  # the capture does see what the service logs
+        assert any(entry["event"] == "serving_without_token" for entry in logs)

@@ -11,7 +11,8 @@ from arq.connections import RedisSettings
 from arq.cron import cron
 from arq.worker import func
 
-from producer.queue import JOB_NAME, deserialize, serialize
+from producer.json_input import read_json
+from producer.queue import JOB_NAME, serialize
 from worker import cache, database, deliver, fairness
 from worker.config import Settings
 from worker.job import deliver_event
@@ -85,7 +86,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "queue_name": settings.queue_name,
         "redis_settings": redis_settings,
         "job_serializer": serialize,
-        "job_deserializer": deserialize,
+        # A job a producer wrote by hand that read_json refuses (a duplicate key, a number
+        # out of range) fails to deserialize: arq logs it and drops the job.
+        "job_deserializer": read_json,
         "on_startup": _startup,
         "on_shutdown": _shutdown,
         "ctx": {"settings": settings},
