@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     claimed_by      text,       -- the job sending it right now, if any
     claimed_at      timestamptz,
     blocked_by      uuid,       -- an earlier delivery of the same order it waits for
+    create_wait_until timestamptz,  -- an update waiting for its order's create, which the
+                                    -- ledger has not seen yet: it goes anyway at this time
+    order_note      text,       -- set when it went out of order: sent without its create
     retry_base      integer     NOT NULL DEFAULT 0,  -- attempts before the last replay: the
                                                      -- retry schedule starts again after it
     resend          boolean     NOT NULL DEFAULT false,  -- the last replay asked for `request`
@@ -105,6 +108,18 @@ BEGIN
         ALTER TABLE deliveries DROP CONSTRAINT deliveries_state_check;
         ALTER TABLE deliveries ADD CONSTRAINT deliveries_state_check
             CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped', 'discarded'));
+    END IF;
+END $$;
+
+-- A database made before updates waited for a create the ledger had not seen yet.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'deliveries'
+                   AND column_name = 'create_wait_until') THEN
+        ALTER TABLE deliveries
+            ADD COLUMN IF NOT EXISTS create_wait_until timestamptz,
+            ADD COLUMN IF NOT EXISTS order_note text;
     END IF;
 END $$;
 
@@ -219,22 +234,36 @@ $$;
 --              tried, or if `p_close_dead`), with `woken` the deliveries that waited for it;
 --   blocked    an earlier open delivery of the same order goes first: `blocker_*`, and
 --              `blocked_by` is the one it waited for before this call;
+--   awaiting   `p_create_wait` was given (an update whose affiliate has an order.created
+--              callback) and the ledger has no create of its order yet: it waits until
+--              `p_create_wait` seconds after the first of its order's deliveries was taken
+--              (`create_wait_until`; `wait` is the seconds left). A create that arrives meanwhile makes it wait for that
+--              create instead (`blocked_by`), which wakes it when it settles;
 --   deferred   it could go, but `p_defer` was given (its destination is busy or down):
 --              due again in `p_defer` seconds, waiting for no earlier delivery;
 --   claimed    claimed for `p_job`: send it.
+-- `gave_up_waiting` is true when this call let an update go without its create because the
+-- wait was over (said once: `order_note` records it on the delivery).
 -- Creates go before updates, then by occurred_at, then by arrival.
+-- Workers from before `p_create_wait` call it with 13 arguments, and so never wait.
+DROP FUNCTION IF EXISTS postback_take(
+    uuid, text, text, text, text, timestamptz, bigint, jsonb, text, float8, text, boolean, float8);
 CREATE OR REPLACE FUNCTION postback_take(
     p_id uuid, p_event_id text, p_event_type text, p_affiliate_id text, p_order_number text,
     p_occurred_at timestamptz, p_callback_id bigint, p_event jsonb, p_job text,
     p_claim_timeout float8, p_close_reason text, p_close_dead boolean, p_defer float8,
+    p_create_wait float8 DEFAULT NULL,
     OUT action text, OUT inserted boolean, OUT event jsonb, OUT state text,
     OUT attempts integer, OUT wait float8, OUT claimed_by text, OUT blocked_by uuid,
     OUT retry_base integer, OUT resend jsonb, OUT blocker_id uuid, OUT blocker_event_id text,
-    OUT woken text[])
+    OUT woken text[], OUT gave_up_waiting boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     d deliveries;
+    has_create boolean;
+    first_taken timestamptz;
+    wait_until timestamptz;
 BEGIN
     PERFORM postback_lock_order(p_affiliate_id, p_order_number);
     INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
@@ -247,6 +276,12 @@ BEGIN
     IF NOT inserted THEN
         -- A concurrent insert of the same row made the INSERT wait for it; this finds it.
         SELECT * INTO STRICT d FROM deliveries WHERE id = p_id FOR UPDATE;
+    ELSIF p_event_type = 'order.created' THEN
+        -- The create that updates of its order were waiting for: now they wait for it, and
+        -- it wakes them when it settles.
+        UPDATE deliveries u SET blocked_by = p_id, create_wait_until = NULL
+        WHERE u.affiliate_id = p_affiliate_id AND u.order_number = p_order_number
+          AND u.state IN ('pending', 'retrying') AND u.create_wait_until IS NOT NULL;
     END IF;
     event := d.event;
     state := d.state;
@@ -257,6 +292,7 @@ BEGIN
     resend := CASE WHEN d.resend THEN d.request END;
     wait := coalesce(extract(epoch FROM d.next_attempt_at - now())::float8, 0);
     woken := '{}';
+    gave_up_waiting := false;
 
     IF d.state NOT IN ('pending', 'retrying') THEN
         action := 'settled';
@@ -269,7 +305,8 @@ BEGIN
         state := CASE WHEN p_close_dead OR d.attempts > 0 THEN 'dead' ELSE 'skipped' END;
         UPDATE deliveries
         SET state = postback_take.state, reason = p_close_reason, next_attempt_at = NULL,
-            claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, updated_at = now()
+            claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, create_wait_until = NULL,
+            updated_at = now()
         WHERE id = p_id;
         woken := postback_waiting_for(p_id);
         action := 'closed';
@@ -284,16 +321,48 @@ BEGIN
         ORDER BY (p.event_type <> 'order.created')::int, p.occurred_at, p.created_at, p.id
         LIMIT 1;
         IF FOUND THEN
-            UPDATE deliveries SET blocked_by = blocker_id WHERE id = p_id;
+            UPDATE deliveries SET blocked_by = blocker_id, create_wait_until = NULL
+            WHERE id = p_id;
             action := 'blocked';
-        ELSIF p_defer IS NOT NULL THEN
+            RETURN;
+        END IF;
+        IF p_create_wait IS NOT NULL AND d.event_type = 'order.updated'
+           AND d.order_note IS NULL THEN
+            -- The wait is counted from the first of the order's deliveries the relay took,
+            -- so a later update does not make the order wait all over again.
+            SELECT bool_or(c.event_type = 'order.created'), min(c.created_at)
+            INTO has_create, first_taken
+            FROM deliveries c
+            WHERE c.affiliate_id = d.affiliate_id AND c.order_number = d.order_number;
+            IF NOT has_create THEN
+                wait_until := first_taken + make_interval(secs => p_create_wait);
+                IF wait_until > now() THEN
+                    UPDATE deliveries SET blocked_by = NULL, create_wait_until = wait_until
+                    WHERE id = p_id;
+                    wait := extract(epoch FROM wait_until - now())::float8;
+                    action := 'awaiting';
+                    RETURN;
+                END IF;
+                UPDATE deliveries
+                SET create_wait_until = NULL,
+                    order_note = format(
+                        'sent without its order.created: none had come %s s after the '
+                        'order''s first update reached the relay',
+                        trim_scale(round(p_create_wait::numeric, 3)))
+                WHERE id = p_id;
+                gave_up_waiting := true;
+            END IF;
+        END IF;
+        IF p_defer IS NOT NULL THEN
             UPDATE deliveries
-            SET blocked_by = NULL, next_attempt_at = now() + make_interval(secs => p_defer),
-                updated_at = now()
+            SET blocked_by = NULL, create_wait_until = NULL,
+                next_attempt_at = now() + make_interval(secs => p_defer), updated_at = now()
             WHERE id = p_id;
             action := 'deferred';
         ELSE
-            UPDATE deliveries SET claimed_by = p_job, claimed_at = now(), blocked_by = NULL
+            UPDATE deliveries
+            SET claimed_by = p_job, claimed_at = now(), blocked_by = NULL,
+                create_wait_until = NULL
             WHERE id = p_id;
             action := 'claimed';
         END IF;
@@ -321,7 +390,8 @@ BEGIN
     SET attempts = attempts + 1, state = p_state, reason = p_reason,
         error_class = p_failure_class, request = p_request, callback_id = p_callback_id,
         next_attempt_at = now() + make_interval(secs => p_delay),
-        claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, updated_at = now()
+        claimed_by = NULL, claimed_at = NULL, blocked_by = NULL, create_wait_until = NULL,
+        updated_at = now()
     WHERE id = p_id
     RETURNING attempts INTO STRICT n;
     INSERT INTO attempts (delivery_id, number, started_at, duration_ms, status_code,

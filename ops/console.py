@@ -50,6 +50,21 @@ def _last(item: dict[str, Any]) -> str:
     return item["error_class"] or "-"
 
 
+def why(item: dict[str, Any]) -> str:
+    """Why a delivery is as it is: its reason, what an open one waits for, or that it went
+    without its order's create."""
+    if item["reason"]:
+        return str(item["reason"])
+    if item["blocked_by"] is not None:
+        return f"waiting for delivery {item['blocked_by']}, earlier in its order"
+    if item["create_wait_until"] is not None:
+        return (
+            "waiting for its order.created, not received yet; "
+            f"goes without it at {_time(item['create_wait_until'])} UTC"
+        )
+    return str(item["order_note"] or "")
+
+
 def deliveries_table(items: Sequence[dict[str, Any]]) -> str:
     rows = [
         ("ID", "TAKEN (UTC)", "AFFILIATE", "EVENT", "ORDER", "STATE", "TRIES", "LAST", "REASON")
@@ -64,7 +79,7 @@ def deliveries_table(items: Sequence[dict[str, Any]]) -> str:
             item["state"],
             str(item["attempts"]),
             _last(item),
-            item["reason"] or "",
+            why(item),
         )
         for item in items
     ]
@@ -77,9 +92,11 @@ def delivery_text(d: dict[str, Any]) -> str:
         f"delivery   {d['id']}",
         f"event      {d['event_id']} ({d['event_type']}), affiliate {d['affiliate_id']}, "
         f"order {d['order_number']}",
-        f"state      {d['state']}" + (f": {d['reason']}" if d["reason"] else ""),
+        f"state      {d['state']}" + (f": {why(d)}" if why(d) else ""),
         f"taken      {_time(d['created_at'])} UTC; order event at {_time(d['occurred_at'])}",
     ]
+    if d["order_note"] is not None and why(d) != d["order_note"]:
+        lines.append(f"order      {d['order_note']}")
     if d["next_attempt_at"] is not None:
         lines.append(f"next try   {_time(d['next_attempt_at'])} UTC")
     if d["request"] is not None:

@@ -45,7 +45,9 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
-_UNAUTHORIZED = _error("No bearer token, or the wrong one.")
+_UNAUTHORIZED = _error(
+    "No bearer token, or the wrong one: checked before anything else in the request."
+)
 _UNPROCESSABLE = _error("A parameter or field was refused; `errors` names it.")
 _UNAVAILABLE = _error("Postgres or Redis is unreachable; nothing was changed.")
 
@@ -133,6 +135,21 @@ def _schemas() -> dict[str, Any]:
         "created_at": _TIME,
         "updated_at": _TIME,
         "next_attempt_at": _NULLABLE_TIME,
+        "blocked_by": {
+            "type": "string",
+            "format": "uuid",
+            "nullable": True,
+            "description": "An earlier delivery of the same order that this one waits for.",
+        },
+        "create_wait_until": {
+            **_NULLABLE_TIME,
+            "description": "An update waiting for its order's order.created, which the relay "
+            "has not received yet: when it goes without it (POSTBACK_CREATE_WAIT).",
+        },
+        "order_note": {
+            **_NULLABLE_STRING,
+            "description": "Set when it went out of order: sent without its order.created.",
+        },
     }
     request = {
         "type": "object",
@@ -246,7 +263,6 @@ def _schemas() -> dict[str, Any]:
                     "required": ["callback_id", "event", "request", "attempts", "actions"],
                     "properties": {
                         "callback_id": {"type": "integer", "nullable": True},
-                        "blocked_by": {"type": "string", "format": "uuid", "nullable": True},
                         "event": {"type": "object"},
                         "request": _ref("Request"),
                         "attempts": {"type": "array", "items": _ref("Attempt")},

@@ -168,6 +168,7 @@ class Cursor:
 _SUMMARY = """
     d.id, d.event_id, d.event_type, d.affiliate_id, d.order_number, d.state, d.reason,
     d.error_class, d.attempts, d.created_at, d.updated_at, d.next_attempt_at, d.occurred_at,
+    d.blocked_by, d.create_wait_until, d.order_note,
     (SELECT a.status_code FROM attempts a WHERE a.delivery_id = d.id
      ORDER BY a.number DESC LIMIT 1) AS last_status
 """
@@ -227,7 +228,7 @@ async def show_delivery(db: Executor, delivery: uuid.UUID) -> dict[str, Any] | N
     """One delivery in full: its event, last request, every attempt, and what ops did."""
     row = await db.fetchrow(
         f"""
-        SELECT {_SUMMARY}, d.callback_id, d.event, d.request, d.blocked_by
+        SELECT {_SUMMARY}, d.callback_id, d.event, d.request
         FROM deliveries d WHERE d.id = $1
         """,  # noqa: S608 -- constant SQL text
         delivery,

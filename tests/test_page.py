@@ -14,9 +14,12 @@ import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from producer import parse_event
 from producer.publish import Producer
-from tests.conftest import OPS_TOKEN, Api, Flaky, drain, make_deliveries
+from tests.conftest import OPS_TOKEN, Api, Flaky, drain, event_data, make_deliveries
+from worker import ledger
 from worker.config import Settings
+from worker.deliver import delivery_id
 
 CHROMIUM = Path(os.environ.get("POSTBACK_TEST_CHROMIUM", "/usr/bin/chromium"))
 # Flags for a machine with no display and a closed network: without the background
@@ -156,4 +159,38 @@ async def test_a_wrong_token_sends_you_back_to_the_login(api: Api, browser: Brow
     await page.click("#login button[type=submit]")
     await expect(page.locator("#login")).to_be_visible()
     await expect(page.locator("#login-error")).to_have_text("wrong token")
+    await page.close()
+
+
+async def test_the_page_says_what_an_update_waits_for_and_that_one_went_without_its_create(
+    api: Api, db: asyncpg.Connection, browser: Browser
+) -> None:
+    """The ledger's own functions put one update waiting for its create, and let another
+    go without one; the page says so in the list and in the detail."""
+    order = {"number": "#7", "amount": "1", "commission": "0"}
+    waiting = parse_event(
+        event_data("waits", type="order.updated", occurred_at="2026-11-29T09:00:00Z")
+    )
+    alone = parse_event(
+        event_data("alone", type="order.updated", order=order, occurred_at="2026-11-29T09:00:00Z")
+    )
+    taken = await ledger.take(db, delivery_id(waiting), waiting, None, "job-a", 60, None, None, 600)
+    assert taken.action == "awaiting"
+    went = await ledger.take(db, delivery_id(alone), alone, None, "job-b", 60, None, None, 0.0)
+    assert (went.action, went.gave_up_waiting) == ("claimed", True)
+
+    page = await open_page(browser, api)
+    await page.click("nav button[data-view=deliveries]")
+    rows = page.locator("#rows tr")
+    await expect(rows).to_have_count(2)
+    waiting_row = rows.filter(has_text="#1001")
+    await expect(waiting_row).to_contain_text(
+        "waiting for its order.created, not received yet; goes without it at"
+    )
+    await waiting_row.click()
+    await expect(page.locator("#detail-facts")).to_contain_text("waiting for its order.created")
+    await rows.filter(has_text="#7").click()
+    await expect(page.locator("#detail-facts")).to_contain_text(
+        "sent without its order.created: none had come 0 s after the order's first update"
+    )
     await page.close()

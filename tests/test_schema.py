@@ -380,5 +380,11 @@ async def test_the_schema_before_replays_is_upgraded_in_place() -> None:
         assert await schema_of(conn) == fresh
         after = await conn.fetchrow("SELECT * FROM deliveries WHERE id = $1", dead)
         assert after is not None
-        assert dict(after) == {**dict(before), "retry_base": 0, "resend": False}
+        assert dict(after) == {
+            **dict(before),
+            "retry_base": 0,
+            "resend": False,
+            "create_wait_until": None,
+            "order_note": None,
+        }
         await conn.execute("UPDATE deliveries SET state = 'discarded' WHERE id = $1", dead)

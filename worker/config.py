@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds one delivery may take before it is cancelled and tried again.",
     )
+    create_wait: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds an order's updates wait for its order.created when the ledger "
+        "has none yet and the affiliate has an order.created callback; then they go without "
+        "it. 0: never wait.",
+    )
     shutdown_wait: int = Field(
         default=20,
         ge=0,

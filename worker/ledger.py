@@ -26,7 +26,9 @@ OPEN_STATES: tuple[State, ...] = ("pending", "retrying")
 """The states a delivery can still leave; the others are final."""
 
 
-Action = Literal["settled", "early", "elsewhere", "closed", "blocked", "deferred", "claimed"]
+Action = Literal[
+    "settled", "early", "elsewhere", "closed", "blocked", "awaiting", "deferred", "claimed"
+]
 """What `take` did with the delivery (schema.sql, `postback_take`, says each)."""
 
 
@@ -51,7 +53,8 @@ class Taken:
     """After the call: for "closed", the state it settled in."""
     attempts: int
     wait: float
-    """Seconds until the next try is due; 0 or less when it is due now."""
+    """Seconds until the next try is due (0 or less when it is due now); for "awaiting",
+    seconds until the update goes without its create."""
     claimed_by: str | None
     """Before the call: for "elsewhere", the job that holds it."""
     blocked_by: uuid.UUID | None
@@ -64,6 +67,8 @@ class Taken:
     """For "blocked": the delivery that goes first."""
     woken: list[str]
     """For "closed": the event ids of deliveries that were waiting for this one."""
+    gave_up_waiting: bool
+    """An update goes without its order's create: the wait for it is over (said once)."""
 
 
 async def take(
@@ -75,6 +80,7 @@ async def take(
     claim_timeout: float,
     close: tuple[str, bool] | None = None,
     defer: float | None = None,
+    create_wait: float | None = None,
 ) -> Taken:
     """Open (or find) the delivery and, under its order's lock, claim it for `job_id` when
     it can be sent now; one round trip.
@@ -83,10 +89,12 @@ async def take(
     instead when the caller already knows it cannot be sent. `defer` puts it off for that
     many seconds instead of claiming it (its destination said not now). A claim younger
     than `claim_timeout` seconds is another job's; an older one is stale and taken over.
+    `create_wait`, for an update whose affiliate has an order.created callback: how long
+    the order's updates wait for a create the ledger has not seen yet.
     """
     reason, dead = (None, False) if close is None else close
     row = await db.fetchrow(
-        "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         delivery,
         event.id,
         event.type,
@@ -100,6 +108,7 @@ async def take(
         reason,
         dead,
         defer,
+        create_wait,
     )
     assert row is not None
     blocker_id = row["blocker_id"]
@@ -116,6 +125,7 @@ async def take(
         row["resend"],
         None if blocker_id is None else Blocker(blocker_id, row["blocker_event_id"]),
         row["woken"],
+        row["gave_up_waiting"],
     )
 
 

@@ -43,6 +43,17 @@ function cell(row, text, className) {
 
 function time(value) { return value ? value.slice(0, 19).replace("T", " ") : "-"; }
 
+// Why a delivery is as it is, worded as `postback deliveries` words it (ops/console.py, why).
+function why(d) {
+  if (d.reason) return d.reason;
+  if (d.blocked_by) return "waiting for delivery " + d.blocked_by + ", earlier in its order";
+  if (d.create_wait_until) {
+    return "waiting for its order.created, not received yet; goes without it at "
+      + time(d.create_wait_until) + " UTC";
+  }
+  return d.order_note || "";
+}
+
 function filters() {
   const query = new URLSearchParams();
   for (const [name, value] of new FormData($("filters"))) {
@@ -71,7 +82,7 @@ async function loadList(append) {
       cell(row, item.state, "state-" + item.state);
       cell(row, item.attempts);
       cell(row, item.last_status !== null ? item.last_status : item.error_class || "-");
-      cell(row, item.reason);
+      cell(row, why(item));
       row.addEventListener("click", () => openDelivery(item.id));
       if (item.id === state.selected) row.classList.add("selected");
       rows.appendChild(row);
@@ -112,7 +123,8 @@ async function openDelivery(id) {
   };
   fact("Delivery", d.id);
   fact("Event", d.event_id + " (" + d.event_type + ")");
-  fact("State", d.state + (d.reason ? ": " + d.reason : ""));
+  fact("State", d.state + (why(d) ? ": " + why(d) : ""));
+  if (d.order_note && why(d) !== d.order_note) fact("Order", d.order_note);
   fact("Taken", time(d.created_at) + " UTC");
   if (d.next_attempt_at) fact("Next try", time(d.next_attempt_at) + " UTC");
   if (d.request) fact("Request", d.request.method + " " + d.request.url);
