@@ -8,12 +8,14 @@ to do meanwhile, except where the loop must serve the `receiver` while the comma
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -856,6 +858,8 @@ def test_demo_on_the_configured_servers(postback: Postback) -> None:
 
     check_demo_output(succeeded(result))
     assert "embedded" not in result.stderr
+    # The worker's info lines are hidden; the demo's own output says what happened.
+    assert "delivery_delivered" not in result.stderr
 
 
 @pytest.mark.usefixtures("db", "producer")
@@ -1066,6 +1070,60 @@ async def test_dlq_discard_keeps_the_note(postback: Postback, dead_letter: str) 
     assert "state      discarded" in shown
     assert "shop closed" in shown
     assert "discard" in shown
+
+
+async def test_dlq_replay_by_filter_exits_1_when_a_replay_failed(
+    postback: Postback,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+    database_url: str,
+) -> None:
+    """A replay fails when Postgres refuses it (a skip is not a failure): here another
+    session holds one dead letter's row, and with a lock_timeout set for the command that
+    replay gives up while the other goes through."""
+    await make_deliveries(db, producer, flaky, settings, dead=2)
+    dead = await db.fetch("SELECT id FROM deliveries WHERE state = 'dead' ORDER BY order_number")
+    locked, free = (str(row["id"]) for row in dead)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE", uuid.UUID(locked))
+        result = postback(
+            "dlq",
+            "replay",
+            "--affiliate",
+            "bob",
+            env_overrides={"POSTBACK_DATABASE_URL": database_url + "?lock_timeout=300"},
+        )
+
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"failed: {locked}: LockNotAvailableError (SQLSTATE 55P03)",
+        "replayed 1, skipped 0, failed 1",
+    ]
+    states = {str(row["id"]): row["state"] for row in await db.fetch("SELECT * FROM deliveries")}
+    assert (states[locked], states[free]) == ("dead", "pending")
+
+
+async def test_dlq_replay_and_discard_record_the_user_at_the_host_by_default(
+    postback: Postback,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+) -> None:
+    await make_deliveries(db, producer, flaky, settings, dead=2)
+    replayed, discarded = (
+        item["id"] for item in json.loads(succeeded(postback("dlq", "list", "--json")))["items"]
+    )
+    succeeded(postback("dlq", "replay", replayed))
+    succeeded(postback("dlq", "discard", discarded, "--note", "test order"))
+
+    expected = f"{getpass.getuser()}@{socket.gethostname()} (cli)"
+    for delivery, action in ((replayed, "replay"), (discarded, "discard")):
+        shown = json.loads(succeeded(postback("deliveries", "show", delivery, "--json")))
+        assert [(a["action"], a["actor"]) for a in shown["actions"]] == [(action, expected)]
 
 
 async def test_callbacks_disable_and_enable(postback: Postback, db: asyncpg.Connection) -> None:

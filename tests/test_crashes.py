@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import Signals
 from typing import Any
 
 import asyncpg
@@ -73,10 +74,11 @@ class WorkerProcess:
             await asyncio.gather(*self.readers)
         return code
 
-    async def stop(self, within: float) -> tuple[int, float]:
-        """SIGTERM, as a supervisor stops it; the exit code and the seconds it took."""
+    async def stop(self, within: float, signum: Signals = Signals.SIGTERM) -> tuple[int, float]:
+        """SIGTERM, as a supervisor stops it (or `signum`: SIGINT is Ctrl-C); the exit code
+        and the seconds it took."""
         started = time.monotonic()
-        self.signal(signal.SIGTERM)
+        self.signal(signum)
         code = await self.exited(within)
         return code, time.monotonic() - started
 
@@ -333,9 +335,16 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_keep_their_key(
     assert second.errors() == []
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_lets_in_flight_deliveries_finish(
-    db: asyncpg.Connection, producer: Producer, settings: Settings, tmp_path: Path
+    db: asyncpg.Connection,
+    producer: Producer,
+    settings: Settings,
+    tmp_path: Path,
+    signum: signal.Signals,
 ) -> None:
+    """README: on SIGTERM (or Ctrl-C, which is SIGINT) a worker takes no new jobs and lets
+    the deliveries in flight finish."""
     hits = Hits()
 
     async def slow(request: web.Request) -> web.Response:
@@ -350,7 +359,7 @@ async def test_sigterm_lets_in_flight_deliveries_finish(
         event_ids = await publish(producer, events("term", 3))
         async with worker_process(chosen, tmp_path) as worker:
             await eventually(hits.at_least(3), 30, "all three in flight")
-            code, took = await worker.stop(within=chosen.shutdown_wait + 3)
+            code, took = await worker.stop(within=chosen.shutdown_wait + 3, signum=signum)
 
     assert code == 0
     assert took < chosen.shutdown_wait + 2
@@ -516,14 +525,25 @@ async def test_logs_are_json_lines_with_the_outcome_and_never_a_secret(
     assert dead["status_code"] == 404
     assert dead["state"] == "dead"
     assert dead["duration_ms"] > 0
+    assert dead["level"] == "warning"
+    # An answer, not an error: the attempt's error_class is null (the ledger's delivery
+    # says http_4xx); test_a_garbled_answer_does_not_put_the_url_token_in_the_logs has one.
+    assert (dead["outcome"], dead["error_class"], dead["host"]) == ("permanent", None, "127.0.0.1")
     [retrying] = worker.events("delivery_retrying")
     assert (retrying["event_id"], retrying["status_code"]) == (signed["id"], 503)
+    assert retrying["delivery_id"] == rows[signed["id"]]["id"]
+    assert retrying["affiliate"] == "bob"
+    assert retrying["attempt"] == 1
+    assert (retrying["outcome"], retrying["error_class"]) == ("transient", None)
+    assert retrying["duration_ms"] > 0
+    assert retrying["host"] == "127.0.0.1"
     [delivered] = worker.events("delivery_delivered")
     assert delivered["event_id"] == signed["id"]
     assert delivered["delivery_id"] == rows[signed["id"]]["id"]
     assert delivered["affiliate"] == "bob"
     assert delivered["attempt"] == 2
     assert delivered["status_code"] == 200
+    assert (delivered["outcome"], delivered["error_class"]) == ("success", None)
     assert delivered["duration_ms"] > 0
     assert delivered["host"] == "127.0.0.1"
 

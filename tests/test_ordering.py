@@ -160,6 +160,14 @@ async def test_an_update_whose_create_never_comes_goes_after_the_wait_and_says_s
     assert [(e["log_level"], e["event_id"], e["waited_s"]) for e in gave_up] == [
         ("warning", update["id"], wait)
     ]
+    # Held for its create: said once, when it began to wait, not at every look.
+    [held] = [e for e in logged if e["event"] == "delivery_waiting"]
+    assert (held["event_id"], held["delivery_id"], held["affiliate"]) == (
+        update["id"],
+        str(did),
+        "ann",
+    )
+    assert held["waiting_for_event"] == "order.created"
 
 
 async def test_a_create_that_comes_while_its_update_waits_wakes_it(

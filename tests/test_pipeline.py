@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+import structlog.testing
 from aiohttp import web
 
 from ops.demo import running, serve
@@ -116,13 +117,19 @@ async def test_affiliate_without_callback_gets_nothing_and_ledger_says_so(
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/ann")
     data = event_data("nocallback", affiliate_id="zoe")
     await producer.publish(data)
-    await drain(settings)
+    with structlog.testing.capture_logs() as logs:
+        await drain(settings)
 
     assert receiver.requests == []
     row = await _delivery(db, data["id"])
     assert row["state"] == "skipped"
     assert row["reason"] == "no order.created callback configured for affiliate zoe"
     assert row["attempts"] == 0
+    [skipped] = [e for e in logs if e["event"] == "delivery_skipped"]
+    assert skipped["event_id"] == data["id"]
+    assert skipped["delivery_id"] == str(row["id"])
+    assert skipped["affiliate"] == "zoe"
+    assert skipped["reason"] == row["reason"]
 
 
 async def test_updated_callback_fires_only_on_updates(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio
+import structlog.testing
 
 from producer import InvalidEvent, Producer, loads_event, order_created, order_updated, parse_event
 from producer.queue import JOB_NAME, job_id
@@ -198,3 +201,74 @@ async def test_a_job_written_by_hand_that_the_reader_refuses_is_dropped_not_deli
     error = failed.exc_info[1]
     assert error is not None
     assert str(error.__cause__) == reason  # arq's DeserializationError, from the reader's
+
+
+class _TouchesAFileWhenUnpickled:
+    """What an attacker with write access to Redis would store, were jobs pickled: loading
+    it runs `Path.touch(path)`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+async def test_a_pickled_job_written_to_redis_runs_no_code_in_the_worker(
+    db: asyncpg.Connection,
+    producer: Producer,
+    receiver: Receiver,
+    settings: Settings,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """README: jobs are never pickled, so writing to Redis does not let anyone run code in
+    a worker. The pickle sits where a job goes, under a job id the queue names; a valid
+    job beside it shows the worker did read the queue."""
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
+    planted = tmp_path / "pwned"
+    payload = pickle.dumps(_TouchesAFileWhenUnpickled(planted))
+    now_ms = int(time.time() * 1000)
+    evil = job_id(event_data("pickled")["id"])
+    good = event_data("beside-pickle")
+    job = f'{{"t":1,"f":"{JOB_NAME}","a":[{json.dumps(good)}],"k":{{}},"et":{now_ms}}}'
+    await producer.redis.set(f"arq:job:{evil}", payload)
+    await producer.redis.set(f"arq:job:{job_id(good['id'])}", job)
+    await producer.redis.zadd(producer.queue_name, {evil: now_ms, job_id(good["id"]): now_ms})
+
+    await drain(settings)
+
+    assert not planted.exists()
+    # Taken and dropped as a job that does not read as JSON; nothing sent or recorded for it.
+    assert await producer.redis.zcard(producer.queue_name) == 0
+    assert await producer.redis.exists(f"arq:job:{evil}") == 0
+    assert [r.path_qs for r in receiver.requests] == ["/pb"]
+    taken = await db.fetch("SELECT event_id FROM deliveries")
+    assert [row["event_id"] for row in taken] == [good["id"]]
+    [failed] = [r for r in caplog.records if r.getMessage().startswith("deserializing job")]
+    assert evil in failed.getMessage()
+
+
+async def test_a_job_written_by_hand_with_an_invalid_event_is_logged_and_never_sent(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    """README: the worker validates every event again, so a malformed one is logged and
+    dropped without reaching an affiliate. This one is valid JSON, so it reaches the job,
+    which refuses it for a field the event model does not have."""
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
+    bad = event_data("unknown-field", affiliateId="ann")
+    now_ms = int(time.time() * 1000)
+    job = f'{{"t":1,"f":"{JOB_NAME}","a":[{json.dumps(bad)}],"k":{{}},"et":{now_ms}}}'
+    await producer.redis.set(f"arq:job:{job_id(bad['id'])}", job)
+    await producer.redis.zadd(producer.queue_name, {job_id(bad["id"]): now_ms})
+
+    with structlog.testing.capture_logs() as logs:
+        await drain(settings)
+
+    assert receiver.requests == []
+    assert await db.fetchval("SELECT count(*) FROM deliveries") == 0
+    assert await producer.redis.zcard(producer.queue_name) == 0  # dropped, not retried
+    [refused] = [e for e in logs if e["event"] == "event_refused"]
+    assert refused["log_level"] == "error"
+    assert refused["job_id"] == job_id(bad["id"])
+    assert "affiliateId: unknown field" in refused["error"]

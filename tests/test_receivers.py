@@ -25,6 +25,7 @@ from aiohttp import web
 from ops.demo import serve
 from producer import Producer
 from tests.conftest import drain, event_data, raw_server, save_callback
+from tests.test_address import HostsFile
 from worker import address, deliver
 from worker.config import Settings
 
@@ -510,3 +511,37 @@ async def test_every_request_a_receiver_reads_is_an_attempt_in_the_ledger(
     assert [row["error_class"] for row in failed] == ["http_error"] * receiver.cut_off
     # ... and a transient one: its delivery tried again, on the schedule.
     assert await db.fetchval("SELECT count(*) FROM deliveries WHERE attempts > 1") > 0
+
+
+# -- cookies: none kept, so none travels from one receiver to another ----------------------
+
+
+async def test_a_cookie_a_receiver_sets_is_never_sent_back_nor_to_another_receiver() -> None:
+    """Two receivers under one name, as two endpoints of one tracking platform. Cookies
+    ignore the port, so a cookie jar would send a's cookie to a again and to b; the
+    worker's one session, shared by every delivery, must keep none."""
+    got: list[tuple[str, str | None]] = []
+
+    def receiver(name: str, sets_cookie: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            got.append((name, request.headers.get("Cookie")))
+            headers = {"Set-Cookie": "s=1; Path=/"} if sets_cookie else {}
+            return web.Response(text="ok", headers=headers)
+
+        return handle
+
+    # A name, not 127.0.0.1: aiohttp's cookie jar takes no cookie from an IP address.
+    hosts = HostsFile({"track.example": [["127.0.0.1"]]})
+    async with serve(receiver("a", True)) as a, serve(receiver("b", False)) as b:
+        http = deliver.session(1.0, 3.0, LOOPBACK, hosts)
+        try:
+            outcomes = [
+                await deliver.attempt(http, get(url.replace("127.0.0.1", "track.example") + "/pb"))
+                for url in (a, a, b)
+            ]
+        finally:
+            await http.close()
+
+    assert [outcome.status for outcome in outcomes] == [200, 200, 200]
+    assert ("Set-Cookie", "s=1; Path=/") in outcomes[0].headers  # a did set one
+    assert got == [("a", None), ("a", None), ("b", None)]

@@ -28,7 +28,7 @@ from aiohttp import web
 from ops.demo import running, serve
 from producer import Producer
 from producer.queue import JOB_EXPIRES, JOB_NAME, job_id
-from tests.conftest import Receiver, drain, event_data, save_callback
+from tests.conftest import Receiver, drain, event_data, raw_server, save_callback
 from tests.test_schema import scratch_database
 from worker import database
 from worker.config import Settings
@@ -153,6 +153,7 @@ async def test_404_is_dead_at_once_after_one_attempt(
 
     row = await _delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["reason"]) == ("dead", 1, "HTTP 404")
+    assert row["error_class"] == "http_4xx"  # what `dlq list --error-class` filters by
     assert len(receiver.hits) == 1
     # The dead letter holds what a replay needs: the event, the request, the attempt.
     assert row["event"]["id"] == data["id"]
@@ -162,6 +163,23 @@ async def test_404_is_dead_at_once_after_one_attempt(
     [attempt] = await _attempts(db, data["id"])
     assert (attempt["status_code"], attempt["response_excerpt"]) == (404, "answer 404")
     assert row["next_attempt_at"] is None
+
+
+async def test_a_302_without_a_location_is_dead_at_once_as_http_3xx(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    async with scripted(302) as receiver:  # a redirect that says nowhere to go
+        await save_callback(db, "ann", "order.created", "GET", receiver.url + "/moved")
+        data = event_data("nowhere")
+        await producer.publish(data)
+        await drain(settings)
+
+    row = await _delivery(db, data["id"])
+    assert (row["state"], row["attempts"], row["reason"]) == ("dead", 1, "HTTP 302")
+    assert row["error_class"] == "http_3xx"
+    assert receiver.paths() == ["/moved"]  # not retried
+    [attempt] = await _attempts(db, data["id"])
+    assert attempt["status_code"] == 302
 
 
 async def test_410_is_dead_and_disables_the_callback(
@@ -211,6 +229,61 @@ async def test_connection_refused_is_retried_then_dead_when_the_schedule_runs_ou
     # Each attempt includes the quick in-process second try of the connect.
     assert all("again after a retry" in a["error"] for a in attempts)
     assert all(a["duration_ms"] >= 450 for a in attempts)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", b""],
+    ids=["plain-http-answer", "closed"],
+)
+async def test_a_failed_tls_handshake_is_a_connect_error_tried_again_within_the_attempt(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, answer: bytes
+) -> None:
+    """An https callback whose server does not speak TLS: it answers the handshake with
+    plain HTTP, or hangs up on it."""
+    opened: list[tuple[float, bytes]] = []
+
+    async def not_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append((time.monotonic(), await reader.read(1)))
+        if answer:
+            writer.write(answer)
+            await writer.drain()
+        # Returning closes the connection.
+
+    async with raw_server(not_tls) as url:
+        https = url.replace("http://", "https://", 1)
+        await save_callback(db, "ann", "order.created", "GET", https + "/pb")
+        data = event_data("tls")
+        await producer.publish(data)
+        await drain(settings.model_copy(update={"retry_schedule": ""}))
+
+    row = await _delivery(db, data["id"])
+    assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 1, "connect_error")
+    [attempt] = await _attempts(db, data["id"])
+    assert (attempt["error_class"], attempt["status_code"]) == ("connect_error", None)
+    assert "again after a retry" in attempt["error"]
+    # Two connections in the one attempt, 0.5 s apart, each opened with a TLS handshake
+    # record (0x16), never an HTTP request.
+    assert [first for _, first in opened] == [b"\x16", b"\x16"]
+    assert 0.45 <= opened[1][0] - opened[0][0] < 1.0
+
+
+async def test_an_unknown_host_is_a_connect_error_tried_again_within_the_attempt(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    # .invalid never resolves (RFC 6761); here the lookup fails in milliseconds.
+    await save_callback(db, "ann", "order.created", "GET", "http://nothing-here.invalid/pb")
+    data = event_data("nxdomain")
+    await producer.publish(data)
+    await drain(settings.model_copy(update={"retry_schedule": ""}))
+
+    row = await _delivery(db, data["id"])
+    assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 1, "connect_error")
+    [attempt] = await _attempts(db, data["id"])
+    assert (attempt["error_class"], attempt["status_code"]) == ("connect_error", None)
+    assert "nothing-here.invalid" in attempt["error"]
+    assert "again after a retry" in attempt["error"]
+    assert attempt["duration_ms"] >= 450  # the second lookup came 0.5 s after the first
 
 
 async def test_a_receiver_that_never_answers_is_retried_then_dead(
@@ -324,16 +397,27 @@ async def test_an_update_waits_for_its_failing_create(
         create = event_data("c", type="order.created")
         update = event_data("u", type="order.updated")
         slow = settings.model_copy(update={"retry_schedule": "400ms,400ms"})
-        async with running_worker(slow):
-            await producer.publish(create)
-            await until(lambda: len(hits) == 1)  # the create failed once
-            await producer.publish(update)
-            await until(lambda: _blocked(db, update["id"]))
-            assert hits == ["/created"]
-            await until(lambda: _count(db, "delivered", 2))
+        with structlog.testing.capture_logs() as logs:
+            async with running_worker(slow):
+                await producer.publish(create)
+                await until(lambda: len(hits) == 1)  # the create failed once
+                await producer.publish(update)
+                await until(lambda: _blocked(db, update["id"]))
+                assert hits == ["/created"]
+                await until(lambda: _count(db, "delivered", 2))
 
     assert hits == ["/created", "/created", "/created", "/updated"]
-    assert (await _delivery(db, update["id"]))["attempts"] == 1
+    held = await _delivery(db, update["id"])
+    assert held["attempts"] == 1
+    # Said once, naming what it waits for, though it looked again when woken.
+    [waiting] = [e for e in logs if e["event"] == "delivery_waiting"]
+    assert (waiting["event_id"], waiting["delivery_id"], waiting["affiliate"]) == (
+        update["id"],
+        str(held["id"]),
+        "ann",
+    )
+    assert waiting["waiting_for"] == str((await _delivery(db, create["id"]))["id"])
+    assert waiting["waiting_for_event"] == create["id"]
 
 
 async def _blocked(db: asyncpg.Connection, event_id: str) -> bool:
@@ -476,10 +560,16 @@ async def test_a_worker_sweeps_when_it_starts(
             await until(lambda: _retrying(db, data["id"]))
         await producer.redis.flushall()
         await until(lambda: _due(db, 1), seconds=5)
-        await drain(own)  # its sweep at start-up finds the delivery without a job
+        with structlog.testing.capture_logs() as logs:
+            await drain(own)  # its sweep at start-up finds the delivery without a job
 
-    assert (await _delivery(db, data["id"]))["state"] == "delivered"
+    row = await _delivery(db, data["id"])
+    assert row["state"] == "delivered"
     assert len(receiver.hits) == 2
+    [requeued] = [e for e in logs if e["event"] == "delivery_requeued"]
+    assert (requeued["event_id"], requeued["delivery_id"]) == (data["id"], str(row["id"]))
+    [swept] = [e for e in logs if e["event"] == "sweep_requeued"]
+    assert (swept["log_level"], swept["count"]) == ("warning", 1)
 
 
 def _order(n: int) -> dict[str, str]:
@@ -589,16 +679,22 @@ async def test_a_job_held_up_past_its_timeout_before_the_ledger_has_it_is_not_lo
     )
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/late")
     data = event_data("held")
-    async with running_worker(quick):
-        # Whatever holds the table (a migration, a long report) stalls the first write.
-        async with db.transaction():
-            await db.execute("LOCK TABLE deliveries IN SHARE MODE")
-            await producer.publish(data)
-            # Past the job's own budget and arq's timeout behind it.
-            await asyncio.sleep(quick.job_timeout + JOB_TIMEOUT_BACKSTOP + 1)
-        await until(lambda: _count(db, "delivered", 1), seconds=15)
+    with structlog.testing.capture_logs() as logs:
+        async with running_worker(quick):
+            # Whatever holds the table (a migration, a long report) stalls the first write.
+            async with db.transaction():
+                await db.execute("LOCK TABLE deliveries IN SHARE MODE")
+                await producer.publish(data)
+                # Past the job's own budget and arq's timeout behind it.
+                await asyncio.sleep(quick.job_timeout + JOB_TIMEOUT_BACKSTOP + 1)
+            await until(lambda: _count(db, "delivered", 1), seconds=15)
 
     assert len(receiver.requests) == 1
+    timed_out = [e for e in logs if e["event"] == "job_timed_out"]
+    assert timed_out, "the stalled run was not logged"
+    assert {(e["log_level"], e["event_id"], e["seconds"]) for e in timed_out} == {
+        ("warning", data["id"], quick.job_timeout)
+    }
 
 
 async def test_a_redirect_to_a_url_that_cannot_be_followed_is_dead_and_quotes_no_token(
@@ -640,6 +736,45 @@ async def test_a_delivery_whose_stored_event_was_edited_invalid_is_dead_not_stuc
     row = await _delivery(db, data["id"])
     assert row["reason"].startswith("stored event is invalid: ")
     assert "order.amount" in row["reason"]
+    assert len(receiver.hits) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            "DELETE FROM callbacks WHERE affiliate_id = 'ann'",
+            "no order.created callback configured for affiliate ann",
+        ),
+        ("UPDATE callbacks SET enabled = false WHERE affiliate_id = 'ann'", "callback disabled"),
+        (
+            "UPDATE callbacks SET url_template = url_template || '?o={{order.numbr}}'"
+            " WHERE affiliate_id = 'ann'",
+            "stored template is invalid: ",
+        ),
+    ],
+    ids=["removed", "disabled", "template-unparsable"],
+)
+async def test_a_delivery_whose_callback_went_away_after_its_first_try_is_dead(
+    db: asyncpg.Connection, producer: Producer, settings: Settings, change: str, reason: str
+) -> None:
+    """Tried once, then its callback changed under it: the next run dead-letters it (a
+    replay can send it once the callback is back) rather than skip it or send it."""
+    async with scripted(503, 200) as receiver:
+        await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
+        data = event_data("went-away")
+        # The retry comes long after the change reaches the worker's callback cache.
+        async with running_worker(settings.model_copy(update={"retry_schedule": "2s"})):
+            await producer.publish(data)
+            await until(lambda: _retrying(db, data["id"]))
+            await db.execute(change)
+            await until(lambda: _count(db, "dead", 1), seconds=10)
+
+    row = await _delivery(db, data["id"])
+    assert (row["state"], row["attempts"], row["next_attempt_at"]) == ("dead", 1, None)
+    assert row["reason"].startswith(reason)
+    if "url_template" in change:
+        assert "order.numbr" in row["reason"]  # says which variable does not parse
     assert len(receiver.hits) == 1
 
 
