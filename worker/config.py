@@ -73,8 +73,8 @@ class Settings(BaseSettings):
         default=0.05,
         gt=0,
         description="Seconds a worker waits between reads of the queue (each takes up to "
-        "5 x max_jobs due jobs); arq's own 0.5 s adds up to that much latency and caps a "
-        "worker near 500 deliveries a second.",
+        "5 x max_jobs due jobs, and at least 100); arq's own 0.5 s adds up to that much "
+        "latency and caps a worker near 500 deliveries a second.",
     )
     destination_max_in_flight: int = Field(
         default=10,
@@ -85,8 +85,9 @@ class Settings(BaseSettings):
     circuit_failures: int = Field(
         default=5,
         ge=1,
-        description="Requests in a row without an answer that open a destination's "
-        "circuit: its deliveries wait, without spending attempts, until a probe gets one.",
+        description="Requests without an answer that open a destination's circuit, when "
+        "they are at least half of its last 4 x this many in the last minute: its "
+        "deliveries wait, without spending attempts, until a probe gets one.",
     )
     circuit_open_seconds: float = Field(
         default=30.0,

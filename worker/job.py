@@ -53,6 +53,10 @@ BLOCKED_RECHECK_SECONDS = 15
 wakes it as soon as it settles; this bounds the wait when that wake-up comes while the
 waiting job is between runs and misses it."""
 
+CREATE_RECHECK_SECONDS = 1.0
+"""The first wait of an update waiting for its order's create before it looks again; each
+later one is as long as it has waited so far (`_create_recheck`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Run:
@@ -65,8 +69,6 @@ class _Run:
     job_id: str
     callbacks: cache.CallbackCache
     destinations: fairness.Destinations
-    runs: int
-    """How many times this job ran before."""
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -88,7 +90,6 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         ctx["job_id"],
         ctx["callbacks"],
         ctx["destinations"],
-        ctx["job_try"] - 1,
     )
     # arq deletes a job that outruns its timeout, and before the ledger has the delivery
     # nothing else knows of the event; so the job keeps a budget of its own, shorter
@@ -148,7 +149,7 @@ async def _deliver(run: _Run, event: Event) -> str:
     # against its callback's destination now: the same, unless the template's host changed.
     admitted: fairness.Slot | fairness.Defer | None = None
     if close is None and entry.destination is not None:
-        admitted = run.destinations.admit(entry.destination, time.monotonic(), run.runs)
+        admitted = run.destinations.admit(entry.destination, time.monotonic(), did)
         if isinstance(admitted, fairness.Defer):
             bound = bound.bind(destination=entry.destination)
     slot = admitted if isinstance(admitted, fairness.Slot) else None
@@ -182,6 +183,7 @@ async def _go(
         run.settings.job_timeout,
         close,
         None if defer is None else defer.seconds,
+        await _create_wait(run, event),
     )
     if taken.action == "claimed" and not taken.inserted:
         try:
@@ -226,6 +228,14 @@ async def _go(
                 waiting_for_event=taken.blocker.event_id,
             )
         raise await _defer(run, BLOCKED_RECHECK_SECONDS)
+    if taken.action == "awaiting":
+        if taken.inserted:
+            bound.info(
+                "delivery_waiting", waiting_for_event="order.created", seconds=round(taken.wait)
+            )
+        raise await _defer(run, _create_recheck(taken.wait, run.settings.create_wait))
+    if taken.gave_up_waiting:
+        bound.warning("delivery_without_create", waited_s=run.settings.create_wait)
     if taken.action == "deferred":
         assert defer is not None
         bound.debug("delivery_deferred", reason=defer.reason, seconds=defer.seconds)
@@ -239,6 +249,29 @@ async def _go(
     assert entry.template is not None
     ready = _Ready(event, entry.callback, entry.template, taken)
     return await _attempt(run, bound, did, ready, admitted)
+
+
+async def _create_wait(run: _Run, event: Event) -> float | None:
+    """How long an update waits for its order's create when the ledger has none yet: only
+    when the affiliate has an enabled order.created callback, since otherwise no create
+    delivery will ever come."""
+    if event.type != "order.updated" or not run.settings.create_wait:
+        return None
+    create = (await run.callbacks.get(run.db, event.affiliate_id, "order.created")).callback
+    return run.settings.create_wait if create is not None and create.enabled else None
+
+
+def _create_recheck(left: float, limit: float) -> float:
+    """When an update waiting for its create looks again: when the wait is over, and before
+    that after as long as it has waited so far (at least `CREATE_RECHECK_SECONDS`).
+
+    The create wakes it as soon as it settles; looking again only covers a wake-up that
+    came while this job was between its runs. Doubling keeps thousands of waiting updates
+    from polling (about a dozen runs each over ten minutes), while a missed wake-up at most
+    doubles how long one waits.
+    """
+    waited = limit - left
+    return max(0.0, min(left, max(CREATE_RECHECK_SECONDS, waited)))
 
 
 def _unsendable(event: Event, entry: cache.Entry) -> tuple[str, bool] | None:
