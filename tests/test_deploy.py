@@ -8,9 +8,11 @@ No Docker engine runs here: the compose file is checked by docker-compose itself
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from ops.cli import _parser
+from tests import leakcheck
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,3 +148,156 @@ def test_the_api_port_and_the_demo_network_line_up() -> None:
     # A stopping worker gets longer than it waits for its in-flight deliveries.
     grace = int(compose["services"]["worker"]["stop_grace_period"].rstrip("s"))
     assert grace > Settings.model_fields["shutdown_wait"].default
+
+
+def _env_example(commented: bool = True) -> dict[str, str]:
+    """Each variable .env.example sets, with the value written after `=`; with `commented`,
+    also those on a commented line (`# POSTBACK_X=default`)."""
+    pattern = r"^#? ?([A-Z][A-Z0-9_]*)=(.*)$" if commented else r"^([A-Z][A-Z0-9_]*)=(.*)$"
+    return dict(re.findall(pattern, ENV_EXAMPLE.read_text(), re.MULTILINE))
+
+
+def test_env_example_shows_the_default_of_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each line of .env.example, read as the relay reads that variable, gives the setting's
+    default: uncommenting any of them changes nothing. An empty value stands for unset."""
+    listed = {name: value for name, value in _env_example().items() if name in SETTINGS}
+    assert set(listed) == SETTINGS
+    for name in list(os.environ):
+        if name.startswith("POSTBACK_"):
+            monkeypatch.delenv(name)
+    for name, value in listed.items():
+        if value:
+            monkeypatch.setenv(name, value)
+    read = Settings()
+    for name, value in listed.items():
+        field = name.removeprefix("POSTBACK_").lower()
+        default = Settings.model_fields[field].default
+        if value == "":
+            assert default is None, f"{name}= says unset, but the default is {default!r}"
+        else:
+            assert default is not None, f"{name}={value}, but the setting is unset by default"
+            assert getattr(read, field) == default, (
+                f"{name}={value}, but the default is {default!r}"
+            )
+
+
+def _filled_in(value: str, env: dict[str, str]) -> str:
+    """A compose value with each `${NAME:-default}` filled in from .env, as compose does."""
+
+    def fill(match: re.Match[str]) -> str:
+        return env.get(match[1]) or match[2] or ""
+
+    return re.sub(r"\$\{([A-Z_]+)(?::-([^}]*))?\}", fill, value)
+
+
+def test_a_short_token_stops_every_relay_container() -> None:
+    """Every relay container gets .env as its environment, so each one's command refuses a
+    token shorter than 16 characters, in one line naming the setting, exit 2."""
+    dot_env = _env_example(commented=False) | {"POSTBACK_OPS_TOKEN": "short"}
+    base = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
+    started: dict[str, subprocess.Popen[str]] = {}
+    for name, service in _relay_services().items():
+        assert service["env_file"] == ".env", name
+        environment = {
+            k: _filled_in(str(v), dot_env) for k, v in service.get("environment", {}).items()
+        }
+        started[name] = subprocess.Popen(
+            [sys.executable, "-m", "ops", *service["command"]],
+            env=base | dot_env | environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    said: dict[str, tuple[int, str]] = {}
+    for name, process in started.items():
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+        leakcheck.logged(stderr)
+        said[name] = (process.returncode, stderr)
+    assert len(said) == 7
+    for name, (code, stderr) in said.items():
+        assert code == 2, (name, stderr)
+        assert stderr.splitlines() == [
+            "postback: error: bad configuration: POSTBACK_OPS_TOKEN: must be at least 16 "
+            "characters; `openssl rand -hex 32` makes a good one"
+        ], name
+
+
+def _redis_options(command: list[str]) -> dict[str, str]:
+    assert command[0] == "redis-server"
+    options = command[1:]
+    flags, values = options[::2], options[1::2]
+    assert len(flags) == len(values)
+    assert all(flag.startswith("--") for flag in flags)
+    return {flag.removeprefix("--"): value for flag, value in zip(flags, values, strict=True)}
+
+
+def test_the_compose_file_and_the_image_are_as_the_readme_says() -> None:
+    """README, "Run with Docker Compose": the table of services and the notes below it."""
+    services = _compose()["services"]
+    postgres, redis = services["postgres"], services["redis"]
+    assert postgres["image"] == "postgres:15"
+    assert "postgres-data:/var/lib/postgresql/data" in postgres["volumes"]
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert redis["image"] == "redis:7"
+    assert "redis-data:/data" in redis["volumes"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert _redis_options(redis["command"]) == {
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+        "maxmemory-policy": "noeviction",
+    }
+    for name in ("postgres", "redis"):  # not published on the host
+        assert "ports" not in services[name], name
+        assert services[name].get("network_mode") is None, name
+
+    healthy = {"condition": "service_healthy"}
+    assert services["migrate"]["depends_on"] == {"postgres": healthy}
+    for name in ("worker", "api"):
+        assert services[name]["depends_on"] == {
+            "migrate": {"condition": "service_completed_successfully"},
+            "postgres": healthy,
+            "redis": healthy,
+        }, name
+    assert services["worker"]["stop_grace_period"] == "30s"
+    assert services["api"]["ports"] == ["${API_PUBLISH:-127.0.0.1:8080}:8080"]
+
+    relay = _relay_services()
+    assert set(relay) == {
+        "migrate",
+        "worker",
+        "api",
+        "demo-migrate",
+        "demo-receiver",
+        "demo-worker",
+        "demo",
+    }
+    for name, service in relay.items():
+        assert service["init"] is True, name
+        assert service["env_file"] == ".env", name
+    demo = {name for name, service in services.items() if "demo" in service.get("profiles", [])}
+    assert demo == {"demo-postgres", "demo-migrate", "demo-receiver", "demo-worker", "demo"}
+    assert "volumes" not in services["demo-postgres"]
+    assert services["demo-receiver"]["networks"] == ["demo"]
+    demo_worker = services["demo-worker"]["environment"]
+    assert demo_worker["POSTBACK_RETRY_SCHEDULE"] == "1s"
+    assert demo_worker["POSTBACK_REDIS_URL"].endswith("/1")
+    assert demo_worker["POSTBACK_DATABASE_URL"].split("@")[1].startswith("demo-postgres:")
+
+    # The image: python:3.11-slim, run as the unprivileged user postback (uid 10001), which
+    # owns neither the code nor the virtual environment.
+    dockerfile = DOCKERFILE.read_text()
+    final = dockerfile.rsplit("\nFROM ", 1)[1]
+    assert final.splitlines()[0] == "python:3.11-slim"
+    useradd = re.search(r"^RUN useradd (.*?)(?<!\\)$", final, re.MULTILINE | re.DOTALL)
+    assert useradd is not None
+    words = useradd[1].replace("\\\n", " ").split()
+    assert words[words.index("--uid") + 1] == "10001"
+    assert words[-1] == "postback"
+    assert re.findall(r"^USER (.*)$", final, re.MULTILINE) == ["postback"]
+    assert "chown" not in final
+    assert "chmod" not in final

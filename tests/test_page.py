@@ -12,11 +12,19 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 
 from producer import parse_event
 from producer.publish import Producer
-from tests.conftest import OPS_TOKEN, Api, Flaky, drain, event_data, make_deliveries
+from tests.conftest import (
+    OPS_TOKEN,
+    Api,
+    Flaky,
+    drain,
+    event_data,
+    make_deliveries,
+    save_callback,
+)
 from worker import ledger
 from worker.config import Settings
 from worker.deliver import delivery_id
@@ -193,4 +201,84 @@ async def test_the_page_says_what_an_update_waits_for_and_that_one_went_without_
     await expect(page.locator("#detail-facts")).to_contain_text(
         "sent without its order.created: none had come 0 s after the order's first update"
     )
+    await page.close()
+
+
+async def test_the_page_resends_replays_all_matching_and_filters_deliveries_by_state(
+    api: Api,
+    db: asyncpg.Connection,
+    producer: Producer,
+    flaky: Flaky,
+    settings: Settings,
+    browser: Browser,
+) -> None:
+    # Dead letters: bob's #1001, #1002 and #1003, and dan's #2001.
+    await save_callback(db, "dan", "order.created", "GET", flaky.url + "/fail/dan")
+    order = {"number": "#2001", "amount": "1", "commission": "0.1"}
+    await producer.publish(event_data("dan", affiliate_id="dan", order=order))
+    await make_deliveries(db, producer, flaky, settings, dead=3)
+    # bob fixed his URL since; his receiver is back, and so is dan's.
+    await save_callback(
+        db, "bob", "order.created", "GET", flaky.url + "/new/bob?o={{order.number}}"
+    )
+    flaky.fixed = True
+    flaky.paths.clear()
+
+    page = await open_page(browser, api)
+    rows = page.locator("#rows tr")
+    await expect(rows).to_have_count(4)
+
+    # Resend: the request as it was, to the URL bob had then.
+    await page.fill("#filters input[name=order]", "#1001")
+    await page.click("#filters button[type=submit]")
+    await expect(rows).to_have_count(1)
+    await rows.first.click()
+    await expect(page.locator("#detail-title")).to_have_text("bob · order #1001 · dead")
+    await page.click("#replay-resend")
+    await expect(page.locator("#message")).to_have_text("Replayed: the delivery is queued again.")
+    await expect(page.locator("#actions li")).to_contain_text("replay (resend) by dana")
+
+    # Replay all matching: bob's two left, not dan's.
+    await page.fill("#filters input[name=order]", "")
+    await page.fill("#filters input[name=affiliate]", "bob")
+    await page.click("#filters button[type=submit]")
+    await expect(rows).to_have_count(2)
+    asked: list[str] = []
+
+    async def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    page.on("dialog", accept)
+    await page.click("#replay-all")
+    await expect(page.locator("#message")).to_have_text("Replayed 2, skipped 0, failed 0.")
+    await expect(rows).to_have_count(0)
+    assert asked == ['Replay all dead letters matching {"affiliate":"bob"}?']
+    await page.fill("#filters input[name=affiliate]", "")
+    await page.click("#filters button[type=submit]")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("dan")
+
+    await drain(settings)
+    assert sorted(flaky.paths) == [
+        "/fail/bob?o=%231001",
+        "/new/bob?o=%231002",
+        "/new/bob?o=%231003",
+    ]
+
+    # Deliveries, by state: ann's two and bob's three delivered, dan's dead, carol's skipped.
+    await page.click("nav button[data-view=deliveries]")
+    await expect(rows).to_have_count(7)
+    state = page.locator("#filters select[name=state]")
+    for chosen, affiliates in (
+        ("delivered", ["ann", "ann", "bob", "bob", "bob"]),
+        ("dead", ["dan"]),
+        ("skipped", ["carol"]),
+        ("retrying", []),
+    ):
+        await state.select_option(chosen)
+        await page.click("#filters button[type=submit]")
+        await expect(rows).to_have_count(len(affiliates))
+        await expect(rows.locator("td:nth-child(5)")).to_have_text([chosen] * len(affiliates))
+        assert sorted(await rows.locator("td:nth-child(2)").all_text_contents()) == affiliates
     await page.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +26,7 @@ from yarl import URL
 from ops.openapi import document
 from ops.service import Insecure, create_app
 from producer.publish import Producer
+from producer.queue import job_id
 from tests.conftest import (
     INGEST_TOKEN,
     OPS_TOKEN,
@@ -39,8 +42,9 @@ from tests.conftest import (
     with_tokens,
 )
 from tests.test_reliability import running_worker, until
-from worker import sign
+from worker import database, sign
 from worker.config import Settings
+from worker.sweep import sweep
 
 pytestmark = pytest.mark.usefixtures("db")
 
@@ -310,6 +314,83 @@ async def test_listings_page_through_everything_once(
             break
     assert sorted(seen) == sorted(e["id"] for e in batch)
     assert len(seen) == 7
+
+
+async def test_listings_show_50_unless_told(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
+) -> None:
+    no_retries = settings.model_copy(update={"retry_schedule": ""})
+    await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail/{{event.id}}")
+    order = {"amount": "1", "commission": "0.1"}
+    batch = [
+        event_data(f"l{i}", affiliate_id="bob", order={**order, "number": f"#l{i}"})
+        for i in range(51)
+    ]
+    assert (await ingest(api, batch))[0] == 202
+    await drain(no_retries)
+    for path in ("/v1/deliveries", "/v1/dead-letters"):
+        status, body = await api.call("GET", path)
+        assert status == 200
+        assert len(body["items"]) == 50, path
+        assert body["next"] is not None, path
+        status, rest = await api.call("GET", path, params={"cursor": body["next"]})
+        assert (len(rest["items"]), rest["next"]) == (1, None), path
+        status, body = await api.call("GET", path, params={"limit": "51"})
+        assert (len(body["items"]), body["next"]) == (51, None), path
+
+
+async def test_a_time_without_an_offset_is_read_as_utc(
+    api: Api, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """Run with the process's local time 5 hours ahead of UTC, so that reading `since` or
+    `until` as local time would move each 5 hours and change what they select."""
+    data = event_data("utc", affiliate_id="nobody")
+    await ingest(api, data)
+    await drain(settings)
+    hour = timedelta(hours=1)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    before, after = (now - hour).isoformat(), (now + hour).isoformat()  # no offset
+    old_tz = os.environ.get("TZ")
+    os.environ["TZ"] = "PBT-5"  # POSIX: 5 hours east of UTC
+    time.tzset()
+    try:
+        assert datetime.now().astimezone().utcoffset() == timedelta(hours=5)
+
+        async def events(**query: str) -> list[str]:
+            return [item["event_id"] for item in await listed(api, "/v1/deliveries", **query)]
+
+        assert await events(since=before) == [data["id"]]
+        assert await events(since=after) == []
+        assert await events(until=after) == [data["id"]]
+        assert await events(until=before) == []
+    finally:
+        if old_tz is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old_tz
+        time.tzset()
+
+
+async def test_durations_count_days(api: Api, db: asyncpg.Connection, settings: Settings) -> None:
+    """`since=2d` is two days ago: taken three days ago is out, one day ago is in."""
+    three, one, new = (event_data(f"days{n}", affiliate_id="nobody") for n in (3, 1, 0))
+    await ingest(api, [three, one, new])
+    await drain(settings)
+    for data, days in ((three, 3), (one, 1)):
+        await db.execute(
+            "UPDATE deliveries SET created_at = now() - make_interval(days => $2)"
+            " WHERE event_id = $1",
+            data["id"],
+            days,
+        )
+
+    async def events(**query: str) -> set[str]:
+        return {item["event_id"] for item in await listed(api, "/v1/deliveries", **query)}
+
+    assert await events(since="2d") == {one["id"], new["id"]}
+    assert await events(until="2d") == {three["id"]}
+    assert await events(since="4d", until="2d") == {three["id"]}
+    assert await events(since="2d", until="12h") == {one["id"]}
 
 
 @pytest.mark.parametrize(
@@ -675,6 +756,76 @@ async def test_metrics_move_as_deliveries_happen(
     assert after[("postback_retries_waiting", ())] == 0
 
 
+async def test_a_delivery_waiting_for_its_retry_shows_in_the_gauges(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
+) -> None:
+    """`postback_queue_deferred` (its job is due later) and `postback_retries_waiting` (its
+    delivery is `retrying`) each count it while it waits, and neither once it is delivered."""
+
+    async def gauges() -> tuple[float, float, float]:
+        status, text = await api.call("GET", "/metrics", token=None)
+        assert status == 200
+        got = _samples(text)
+        return (
+            got[("postback_queue_deferred", ())],
+            got[("postback_retries_waiting", ())],
+            got[("postback_queue_depth", ())],
+        )
+
+    assert await gauges() == (0, 0, 0)
+    await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail/bob")
+    hourly = settings.model_copy(update={"retry_schedule": "1h"})
+    data = event_data("retry", affiliate_id="bob")
+    await producer.publish(data)
+
+    async def retrying_and_alone_in_the_queue() -> bool:
+        state = await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", data["id"])
+        return state == "retrying" and await queued(producer) == 1
+
+    async with running_worker(hourly):
+        await until(retrying_and_alone_in_the_queue)
+    assert await gauges() == (1, 1, 0)
+
+    # The receiver is back, and the hour is up: the ledger and the queue say it is due now.
+    flaky.fixed = True
+    await db.execute(
+        "UPDATE deliveries SET next_attempt_at = now() WHERE event_id = $1", data["id"]
+    )
+    await producer.redis.zadd(settings.queue_name, {job_id(data["id"]): int(time.time() * 1000)})
+    assert await gauges() == (0, 1, 1)
+    await drain(hourly)
+    state = await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", data["id"])
+    assert state == "delivered"
+    assert await gauges() == (0, 0, 0)
+
+
+async def test_a_redis_error_loses_the_count_not_the_delivery(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
+) -> None:
+    """Redis answers the worker's counting with an error (the counters' key holds a string,
+    so every HINCRBY on it is refused with WRONGTYPE) while the queue works: the worker logs
+    `metrics_not_counted` and delivers all the same."""
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann")
+    counters = f"{settings.queue_name}:metrics"
+    await producer.redis.set(counters, "not a hash")
+    try:
+        data = event_data("uncounted")
+        await producer.publish(data)
+        with structlog.testing.capture_logs() as logs:
+            await drain(settings)
+    finally:
+        await producer.redis.delete(counters)
+    state = await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", data["id"])
+    assert state == "delivered"
+    assert flaky.paths == ["/ann"]
+    [lost] = [entry for entry in logs if entry["event"] == "metrics_not_counted"]
+    assert lost["log_level"] == "warning"
+    assert "WRONGTYPE" in lost["error"]
+    # Nothing was counted: the scrape starts from the empty key.
+    _, text = await api.call("GET", "/metrics", token=None)
+    assert _samples(text)[("postback_deliveries_total", (("outcome", "delivered"),))] == 0
+
+
 async def test_openapi_lists_exactly_the_routes_the_service_has(settings: Settings) -> None:
     app = create_app(with_tokens(settings))
     served = {
@@ -752,6 +903,77 @@ async def test_a_dead_letter_whose_stored_event_is_invalid_is_not_replayed(
     assert "stored event is invalid" in body["error"]
     _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
     assert shown["state"] == "dead"
+
+
+async def test_resend_is_refused_for_a_dead_letter_that_was_never_sent(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
+) -> None:
+    """Dead-lettered before any request, because its stored template no longer parses (a
+    row written by hand): there is no request to resend. Re-rendered once the template is
+    fixed, it is sent."""
+    good = flaky.url + "/bob?o={{order.number}}"
+    await save_callback(db, "bob", "order.created", "GET", good)
+    await db.execute("UPDATE callbacks SET url_template = $1", flaky.url + "/bob?o={{order.numbr}}")
+    await producer.publish(event_data("unsent", affiliate_id="bob"))
+    await drain(settings)
+    [dead] = await listed(api, "/v1/dead-letters")
+    _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    assert (shown["request"], shown["attempts"]) == (None, [])
+    assert "stored template is invalid" in shown["reason"]
+    assert flaky.paths == []
+
+    path = f"/v1/dead-letters/{dead['id']}/replay"
+    status, body = await api.call("POST", path, json={"mode": "resend"})
+    assert (status, body["error"]) == (
+        409,
+        "not done: it was never sent, so there is no request to resend",
+    )
+    assert [d["id"] for d in await listed(api, "/v1/dead-letters")] == [dead["id"]]
+    _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
+    assert (shown["state"], shown["actions"]) == ("dead", [])
+
+    assert (await api.call("PUT", "/v1/callbacks/bob/order.created", json={"url": good}))[0] == 200
+    assert (await api.call("POST", path, json={"mode": "rerender"}))[0] == 200
+    await drain(settings)
+    assert flaky.paths == ["/bob?o=%231001"]
+
+
+async def test_a_bulk_replay_with_redis_down_reopens_them_for_the_sweep(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
+) -> None:
+    """A service whose Redis is unreachable replays by filter: every match is reopened in
+    the ledger, none is queued, and the sweep queues them all."""
+    made = await make_deliveries(db, producer, flaky, settings, dead=3)
+    gone = with_tokens(settings).model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with structlog.testing.capture_logs() as logs:
+        async with running_service(gone) as down:
+            status, summary = await down.call(
+                "POST", "/v1/dead-letters/replay", json={"filter": {"affiliate": "bob"}}
+            )
+    assert (status, summary) == (200, {"replayed": 3, "skipped": 0, "failed": 0, "problems": []})
+    # Redis was tried for the first one only; the rest were reopened in the ledger only.
+    assert [e["event"] for e in logs if e["event"] == "replay_left_to_sweep"] == [
+        "replay_left_to_sweep"
+    ]
+    bobs = await listed(api, "/v1/deliveries", affiliate="bob")
+    assert sorted((d["event_id"], d["state"]) for d in bobs) == sorted(
+        (bob, "pending") for bob in made.bobs
+    )
+    assert await listed(api, "/v1/dead-letters") == []
+    assert await queued(producer) == 0
+
+    flaky.fixed = True
+    assert settings.database_url is not None
+    pool = await database.create_pool(settings.database_url, 2)
+    try:
+        swept = await sweep(pool, producer.redis, settings.queue_name, settings.job_timeout)
+    finally:
+        await pool.close()
+    assert swept == 3
+    assert await queued(producer) == 3
+    await drain(settings)
+    delivered = await listed(api, "/v1/deliveries", affiliate="bob", state="delivered")
+    assert sorted(d["event_id"] for d in delivered) == sorted(made.bobs)
 
 
 async def test_bulk_replay_needs_a_filter_or_all(
