@@ -22,7 +22,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# tests/prerequisites.py: a Chromium for the ops page tests and docker-compose, found or
+# obtained (apt-get as root, Playwright's installer), or one line saying how to get them.
 test: lint
+	$(BIN)/python -m tests.prerequisites
 	$(BIN)/pytest
 
 # The benchmark suite (bench/README.md): real Redis and Postgres, a few minutes.

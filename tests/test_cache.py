@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 import structlog.testing
@@ -258,14 +258,20 @@ def _listener_logs(
 @contextlib.asynccontextmanager
 async def _partition(database_url: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
     """A TCP proxy to the database: its URL, and a function after which nothing more passes
-    either way on the connections open through it, which stay open (new ones still pass)."""
+    either way on the connections open through it, which stay open (new ones still pass).
+    The database may be on a Unix socket (?host=DIR, as the embedded Postgres is)."""
     target = urlsplit(database_url)
+    options = dict(parse_qsl(target.query))
+    host = options.pop("host", None) or target.hostname or "127.0.0.1"
+    port = target.port or 5432
     silent: list[list[bool]] = []
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(
-            target.hostname, target.port
-        )
+        if host.startswith("/"):  # a socket folder
+            upstream = asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        else:
+            upstream = asyncio.open_connection(host, port)
+        upstream_reader, upstream_writer = await upstream
         cut = [False]
         silent.append(cut)
 
@@ -285,6 +291,8 @@ async def _partition(database_url: str) -> AsyncIterator[tuple[str, Callable[[],
             cut[0] = True
 
     async with raw_server(proxy) as base:
-        port = base.rsplit(":", 1)[1]
+        listening = base.rsplit(":", 1)[1]
         user = target.netloc.rsplit("@", 1)[0]
-        yield target._replace(netloc=f"{user}@127.0.0.1:{port}").geturl(), go_silent
+        netloc = f"{user}@127.0.0.1:{listening}"
+        through = target._replace(netloc=netloc, query=urlencode(options))
+        yield through.geturl(), go_silent

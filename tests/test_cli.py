@@ -30,15 +30,16 @@ from producer import Producer, parse_event
 from producer.queue import job_id
 from tests import leakcheck
 from tests.conftest import (
-    ADMIN_URL,
     ALLOW_NETWORKS,
     RUN,
     Flaky,
     Receiver,
+    database_at,
     drain,
     event_data,
     make_deliveries,
     save_callback,
+    with_options,
 )
 from worker import database
 from worker.config import Settings
@@ -206,13 +207,13 @@ def test_unreachable_database_is_refused_in_one_line(postback: Postback, args: l
 
 
 @pytest.fixture
-async def empty_database_url() -> AsyncIterator[str]:
+async def empty_database_url(admin_url: str) -> AsyncIterator[str]:
     """A database of its own with no tables, dropped afterwards."""
     name = f"postback_test_{RUN}_empty"
-    admin = await asyncpg.connect(ADMIN_URL)
+    admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        yield database_at(admin_url, name)
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
@@ -1093,7 +1094,7 @@ async def test_dlq_replay_by_filter_exits_1_when_a_replay_failed(
             "replay",
             "--affiliate",
             "bob",
-            env_overrides={"POSTBACK_DATABASE_URL": database_url + "?lock_timeout=300"},
+            env_overrides={"POSTBACK_DATABASE_URL": with_options(database_url, lock_timeout=300)},
         )
 
     assert "Traceback" not in result.stderr, result.stderr

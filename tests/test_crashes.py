@@ -36,7 +36,7 @@ from ops.demo import serve
 from producer import Producer
 from producer.queue import job_id
 from tests import leakcheck
-from tests.conftest import ADMIN_URL, event_data, save_callback
+from tests.conftest import database_name, event_data, save_callback
 from worker import logs
 from worker.config import Settings
 
@@ -428,14 +428,15 @@ async def test_postgres_connections_cut_mid_run_lose_nothing(
     producer: Producer,
     settings: Settings,
     database_url: str,
+    admin_url: str,
     tmp_path: Path,
 ) -> None:
     hits = Hits()
 
     total = 200
-    name = database_url.rsplit("/", 1)[1]
+    name = database_name(database_url)
     own = await db.fetchval("SELECT pg_backend_pid()")
-    admin = await asyncpg.connect(ADMIN_URL)
+    admin = await asyncpg.connect(admin_url)
     terminated: list[int] = []
     chosen = worker_settings(settings)
     try:

@@ -74,7 +74,10 @@ def _compose_binary() -> list[str]:
         == 0
     ):
         return ["docker", "compose"]
-    pytest.fail("docker-compose is not installed: `apt-get install docker-compose` (.ci/run does)")
+    pytest.fail(
+        "docker-compose is not installed: `apt-get install docker-compose` "
+        "(`make test` does, as root)"
+    )
 
 
 @pytest.mark.parametrize("profile", [None, "demo"])
@@ -301,3 +304,13 @@ def test_the_compose_file_and_the_image_are_as_the_readme_says() -> None:
     assert re.findall(r"^USER (.*)$", final, re.MULTILINE) == ["postback"]
     assert "chown" not in final
     assert "chmod" not in final
+    # The relay is installed from the wheel the build stage makes (tests/test_package.py
+    # runs such a wheel): no source tree in the image, nothing editable.
+    build = dockerfile.rsplit("\nFROM ", 1)[0]
+    assert re.search(r"pip wheel .*--no-deps", build.replace("\\\n", " "))
+    assert re.findall(r"^COPY (.*)$", final, re.MULTILINE) == [
+        "--from=build /opt/venv /opt/venv",
+        "--from=build /wheels /wheels",
+    ]
+    assert "/wheels/*.whl" in final
+    assert not re.search(r"\s(-e|--editable)\s", dockerfile)

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from ops.demo import running, serve
 from producer import Producer, parse_event
-from tests.conftest import ADMIN_URL, drain, event_data, raw_server, save_callback
+from tests.conftest import database_name, drain, event_data, raw_server, save_callback
 from worker import fairness, ledger
 from worker.config import Settings
 from worker.deliver import Outcome, delivery_id
@@ -502,7 +502,11 @@ async def _until(condition: Callable[[], bool], within: float, what: str) -> Non
 
 
 async def test_after_a_database_outage_the_backlog_drains_at_the_receivers_pace(
-    db: asyncpg.Connection, producer: Producer, settings: Settings, database_url: str
+    db: asyncpg.Connection,
+    producer: Producer,
+    settings: Settings,
+    database_url: str,
+    admin_url: str,
 ) -> None:
     """Every wait of a job is a run of it: the runs spent waiting out the database (5 s
     each) must not stretch the put-off waits at the receiver's cap once it is back, nor
@@ -510,10 +514,10 @@ async def test_after_a_database_outage_the_backlog_drains_at_the_receivers_pace(
     lands within DRAIN_LIMIT_SECONDS of the outage's end, every delivery delivered."""
     total = 400
     paced = Paced()
-    name = database_url.rsplit("/", 1)[1]
+    name = database_name(database_url)
     own = await db.fetchval("SELECT pg_backend_pid()")
     # On another database: the test's own connection to this one is spared by pid.
-    admin = await asyncpg.connect(ADMIN_URL)
+    admin = await asyncpg.connect(admin_url)
     tuned = settings.model_copy(update={"destination_max_in_flight": 10})
     try:
         async with serve(paced.handle) as url:

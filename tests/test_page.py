@@ -1,14 +1,13 @@
-"""The ops page in a real headless browser: Debian's Chromium, driven by Playwright.
+"""The ops page in a real headless browser: Chromium, driven by Playwright.
 
-Playwright's own browser downloads are never used: the test launches /usr/bin/chromium
-(the `chromium` package, which `.ci/run` installs).
+The browser is $POSTBACK_TEST_CHROMIUM, else Debian's /usr/bin/chromium, else Playwright's
+own (tests/prerequisites.py, which `make test` runs first, obtains one where it can).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -16,6 +15,7 @@ from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 
 from producer import parse_event
 from producer.publish import Producer
+from tests import prerequisites
 from tests.conftest import (
     OPS_TOKEN,
     Api,
@@ -29,7 +29,6 @@ from worker import ledger
 from worker.config import Settings
 from worker.deliver import delivery_id
 
-CHROMIUM = Path(os.environ.get("POSTBACK_TEST_CHROMIUM", "/usr/bin/chromium"))
 # Flags for a machine with no display and a closed network: without the background
 # networking ones, Chromium keeps trying to reach Google's hosts.
 CHROMIUM_FLAGS = [
@@ -47,15 +46,12 @@ SCREENSHOT = os.environ.get("POSTBACK_TEST_SCREENSHOT")
 pytestmark = pytest.mark.usefixtures("db")
 
 
-@pytest.fixture(scope="session")
-def chromium() -> Path:
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium"
-    return CHROMIUM
-
-
 @pytest.fixture
-async def browser(chromium: Path) -> AsyncIterator[Browser]:
+async def browser() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
+        chromium = prerequisites.chromium(playwright.chromium.executable_path)
+        assert chromium is not None, prerequisites.NO_CHROMIUM
+        assert chromium.exists(), f"POSTBACK_TEST_CHROMIUM={chromium} does not exist"
         browser = await playwright.chromium.launch(
             executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS
         )

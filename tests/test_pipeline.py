@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ops.demo import running, serve
 from producer import Producer
-from tests.conftest import ADMIN_URL, Receiver, drain, event_data, save_callback
+from tests.conftest import Receiver, database_name, drain, event_data, save_callback
 from worker.config import Settings
 from worker.deliver import USER_AGENT
 from worker.pool import create_worker
@@ -275,10 +275,11 @@ async def test_a_database_outage_keeps_the_event_until_postgres_is_back(
     receiver: Receiver,
     settings: Settings,
     database_url: str,
+    admin_url: str,
 ) -> None:
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/outage")
-    name = database_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(ADMIN_URL)
+    name = database_name(database_url)
+    admin = await asyncpg.connect(admin_url)
     worker = create_worker(settings, handle_signals=False, poll_delay=0.05)
     try:
         async with running(worker):

@@ -784,11 +784,11 @@ async def test_a_delivery_whose_callback_went_away_after_its_first_try_is_dead(
 
 
 async def test_a_worker_on_a_database_not_yet_upgraded_says_so_and_keeps_the_event(
-    producer: Producer, settings: Settings, receiver: Receiver
+    producer: Producer, settings: Settings, receiver: Receiver, admin_url: str
 ) -> None:
     """New workers started before `postback db init`: every job says what to run, and its
     event waits in the queue; once the schema is applied it is delivered."""
-    async with scratch_database("outdated") as url, database.connection(url) as conn:
+    async with scratch_database(admin_url, "outdated") as url, database.connection(url) as conn:
         await database.apply_schema(conn)
         await save_callback(conn, "ann", "order.created", "GET", receiver.url + "/pb")
         await conn.execute("DROP FUNCTION postback_take")  # as a schema before it had one

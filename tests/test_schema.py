@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conftest import ADMIN_URL, RUN
+from tests.conftest import RUN, database_at
 from worker import database, ledger
 
 PREVIOUS_SCHEMA = """\
@@ -91,14 +91,14 @@ SKIPPED_AT = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 
 
 @asynccontextmanager
-async def scratch_database(label: str) -> AsyncIterator[str]:
+async def scratch_database(admin_url: str, label: str) -> AsyncIterator[str]:
     """The URL of an empty database of its own, dropped (whatever holds it open) after."""
     name = f"postback_test_{RUN}_{label}_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_URL)
+    admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         try:
-            yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+            yield database_at(admin_url, name)
         finally:
             await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
@@ -152,9 +152,9 @@ async def column_types(conn: asyncpg.Connection, table: str) -> dict[str, tuple[
     return {row["column_name"]: (row["data_type"], row["is_nullable"]) for row in rows}
 
 
-async def current_schema() -> dict[str, set[tuple[Any, ...]]]:
+async def current_schema(admin_url: str) -> dict[str, set[tuple[Any, ...]]]:
     """What schema.sql makes of an empty database."""
-    async with scratch_database("fresh") as url:
+    async with scratch_database(admin_url, "fresh") as url:
         await database.init(url)
         async with database.connection(url) as conn:
             return await schema_of(conn)
@@ -232,8 +232,8 @@ async def insert_current_delivery(conn: asyncpg.Connection, state: str) -> uuid.
 # --- upgrade from the previous schema --------------------------------------------------
 
 
-async def test_the_previous_schema_is_upgraded_in_place() -> None:
-    async with scratch_database("upgrade") as url, database.connection(url) as conn:
+async def test_the_previous_schema_is_upgraded_in_place(admin_url: str) -> None:
+    async with scratch_database(admin_url, "upgrade") as url, database.connection(url) as conn:
         await conn.execute(PREVIOUS_SCHEMA)
         failed = await insert_previous_delivery(conn, "failed", FAILED_AT, "HTTP 404")
         delivered = await insert_previous_delivery(conn, "delivered", DELIVERED_AT, None)
@@ -290,12 +290,12 @@ async def test_the_previous_schema_is_upgraded_in_place() -> None:
             )
 
         # Columns, constraints and indexes are exactly those of a database made afresh.
-        assert await schema_of(conn) == await current_schema()
+        assert await schema_of(conn) == await current_schema(admin_url)
 
 
-async def test_upgraded_dead_letters_and_open_deliveries_are_usable() -> None:
+async def test_upgraded_dead_letters_and_open_deliveries_are_usable(admin_url: str) -> None:
     """A failed delivery keeps its last error class; a pending one is due, so it is swept."""
-    async with scratch_database("open") as url, database.connection(url) as conn:
+    async with scratch_database(admin_url, "open") as url, database.connection(url) as conn:
         await conn.execute(PREVIOUS_SCHEMA)
         failed = await insert_previous_delivery(conn, "failed", FAILED_AT, "timeout")
         await conn.execute(
@@ -321,8 +321,13 @@ async def test_upgraded_dead_letters_and_open_deliveries_are_usable() -> None:
         assert [r["id"] for r in due] == [pending]
 
 
-async def test_applying_the_schema_again_to_an_upgraded_database_changes_nothing() -> None:
-    async with scratch_database("upgrade_twice") as url, database.connection(url) as conn:
+async def test_applying_the_schema_again_to_an_upgraded_database_changes_nothing(
+    admin_url: str,
+) -> None:
+    async with (
+        scratch_database(admin_url, "upgrade_twice") as url,
+        database.connection(url) as conn,
+    ):
         await conn.execute(PREVIOUS_SCHEMA)
         failed = await insert_previous_delivery(conn, "failed", FAILED_AT, "HTTP 503")
         await insert_previous_attempt(conn, failed, FAILED_AT, 503)
@@ -340,8 +345,8 @@ async def test_applying_the_schema_again_to_an_upgraded_database_changes_nothing
 # --- a new database --------------------------------------------------------------------
 
 
-async def test_a_new_database_can_have_the_schema_applied_twice() -> None:
-    async with scratch_database("new") as url, database.connection(url) as conn:
+async def test_a_new_database_can_have_the_schema_applied_twice(admin_url: str) -> None:
+    async with scratch_database(admin_url, "new") as url, database.connection(url) as conn:
         await database.apply_schema(conn)
         schema = await schema_of(conn)
         delivery = await insert_current_delivery(conn, "retrying")
@@ -367,9 +372,9 @@ SCHEMA_BEFORE_REPLAYS = Path(__file__).with_name("schema_before_replays.sql")
 `resend` in deliveries, no `actions` or `test_fires` tables."""
 
 
-async def test_the_schema_before_replays_is_upgraded_in_place() -> None:
-    fresh = await current_schema()
-    async with scratch_database("replays") as url, database.connection(url) as conn:
+async def test_the_schema_before_replays_is_upgraded_in_place(admin_url: str) -> None:
+    fresh = await current_schema(admin_url)
+    async with scratch_database(admin_url, "replays") as url, database.connection(url) as conn:
         await conn.execute(SCHEMA_BEFORE_REPLAYS.read_text())
         dead = await insert_current_delivery(conn, "dead")
         before = await conn.fetchrow("SELECT * FROM deliveries WHERE id = $1", dead)
