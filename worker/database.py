@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
+from importlib.resources import files
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -16,7 +16,9 @@ Conn = asyncpg.Connection | PoolConnectionProxy
 Executor = Conn | asyncpg.Pool
 """Anything a single statement can run on."""
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+SCHEMA = files("worker") / "schema.sql"
+"""The schema, inside the package, however it is installed: worker/schema.sql links to the
+repository's top-level schema.sql (a checkout, an editable install), a wheel holds the file."""
 
 CONNECT_TIMEOUT = 5.0
 """Seconds before an unreachable database is reported instead of waited on."""
@@ -134,7 +136,7 @@ async def create_pool(database_url: str, size: int, min_size: int = 1) -> asyncp
 
 async def apply_schema(conn: asyncpg.Connection) -> None:
     """Create what is missing; safe to run on every start and on a live database."""
-    await conn.execute(SCHEMA_PATH.read_text())
+    await conn.execute(SCHEMA.read_text(encoding="utf-8"))
 
 
 async def init(database_url: str) -> None:
