@@ -15,17 +15,21 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
         -c constraints.txt -r /tmp/requirements.txt
 COPY . .
-# Editable, so the installed package finds schema.sql and the ops page where the source
-# tree has them.
-RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps -e .
+# The relay as a wheel: its packages, with schema.sql and the ops page inside them.
+RUN /opt/venv/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps \
+        --wheel-dir /wheels .
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin postback
+# The dependencies, unchanged by a change of the code; then the relay, from its wheel: no
+# source tree, nothing editable.
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /app /app
-WORKDIR /app
-# The source tree and the venv stay root's: the relay cannot rewrite its own code.
+COPY --from=build /wheels /wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index \
+        /wheels/*.whl \
+    && rm -r /wheels
+# The venv, and the code installed in it, stay root's: the relay cannot rewrite its own code.
 # POSTBACK_DATA_DIR is only for the embedded servers, which a container with both
 # URLs set never starts; it points somewhere writable all the same.
 ENV PATH=/opt/venv/bin:$PATH \
