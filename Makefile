@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench image-check
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,8 @@ test: lint
 # The benchmark suite (bench/README.md): real Redis and Postgres, a few minutes.
 bench: install
 	$(BIN)/python -m bench
+
+# The image built and run with podman, docker-compose.yml with podman-compose (README:
+# "Checked here with podman"). As root; a few minutes the first time, under one after.
+image-check: install
+	$(BIN)/python -m imagecheck
