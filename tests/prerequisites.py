@@ -31,21 +31,25 @@ NO_COMPOSE = (
 )
 
 
-def chromium(playwright_own: str) -> Path | None:
-    """The browser the tests launch, given where Playwright's own one is (or would be)."""
+def chromium(playwright_own: str | None) -> Path | None:
+    """The browser the tests launch, given where Playwright's own one is (or would be), if
+    that is known."""
     if configured := os.environ.get("POSTBACK_TEST_CHROMIUM"):
         return Path(configured)
-    for candidate in (SYSTEM_CHROMIUM, Path(playwright_own)):
-        if candidate.exists():
-            return candidate
-    return None
+    candidates = [SYSTEM_CHROMIUM] + ([] if playwright_own is None else [Path(playwright_own)])
+    return next((candidate for candidate in candidates if candidate.exists()), None)
 
 
-def _playwright_own() -> str:
+def _playwright_own() -> str | None:
+    """Where Playwright's own Chromium is or would be; None when Playwright's driver does not
+    start at all (a minimal system lacks a library its bundled node needs, libatomic1)."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
-        return playwright.chromium.executable_path
+    try:
+        with sync_playwright() as playwright:
+            return playwright.chromium.executable_path
+    except Exception:
+        return None
 
 
 def _runs(executable: Path) -> bool:
@@ -85,13 +89,21 @@ def _compose() -> bool:
 
 
 def _get_chromium(updated: list[bool]) -> str | None:
-    """Where the browser is, obtained if need be; else None, having said why."""
-    own = _playwright_own()
+    """Where the browser is, obtained if need be; else None, having said why.
+
+    Playwright's driver is started only when neither a configured nor Debian's Chromium can
+    be had: on a minimal system it may not start at all.
+    """
+    own = None
     found = chromium(own)
     if found is None and _apt_install("chromium", updated):
         found = chromium(own)
-    if found is None and _quiet([sys.executable, "-m", "playwright", "install", "chromium"]):
+    if found is None:
+        own = _playwright_own()
         found = chromium(own)
+        installing = [sys.executable, "-m", "playwright", "install", "chromium"]
+        if found is None and own is not None and _quiet(installing):
+            found = chromium(own)
     if found is None:
         _say(NO_CHROMIUM)
         return None
@@ -99,7 +111,7 @@ def _get_chromium(updated: list[bool]) -> str | None:
         _say(f"POSTBACK_TEST_CHROMIUM={found} does not exist; unset it, or point it at a Chromium")
         return None
     if not _runs(found):
-        if found == Path(own):  # downloaded without the system libraries it needs
+        if own is not None and found == Path(own):  # downloaded without its system libraries
             libraries = "`.venv/bin/playwright install-deps chromium` (as root) adds them"
             fix = f"{libraries}; or {GET_CHROMIUM}"
         else:
