@@ -25,6 +25,10 @@ GET_CHROMIUM = (
     "its download is reachable, or set POSTBACK_TEST_CHROMIUM to a Chromium"
 )
 NO_CHROMIUM = f"no Chromium for the ops page tests: {GET_CHROMIUM}"
+NO_DRIVER = (
+    "Playwright's driver, which drives the browser, does not start (its node needs "
+    "libatomic1): `apt-get install libatomic1` (as root)"
+)
 NO_COMPOSE = (
     "no docker-compose, which tests/test_deploy.py validates docker-compose.yml with: "
     "`apt-get install docker-compose` (as root), or install Docker's compose plugin"
@@ -121,9 +125,22 @@ def _get_chromium(updated: list[bool]) -> str | None:
     return str(found)
 
 
+def _driver(updated: list[bool]) -> bool:
+    """Whether Playwright's driver starts, obtaining what it lacks if need be: the tests drive
+    any browser through it, and a minimal Debian lacks the library its node needs."""
+    if _playwright_own() is not None:
+        return True
+    if _apt_install("libatomic1", updated) and _playwright_own() is not None:
+        return True
+    _say(NO_DRIVER)
+    return False
+
+
 def main() -> int:
     updated: list[bool] = []  # apt-get update runs at most once
     browser = _get_chromium(updated)
+    if browser is not None and not _driver(updated):
+        browser = None
     compose = _compose() or (_apt_install("docker-compose", updated) and _compose())
     if not compose:
         _say(NO_COMPOSE)
