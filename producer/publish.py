@@ -9,7 +9,7 @@ from typing import Any, Self
 from arq.connections import ArqRedis
 
 from producer.event import Event, parse_event
-from producer.queue import DEFAULT_QUEUE, enqueue, open_redis
+from producer.queue import DEFAULT_QUEUE, connect_redis, enqueue
 
 
 class Producer:
@@ -25,14 +25,10 @@ class Producer:
 
     @classmethod
     async def connect(cls, redis_url: str, queue_name: str = DEFAULT_QUEUE) -> Self:
-        redis = open_redis(redis_url, queue_name)
-        try:
-            # One quick try: a producer should learn at once that Redis is down.
-            await redis.ping()
-        except BaseException:
-            await redis.aclose()
-            raise
-        return cls(redis, queue_name)
+        """A producer on the Redis at `redis_url`: redis://, rediss://, unix:// or, to find the
+        primary through Sentinel, redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB].
+        One quick try: a producer learns at once that Redis is down."""
+        return cls(await connect_redis(redis_url, queue_name), queue_name)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from arq.connections import RedisSettings
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.queue import DEFAULT_QUEUE
+from producer.queue import DEFAULT_QUEUE, parse_redis_url
 from worker.address import Network, parse_networks
 from worker.deliver import QUICK_RETRY_SECONDS
 from worker.retry import DEFAULT_SCHEDULE, parse_schedule
@@ -29,7 +28,8 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(
         default=None,
-        description="Redis URL (redis://, rediss:// or unix://). Unset: an embedded Redis.",
+        description="Redis URL (redis://, rediss:// or unix://), or redis+sentinel:// to find "
+        "the primary through Sentinel. Unset: an embedded Redis.",
     )
     data_dir: Path = Field(
         default=Path(".postback"),
@@ -188,10 +188,5 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                RedisSettings.from_dsn(value)
-            except (RuntimeError, ValueError):
-                raise ValueError(
-                    "must be a redis://HOST:PORT/DB, rediss:// or unix:///PATH URL"
-                ) from None
+            parse_redis_url(value)  # its ValueError says which form was expected
         return value

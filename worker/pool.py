@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from datetime import datetime
 from typing import Any
 
+import redis.exceptions
+import structlog
 from arq import Worker
-from arq.connections import RedisSettings
 from arq.cron import cron
 from arq.worker import func
 
 from producer.json_input import read_json
-from producer.queue import JOB_NAME, serialize
+from producer.queue import JOB_NAME, connect_redis, redis_settings, serialize
 from worker import cache, database, deliver, fairness
 from worker.config import Settings
 from worker.job import deliver_event
@@ -30,6 +33,14 @@ is the retry policy's decision, made from the ledger."""
 HEALTH_CHECK_SECONDS = 10
 """How often a worker writes arq's health check key (which lives a second longer), so
 `/healthz` knows within seconds that no worker is running."""
+
+REDIS_FIRST_WAIT = 0.1
+REDIS_LONGEST_WAIT = 1.0
+"""Seconds a worker that lost Redis waits before it tries again: the first wait, doubled
+after each failed try up to the longest. A failover takes seconds; a worker should see
+the new primary within a second of it."""
+
+log = structlog.get_logger("postback.worker")
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
@@ -67,10 +78,12 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     Both URLs must be resolved (embedded services started) before this is called.
     """
     assert settings.redis_url is not None
-    redis_settings = RedisSettings.from_dsn(settings.redis_url)
-    # Fail at once and say so; restarting a worker that cannot reach Redis is the
-    # supervisor's job, and arq's quiet retries would only hide the cause for seconds.
-    redis_settings.conn_retries = 0
+    # For arq's own Worker (the benchmark's no-op worker); the relay's `RelayWorker` opens
+    # the same URL with `connect_redis` instead. Either fails at once and says so when it
+    # starts without Redis: restarting it is the supervisor's job, and arq's quiet retries
+    # would only hide the cause for seconds.
+    arq_redis = redis_settings(settings.redis_url)
+    arq_redis.conn_retries = 0
     return {
         "functions": [func(deliver_event, name=JOB_NAME)],
         "cron_jobs": [
@@ -84,7 +97,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             )
         ],
         "queue_name": settings.queue_name,
-        "redis_settings": redis_settings,
+        "redis_settings": arq_redis,
         "job_serializer": serialize,
         # A job a producer wrote by hand that read_json refuses (a duplicate key, a number
         # out of range) fails to deserialize: arq logs it and drops the job.
@@ -124,5 +137,101 @@ def use_fast_loop() -> bool:
     return True
 
 
+class RelayWorker(Worker):
+    """arq's Worker, made to outlast Redis going away while it runs (a Sentinel failover,
+    a restart).
+
+    arq ends its main loop on the first Redis error, and the worker process with it. This
+    one opens Redis as every part of the relay does (`connect_redis`, which reads a
+    Sentinel URL too), fails at once only when it starts without Redis, and otherwise
+    waits out a lost connection: it logs `redis_unavailable`, tries again after 0.1 s,
+    then after twice as long each time up to 1 s, and through Sentinel each try asks the
+    sentinels where the primary is. Once Redis answers it logs `redis_reconnected` and
+    sweeps at once, so that what the new primary lacks (what the old one had not
+    replicated) comes back from the ledger now rather than at the next minute.
+
+    Deliveries in flight meanwhile finish and are recorded in Postgres; arq's bookkeeping
+    of their jobs may fail, and a job left behind runs again later and finds its delivery
+    settled in the ledger.
+    """
+
+    def __init__(self, redis_url: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.redis_url = redis_url
+        self._redis_lost_at: float | None = None
+        self._redis_wait = REDIS_FIRST_WAIT
+
+    async def main(self) -> None:
+        if self._pool is None:
+            # No read timeout, as arq's own pool: see `open_redis`.
+            self._pool = await connect_redis(self.redis_url, self.queue_name, read_timeout=None)
+        await super().main()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        try:
+            await super().start_jobs(job_ids)
+        except redis.exceptions.RedisError:
+            # arq takes a job slot before the transaction that marks the job in progress,
+            # and gives it back when that fails only on a conflict: an error that leaves
+            # here left in that transaction, and would keep its slot for good.
+            self._release_sem_dec_counter_on_complete()
+            raise
+
+    async def _poll_iteration(self) -> None:
+        try:
+            self._reap_jobs_that_lost_redis()
+            await super()._poll_iteration()
+        except redis.exceptions.RedisError as exc:
+            lost = _connection_lost(exc)
+            if lost is None:
+                raise
+            await self._wait_for_redis(lost)
+        else:
+            if self._redis_lost_at is not None:
+                self._redis_back()
+
+    def _reap_jobs_that_lost_redis(self) -> None:
+        """Drop every finished job whose arq bookkeeping lost Redis, and raise the first
+        such error. arq would raise them one per poll, and a job run again under the same
+        id before its turn would replace its task unread."""
+        first: redis.exceptions.RedisError | None = None
+        for job_id, task in list(self.tasks.items()):
+            if not task.done() or task.cancelled():
+                continue
+            error = task.exception()
+            if isinstance(error, redis.exceptions.RedisError) and _connection_lost(error):
+                del self.tasks[job_id]
+                first = first or error
+        if first is not None:
+            raise first
+
+    async def _wait_for_redis(self, error: Exception) -> None:
+        if self._redis_lost_at is None:
+            self._redis_lost_at = time.monotonic()
+            self._redis_wait = REDIS_FIRST_WAIT
+            log.warning("redis_unavailable", error=f"{type(error).__name__}: {error}")
+        await asyncio.sleep(self._redis_wait)
+        self._redis_wait = min(self._redis_wait * 2, REDIS_LONGEST_WAIT)
+
+    def _redis_back(self) -> None:
+        assert self._redis_lost_at is not None
+        log.info("redis_reconnected", after_s=round(time.monotonic() - self._redis_lost_at, 1))
+        self._redis_lost_at = None
+        now = datetime.now(tz=self.timezone)
+        for job in self.cron_jobs:
+            if job.coroutine is sweep_job:
+                job.next_run = now  # enqueued by the next heartbeat, then every minute again
+
+
+def _connection_lost(exc: redis.exceptions.RedisError) -> Exception | None:
+    """The error that lost the connection to Redis, if that is what `exc` says; redis-py
+    reports a connection lost inside a transaction (WATCH ... EXEC) as a WatchError."""
+    cause = exc.__context__ if isinstance(exc, redis.exceptions.WatchError) else exc
+    if isinstance(cause, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return cause
+    return None
+
+
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
-    return Worker(**{**worker_settings(settings), **overrides})
+    assert settings.redis_url is not None
+    return RelayWorker(settings.redis_url, **{**worker_settings(settings), **overrides})
