@@ -1,5 +1,6 @@
-"""The SSRF policy (DESIGN.md section 5): no spelling of a refused address, no name that
-resolves to one and no redirect to one gets a connection, at save time or delivery time.
+"""The SSRF policy (README, "What it refuses to connect to"): no spelling of a refused
+address, no name that resolves to one and no redirect to one gets a connection, at save
+time or delivery time.
 
 Where the refused address is loopback, a real listener stands there and counts connections:
 the same spelling with 127.0.0.1 allowed does reach it, so a refusal is the guard's doing

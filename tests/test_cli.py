@@ -485,7 +485,7 @@ async def test_callbacks_remove_refuses_a_missing_callback(
 
 
 def expected_body(data: dict[str, Any]) -> dict[str, Any]:
-    """The POST body for `event_data(...)` with occurred_at set, as the DESIGN describes it."""
+    """The POST body for `event_data(...)` with occurred_at set, as the README describes it."""
     return {
         "event": {"id": data["id"], "type": "order.created", "occurred_at": OCCURRED_AT},
         "affiliate": {"id": "ann"},

@@ -2,7 +2,7 @@
 
 Affiliates' servers are not ours: some drip their answer a byte at a time, some send
 gigabytes, some redirect forever, some answer binary junk, some take the connection and
-never answer at all. DESIGN.md section 4 promises a bounded request (total timeout), a
+never answer at all. The README promises a bounded request (total timeout), a
 bounded read (64 KiB), at most 3 redirects and a stored excerpt whatever the bytes; these
 tests hold the relay to that against real sockets on 127.0.0.1. aiohttp's own server is too
 well behaved for most of it (it always frames its answers properly), so the worst ones are

@@ -1,4 +1,5 @@
-"""The retry policy (DESIGN §4) as plain functions, and its configuration; no servers needed.
+"""The retry policy (README, "Retries, dead letters and ordering") as plain functions, and
+its configuration; no servers needed.
 
 `decide` gets the jitter from a random.Random: seeded ones show the spread, and `Extreme`
 (which always answers a bound of the range asked for) shows the shortest and longest wait.
@@ -342,7 +343,7 @@ def test_transient_failure_within_the_schedule_retries_after_its_step(
 
 
 def test_jitter_is_about_twenty_percent() -> None:
-    assert JITTER == 0.2  # DESIGN §4: ±20 %
+    assert JITTER == 0.2  # README: stretched or shrunk by up to 20 %
 
 
 @pytest.mark.parametrize("outcome", PLAIN_TRANSIENT)

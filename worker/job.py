@@ -80,7 +80,7 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         log.error("event_refused", job_id=ctx.get("job_id"), error=str(exc))
         return "refused"
     if event.occurred_at is None:
-        # DESIGN §2: defaults to enqueue time, whoever enqueued it.
+        # The README's event table: it defaults to the enqueue time, whoever enqueued it.
         event = event.model_copy(update={"occurred_at": ctx["enqueue_time"].astimezone(UTC)})
     run = _Run(
         ctx["db"],

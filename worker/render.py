@@ -1,9 +1,10 @@
 r"""Callback URL templates: parsed once when a callback is saved, rendered for every delivery.
 
-Two promises matter here (DESIGN.md section 3). A template that would fail later is refused
-at save time, with a message the affiliate manager can act on. And no event value can change
-where a request goes or how the URL is read: the scheme and host are literal text, and every
-substituted value is percent-encoded, so a `/`, `?`, `#` or `&` in an order number stays data.
+Two promises matter here (README, "Callbacks and templates"). A template that would fail
+later is refused at save time, with a message the affiliate manager can act on. And no event
+value can change where a request goes or how the URL is read: the scheme and host are
+literal text, and every substituted value is percent-encoded, so a `/`, `?`, `#` or `&` in
+an order number stays data.
 
 Templates are copied from the raw text of markdown docs, so they carry markdown's backslash
 escapes (`\{{link.sub\_id\}}`, `?a=1\&b=2`). The parser reads them as a markdown renderer

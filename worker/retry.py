@@ -16,7 +16,8 @@ from typing import Literal
 from worker.deliver import Outcome
 
 DEFAULT_SCHEDULE = "1m,5m,30m,2h,6h,12h,24h"
-"""Waits before the 2nd, 3rd, ... attempt (DESIGN §4): about two days of trying in all."""
+"""Waits before the 2nd, 3rd, ... attempt (README, "What is retried"): about two days of
+trying in all."""
 
 JITTER = 0.2
 """Each wait is stretched or shrunk by up to this share, so deliveries that failed together
@@ -28,7 +29,7 @@ RETRY_AFTER_CAP = 86_400.0
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _STEP = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
-# Status codes that say "not now" rather than "never" (DESIGN §4).
+# Status codes that say "not now" rather than "never" (README, "What is retried").
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 # Errors before any answer: the receiver may be back in a minute.
 _TRANSIENT_ERRORS = frozenset({"connect_error", "timeout", "http_error"})
