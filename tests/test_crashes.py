@@ -28,13 +28,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-import redis.asyncio
 import structlog
 from aiohttp import web
 
 from ops.demo import serve
 from producer import Producer
-from producer.queue import job_id
+from producer.queue import job_id, open_redis
 from tests import leakcheck
 from tests.conftest import database_name, event_data, save_callback
 from worker import logs
@@ -129,10 +128,7 @@ def worker_settings(settings: Settings, **overrides: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def worker_process(settings: Settings, cwd: Path) -> AsyncIterator[WorkerProcess]:
     """A running worker subprocess configured with `settings`; killed if still running after."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"POSTBACK_{name.upper()}"] = str(value)
+    env = worker_env(settings)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -161,11 +157,22 @@ async def worker_process(settings: Settings, cwd: Path) -> AsyncIterator[WorkerP
         leakcheck.logged("\n".join(worker.stderr))
 
 
+def worker_env(settings: Settings) -> dict[str, str]:
+    """This process's environment without its own POSTBACK_ variables, plus `settings` as
+    POSTBACK_ variables: what a `postback` subprocess configured with `settings` gets."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"POSTBACK_{name.upper()}"] = str(value)
+    return env
+
+
 async def _forget_health_check(settings: Settings) -> None:
     """A killed worker leaves its health-check key behind for an hour: the run's queue name
-    is in it, but not under `arq:`, where the run's clean-up looks."""
+    is in it, but not under `arq:`, where the run's clean-up looks. Opened as the relay
+    opens Redis, so a Sentinel URL finds the primary."""
     assert settings.redis_url is not None
-    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    client = open_redis(settings.redis_url, settings.queue_name)
     try:
         await client.delete(f"{settings.queue_name}:health-check")
     finally:

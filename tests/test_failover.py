@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,7 +42,6 @@ from producer.queue import (
     parse_redis_url,
     redis_settings,
 )
-from tests import leakcheck
 from tests.conftest import (
     INGEST_TOKEN,
     event_data,
@@ -53,7 +51,16 @@ from tests.conftest import (
     with_tokens,
 )
 from tests.test_cli import Postback, refusal, succeeded
-from tests.test_crashes import FAST, WorkerProcess, events, ledger, publish, settled, states
+from tests.test_crashes import (
+    FAST,
+    events,
+    ledger,
+    publish,
+    settled,
+    states,
+    worker_env,
+    worker_process,
+)
 from worker.config import Settings
 from worker.pool import create_worker
 
@@ -375,51 +382,6 @@ def _environment() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    env = _environment()
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"POSTBACK_{name.upper()}"] = str(value)
-    return env
-
-
-async def _read_lines(stream: asyncio.StreamReader | None, into: list[str]) -> None:
-    assert stream is not None
-    while line := await stream.readline():
-        into.append(line.decode())
-
-
-@contextlib.asynccontextmanager
-async def worker_process(settings: Settings, cwd: Path) -> AsyncIterator[WorkerProcess]:
-    """`postback worker` configured with `settings`; killed if still running after."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops",
-        "worker",
-        env=_env(settings),
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        limit=2**20,
-    )
-    worker = WorkerProcess(process)
-    worker.readers = [
-        asyncio.create_task(_read_lines(process.stdout, worker.stdout)),
-        asyncio.create_task(_read_lines(process.stderr, worker.stderr)),
-    ]
-    try:
-        yield worker
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGCONT)
-                process.kill()
-        await worker.exited(30)
-        leakcheck.logged("\n".join(worker.stderr))
-
-
 @dataclass(frozen=True)
 class Hit:
     key: str
@@ -623,7 +585,7 @@ async def test_every_redis_user_goes_through_sentinel(
         await save_callback(db, "ann", "order.created", "GET", url + "/ok" + PATH)
         await save_callback(db, "dan", "order.created", "GET", url + "/gone" + PATH)
         primary = group.client(group.primary)
-        postback = Postback(_env(chosen), tmp_path)
+        postback = Postback(worker_env(chosen), tmp_path)
 
         sent = [event_data("sentinel-cli"), event_data("sentinel-dead", affiliate_id="dan")]
         succeeded(postback("send", "--event", "-", stdin=json.dumps(sent)))
