@@ -1,3 +1,3 @@
-from ops.cli import main
+from ops.cli.commands import main
 
 raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 Which servers, each decided on its own: the one configured (POSTBACK_TEST_ADMIN_URL,
 POSTBACK_TEST_REDIS_URL); else the one answering on its default port (127.0.0.1:5432,
-127.0.0.1:6379); else the embedded one `make demo` uses (ops/embedded.py), started once
+127.0.0.1:6379); else the embedded one `make demo` uses (ops/cli/embedded.py), started once
 for the run in a temporary folder and stopped after it. POSTBACK_TEST_SERVERS=embedded
 skips the first two: both embedded. The run's header line says which it uses.
 
@@ -35,9 +35,9 @@ import redis.asyncio
 from aiohttp import web
 from pydantic import SecretStr
 
-from ops import embedded
-from ops.demo import serve
-from ops.service import create_app
+from ops.cli import embedded
+from ops.cli.demo import serve
+from ops.service.app import create_app
 from producer.publish import Producer
 from tests import leakcheck
 from worker import address, callbacks, database

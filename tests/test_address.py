@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from ops.demo import serve
+from ops.cli.demo import serve
 from producer import Producer
 from tests.conftest import (
     ALLOW_NETWORKS,

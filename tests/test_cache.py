@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import asyncpg
 import structlog.testing
 
-from ops.demo import running
+from ops.cli.demo import running
 from producer import Producer
 from tests.conftest import Receiver, event_data, raw_server, save_callback
 from worker.cache import LISTENER_NAME, TRIGGER, CallbackCache

@@ -31,7 +31,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from ops.demo import serve
+from ops.cli.demo import serve
 from producer import Producer
 from producer.queue import job_id, open_redis
 from tests import leakcheck

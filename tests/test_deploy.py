@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ops.cli import _parser
+from ops.cli.commands import _parser
 from tests import leakcheck
 from worker.config import Settings
 
@@ -100,7 +100,7 @@ def test_the_compose_file_is_valid(tmp_path: Path, profile: str | None) -> None:
 def test_the_image_runs_the_postback_command_and_compose_runs_real_subcommands() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert _dockerfile("ENTRYPOINT") == ["postback"]
-    assert scripts["postback"] == "ops.cli:main"
+    assert scripts["postback"] == "ops.cli.commands:main"
     _parses(_dockerfile("CMD"))
     services = _relay_services()
     expected = {"migrate", "worker", "api", "demo-migrate", "demo-receiver", "demo-worker", "demo"}

@@ -32,7 +32,7 @@ import structlog
 from aiohttp import web
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
-from ops.demo import serve
+from ops.cli.demo import serve
 from producer import Producer
 from producer.queue import (
     SENTINEL_TIMEOUT,

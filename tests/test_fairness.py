@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from ops.demo import running, serve
+from ops.cli.demo import running, serve
 from producer import Producer, parse_event
 from tests.conftest import database_name, drain, event_data, raw_server, save_callback
 from worker import fairness, ledger

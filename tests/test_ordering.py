@@ -17,8 +17,9 @@ import asyncpg
 import structlog.testing
 from aiohttp import web
 
-from ops import console, records
-from ops.demo import serve
+from ops.actions import lookup
+from ops.cli import console
+from ops.cli.demo import serve
 from producer import Producer, parse_event
 from tests.conftest import event_data, save_callback
 from tests.test_reliability import running_worker, until
@@ -122,11 +123,11 @@ async def test_an_update_whose_create_never_comes_goes_after_the_wait_and_says_s
                 await producer.publish(update)
 
                 async def waiting() -> bool:
-                    found = await records.show_delivery(db, did)
+                    found = await lookup.show_delivery(db, did)
                     return found is not None and found["create_wait_until"] is not None
 
                 await until(waiting)
-                shown = await records.show_delivery(db, did)
+                shown = await lookup.show_delivery(db, did)
                 assert shown is not None
                 assert (shown["state"], len(shown["attempts"]), shown["blocked_by"]) == (
                     "pending",
@@ -136,7 +137,7 @@ async def test_an_update_whose_create_never_comes_goes_after_the_wait_and_says_s
                 assert console.why(shown).startswith(
                     "waiting for its order.created, not received yet; goes without it at "
                 )
-                listed = await records.list_deliveries(db, records.Filter())
+                listed = await lookup.list_deliveries(db, lookup.Filter())
                 assert "waiting for its order.created, not received yet" in (
                     console.deliveries_table(listed.items)
                 )
@@ -144,7 +145,7 @@ async def test_an_update_whose_create_never_comes_goes_after_the_wait_and_says_s
                 await until(lambda: arrivals.seen)
     sent_after = arrivals.seen[0][2] - published
 
-    shown = await records.show_delivery(db, did)
+    shown = await lookup.show_delivery(db, did)
     assert shown is not None
     assert shown["state"] == "delivered"
     assert shown["create_wait_until"] is None

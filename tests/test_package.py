@@ -205,16 +205,16 @@ def test_the_wheel_holds_the_packages_the_schema_and_the_page(installed: Install
         installed.wheel.name.split("-py3")[0] + ".dist-info",
     }
     assert schema == (ROOT / "schema.sql").read_bytes()
-    assert {f"ops/page/{name}" for name in PAGE_FILES} <= set(names)
+    assert {f"ops/service/page/{name}" for name in PAGE_FILES} <= set(names)
 
 
 def test_the_installed_postback_is_the_wheel_not_the_checkout(installed: Installed) -> None:
     assert "usage: postback" in installed.postback("--help")
     found = installed.python(
-        "import ops.cli, ops.service, producer, worker.database\n"
-        "print(ops.cli.__file__, producer.__file__, worker.database.__file__, sep='\\n')\n"
+        "import ops.cli.commands, ops.service.app, producer, worker.database\n"
+        "print(ops.cli.commands.__file__, producer.__file__, worker.database.__file__, sep='\\n')\n"
         "print(worker.database.SCHEMA)\n"
-        f"print(*(ops.service.PAGE / name for name in {PAGE_FILES!r}), sep='\\n')\n"
+        f"print(*(ops.service.app.PAGE / name for name in {PAGE_FILES!r}), sep='\\n')\n"
     ).splitlines()
     assert len(found) == 7
     for path in map(Path, found):
@@ -301,7 +301,7 @@ def test_serve_from_the_wheel_serves_the_ops_page(
         for name in PAGE_FILES:
             status, body = _get(port, f"/page/{name}")
             assert status == 200, name
-            assert body == (ROOT / "ops" / "page" / name).read_bytes(), name
+            assert body == (ROOT / "ops" / "service" / "page" / name).read_bytes(), name
     finally:
         serve.send_signal(signal.SIGTERM)
         _, stderr = serve.communicate(timeout=30)

@@ -12,7 +12,7 @@ import pytest
 import structlog.testing
 from aiohttp import web
 
-from ops.demo import running, serve
+from ops.cli.demo import running, serve
 from producer import Producer
 from tests.conftest import Receiver, database_name, drain, event_data, save_callback
 from worker.config import Settings

@@ -27,7 +27,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from ops.ingest import Refused, parse_batch
+from ops.service.ingest import BatchRefused, parse_batch
 from producer.event import (
     EVENT_TYPES,
     Event,
@@ -602,7 +602,7 @@ def test_any_ingest_body_gives_events_or_refused(body: bytes) -> None:
     items = document if isinstance(document, list) else [document]
     try:
         events = parse_batch(body)
-    except Refused as exc:
+    except BatchRefused as exc:
         refused = exc
     else:
         assert len(events) == len(items)

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from ops.demo import serve
+from ops.cli.demo import serve
 from producer import Producer
 from tests.conftest import drain, event_data, raw_server, save_callback
 from tests.test_address import HostsFile

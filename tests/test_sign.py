@@ -15,7 +15,7 @@ import standardwebhooks
 from aiohttp import web
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from ops.demo import serve
+from ops.cli.demo import serve
 from producer import Producer
 from tests.conftest import Api, Received, Receiver, drain, event_data, save_callback
 from worker import callbacks, sign

@@ -18,7 +18,7 @@ import structlog
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from ops.records import Filter, matching_ids
+from ops.actions.lookup import Filter, matching_ids
 from producer.event import InvalidEvent, parse_event
 from producer.queue import enqueue
 from worker import callbacks, database
@@ -35,13 +35,13 @@ REPLAYABLE = ("dead", "discarded")
 _FAILED: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *database.UNAVAILABLE)
 """What fails one replay of a bulk replay, which goes on with the next."""
 
-Outcome = Literal["replayed", "discarded", "skipped", "not_found"]
+ReplayOutcome = Literal["replayed", "discarded", "skipped", "not_found"]
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
     delivery_id: str
-    outcome: Outcome
+    outcome: ReplayOutcome
     reason: str | None = None
     """Why it was skipped."""
     queued: bool = False

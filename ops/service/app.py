@@ -22,10 +22,10 @@ from pydantic import SecretStr
 from redis.exceptions import RedisError
 from yarl import URL
 
-from ops import api, ingest
-from ops.api import SERVICES, Services, error
-from ops.openapi import document
-from ops.records import InputError
+from ops.actions.lookup import InputError
+from ops.service import api, ingest
+from ops.service.api import SERVICES, Services, error
+from ops.service.openapi import document
 from producer.publish import Producer
 from producer.queue import open_redis
 from worker import database, deliver, metrics
@@ -224,7 +224,7 @@ async def post_events(request: web.Request) -> web.Response:
     body = await request.read()
     try:
         events = ingest.parse_batch(body)
-    except ingest.Refused as exc:
+    except ingest.BatchRefused as exc:
         errors = [refusal.as_json() for refusal in exc.refusals]
         return error(422, "refused; nothing was enqueued", errors)
     services = request.app[SERVICES]

@@ -30,24 +30,24 @@ class Refusal:
         return {"index": self.index, "field": self.field, "message": self.message}
 
 
-class Refused(Exception):
+class BatchRefused(Exception):
     def __init__(self, refusals: list[Refusal]) -> None:
         self.refusals = refusals
         super().__init__("; ".join(f"{r.index}: {r.field}: {r.message}" for r in refusals))
 
 
 def parse_batch(body: bytes) -> list[Event]:
-    """Every event of an ingest body (one JSON event, or an array of them), or `Refused`
+    """Every event of an ingest body (one JSON event, or an array of them), or `BatchRefused`
     naming each bad one by its index (0 for a single event) and field."""
     try:
         document = read_json(body)
     except BadJson as exc:
-        raise Refused([Refusal(None, "event", str(exc))]) from None
+        raise BatchRefused([Refusal(None, "event", str(exc))]) from None
     items = document if isinstance(document, list) else [document]
     if not items:
-        raise Refused([Refusal(None, "events", "the array holds no event")])
+        raise BatchRefused([Refusal(None, "events", "the array holds no event")])
     if len(items) > MAX_BATCH:
-        raise Refused(
+        raise BatchRefused(
             [Refusal(None, "events", f"at most {MAX_BATCH} events per request, got {len(items)}")]
         )
     events: list[Event] = []
@@ -58,5 +58,5 @@ def parse_batch(body: bytes) -> list[Event]:
         except InvalidEvent as exc:
             refusals.extend(Refusal(index, e.field, e.message) for e in exc.errors)
     if refusals:
-        raise Refused(refusals)
+        raise BatchRefused(refusals)
     return events

@@ -21,10 +21,12 @@ import asyncpg
 import pydantic
 import redis.exceptions
 
-from ops import console, demo, records, replay, service
-from ops.embedded import services
-from ops.records import FILTER_FIELDS, Cursor, Filter, InputError, parse_id, parse_limit
-from ops.service import Insecure
+from ops.actions import lookup, replay
+from ops.actions.lookup import FILTER_FIELDS, Cursor, Filter, InputError, parse_id, parse_limit
+from ops.cli import console, demo
+from ops.cli.embedded import services
+from ops.service import app
+from ops.service.app import Insecure
 from producer.event import EVENT_TYPES, Event, InvalidEvent, parse_event
 from producer.json_input import BadJson, NotJson, read_json
 from producer.publish import Producer
@@ -38,7 +40,7 @@ from worker.pool import create_worker, use_fast_loop
 EXIT_USAGE = 2
 
 
-class Refused(Exception):
+class CommandFailed(Exception):
     """A refusal to report as one line and exit code 2."""
 
 
@@ -228,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command(args, ready)
     except KeyboardInterrupt:
         return 130
-    except Refused as exc:
+    except CommandFailed as exc:
         return _refuse(str(exc))
     except (InvalidEvent, callbacks.CallbackError, render.TemplateError, Insecure) as exc:
         return _refuse(str(exc))
@@ -323,7 +325,7 @@ async def callbacks_switch(args: argparse.Namespace, settings: Settings) -> int:
     async with database.connection(_database_url(settings)) as conn:
         found = await callbacks.set_enabled(conn, args.affiliate, args.event, args.enabled)
     if not found:
-        raise Refused(f"no {args.event} callback for affiliate {args.affiliate}")
+        raise CommandFailed(f"no {args.event} callback for affiliate {args.affiliate}")
     print(f"{'enabled' if args.enabled else 'disabled'}: {args.affiliate} {args.event}")
     return 0
 
@@ -337,7 +339,7 @@ async def callbacks_remove(args: argparse.Namespace, settings: Settings) -> int:
     async with database.connection(_database_url(settings)) as conn:
         removed = await callbacks.remove(conn, args.affiliate, args.event)
     if not removed:
-        raise Refused(f"no {args.event} callback for affiliate {args.affiliate}")
+        raise CommandFailed(f"no {args.event} callback for affiliate {args.affiliate}")
     print(f"removed: {args.affiliate} {args.event}")
     return 0
 
@@ -348,9 +350,9 @@ def _read_input(source: str) -> str:
     try:
         return Path(source).read_text()
     except OSError as exc:
-        raise Refused(f"cannot read {source}: {exc.strerror or exc}") from None
+        raise CommandFailed(f"cannot read {source}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise Refused(f"{source} is not UTF-8 text") from None
+        raise CommandFailed(f"{source} is not UTF-8 text") from None
 
 
 def read_events(source: str) -> list[Event]:
@@ -363,20 +365,20 @@ def read_events(source: str) -> list[Event]:
     except BadJson as exc:
         # JSON, but refused (a duplicate key, a number out of range). Not read again line
         # by line: a pretty-printed document would be blamed on its first line.
-        raise Refused(str(exc)) from None
+        raise CommandFailed(str(exc)) from None
     else:
         if isinstance(whole, list):
             documents = [(f"event {i}", item) for i, item in enumerate(whole, start=1)]
         else:
             documents = [("event", whole)]
     if not documents:
-        raise Refused(f"{source}: no event in the input")
+        raise CommandFailed(f"{source}: no event in the input")
     events = []
     for where, document in documents:
         try:
             events.append(parse_event(document))
         except InvalidEvent as exc:
-            raise Refused(f"{where}: {exc}") from None
+            raise CommandFailed(f"{where}: {exc}") from None
     return events
 
 
@@ -387,7 +389,7 @@ def _json_lines(text: str) -> list[tuple[str, Any]]:
             try:
                 documents.append((f"line {number}", read_json(line)))
             except BadJson as exc:
-                raise Refused(f"line {number}: {exc}") from None
+                raise CommandFailed(f"line {number}: {exc}") from None
     return documents
 
 
@@ -408,7 +410,7 @@ async def preview_request(args: argparse.Namespace, settings: Settings) -> int:
 def _one_event(source: str) -> list[Event]:
     events = read_events(source)
     if len(events) != 1:
-        raise Refused(f"{source}: preview takes one event, got {len(events)}")
+        raise CommandFailed(f"{source}: preview takes one event, got {len(events)}")
     return events
 
 
@@ -447,7 +449,7 @@ async def run_receive(args: argparse.Namespace, settings: Settings) -> int:
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or settings.api_host
     port = settings.api_port if args.port is None else args.port
-    asyncio.run(service.serve(settings, host, port, args.insecure))
+    asyncio.run(app.serve(settings, host, port, args.insecure))
     return 0
 
 
@@ -462,7 +464,7 @@ async def ledger_list(args: argparse.Namespace, settings: Settings) -> int:
         where = where.dead_letters()
     cursor = None if args.cursor is None else Cursor.decode(args.cursor)
     async with database.connection(_database_url(settings)) as conn:
-        page = await records.list_deliveries(conn, where, parse_limit(args.limit), cursor)
+        page = await lookup.list_deliveries(conn, where, parse_limit(args.limit), cursor)
     if args.json:
         print(json.dumps({"items": page.items, "next": page.next}, indent=2))
         return 0
@@ -476,9 +478,9 @@ async def ledger_list(args: argparse.Namespace, settings: Settings) -> int:
 @_sync
 async def ledger_show(args: argparse.Namespace, settings: Settings) -> int:
     async with database.connection(_database_url(settings)) as conn:
-        found = await records.show_delivery(conn, parse_id(args.id))
+        found = await lookup.show_delivery(conn, parse_id(args.id))
     if found is None:
-        raise Refused(f"no delivery {args.id}")
+        raise CommandFailed(f"no delivery {args.id}")
     print(json.dumps(found, indent=2) if args.json else console.delivery_text(found))
     return 0
 
@@ -488,9 +490,9 @@ async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     console.quiet_logs(settings)  # it prints what it did
     where = _filter(args)
     if args.id is not None and where != Filter():
-        raise Refused("give a delivery id or filters, not both")
+        raise CommandFailed("give a delivery id or filters, not both")
     if args.id is None and where == Filter() and not args.all:
-        raise Refused("give a delivery id, filters, or --all to replay every dead letter")
+        raise CommandFailed("give a delivery id, filters, or --all to replay every dead letter")
     assert settings.redis_url is not None
     db = await database.create_pool(_database_url(settings), 2)
     redis = open_redis(settings.redis_url, settings.queue_name)
@@ -500,7 +502,7 @@ async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
                 db, redis, settings.queue_name, parse_id(args.id), args.mode, args.actor
             )
             if result.outcome != "replayed":
-                raise Refused(f"{args.id}: not replayed: {result.reason}")
+                raise CommandFailed(f"{args.id}: not replayed: {result.reason}")
             print(f"replayed: {args.id} ({args.mode})")
             return 0
         summary = await replay.replay_matching(
@@ -525,13 +527,13 @@ async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 async def dlq_discard(args: argparse.Namespace, settings: Settings) -> int:
     console.quiet_logs(settings)  # it prints what it did
     if not args.note.strip():
-        raise Refused("--note: say why it is discarded")
+        raise CommandFailed("--note: say why it is discarded")
     db = await database.create_pool(_database_url(settings), 1)
     try:
         result = await replay.discard(db, parse_id(args.id), args.note, args.actor)
     finally:
         await db.close()
     if result.outcome != "discarded":
-        raise Refused(f"{args.id}: not discarded: {result.reason}")
+        raise CommandFailed(f"{args.id}: not discarded: {result.reason}")
     print(f"discarded: {args.id}")
     return 0

@@ -11,7 +11,7 @@ import asyncpg
 from aiohttp import web
 from arq import Worker
 
-from ops import console
+from ops.cli import console
 from producer.event import EVENT_TYPES, Event, parse_event
 from producer.publish import Producer
 from worker import callbacks, database

@@ -10,9 +10,9 @@ from functools import cache
 from importlib.metadata import version
 from typing import Any
 
-from ops.ingest import MAX_BATCH
-from ops.records import MAX_LIMIT
-from ops.replay import MODES
+from ops.actions.lookup import MAX_LIMIT
+from ops.actions.replay import MODES
+from ops.service.ingest import MAX_BATCH
 from producer.event import EVENT_TYPES
 from worker.ledger import STATES
 

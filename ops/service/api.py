@@ -16,8 +16,8 @@ import asyncpg
 from aiohttp import web
 from arq.connections import ArqRedis
 
-from ops import records, replay, testfire
-from ops.records import Cursor, Filter, InputError, check_text
+from ops.actions import lookup, replay, testfire
+from ops.actions.lookup import Cursor, Filter, InputError, check_text
 from producer.event import EVENT_TYPES, InvalidEvent, parse_event
 from producer.json_input import BadJson, read_json
 from worker import callbacks, render
@@ -101,7 +101,7 @@ def _mode(data: Mapping[str, Any]) -> replay.Mode:
 
 
 def _delivery_id(request: web.Request) -> Any:
-    return records.parse_id(request.match_info["id"])
+    return lookup.parse_id(request.match_info["id"])
 
 
 def _callback_key(request: web.Request) -> tuple[str, str]:
@@ -119,7 +119,7 @@ def error(status: int, message: str, errors: list[dict[str, Any]] | None = None)
 
 
 async def _listing(request: web.Request, dead_letters: bool) -> web.Response:
-    allowed = (*records.FILTER_FIELDS, "limit", "cursor")
+    allowed = (*lookup.FILTER_FIELDS, "limit", "cursor")
     if dead_letters:
         allowed = tuple(name for name in allowed if name != "state")
     given = _query(request, allowed)
@@ -127,8 +127,8 @@ async def _listing(request: web.Request, dead_letters: bool) -> web.Response:
     if dead_letters:
         where = where.dead_letters()
     cursor = Cursor.decode(given["cursor"]) if "cursor" in given else None
-    page = await records.list_deliveries(
-        _services(request).db, where, records.parse_limit(given.get("limit")), cursor
+    page = await lookup.list_deliveries(
+        _services(request).db, where, lookup.parse_limit(given.get("limit")), cursor
     )
     return web.json_response({"items": page.items, "next": page.next})
 
@@ -146,7 +146,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 @routes.get("/v1/deliveries/{id}")
 async def show_delivery(request: web.Request) -> web.Response:
     _query(request, ())
-    found = await records.show_delivery(_services(request).db, _delivery_id(request))
+    found = await lookup.show_delivery(_services(request).db, _delivery_id(request))
     if found is None:
         return error(404, "no such delivery")
     return web.json_response(found)
@@ -189,7 +189,7 @@ async def replay_all(request: web.Request) -> web.Response:
     if not any(given.values()) and data.get("all") is not True:
         # One stray request must not replay every dead letter there is.
         raise InputError("filter", 'give at least one filter, or "all": true')
-    fields = tuple(name for name in records.FILTER_FIELDS if name != "state")
+    fields = tuple(name for name in lookup.FILTER_FIELDS if name != "state")
     unknown = sorted(set(given) - set(fields))
     if unknown:
         raise InputError(f"filter.{unknown[0]}", f"unknown field; known: {', '.join(fields)}")
