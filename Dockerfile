@@ -15,7 +15,8 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
         -c constraints.txt -r /tmp/requirements.txt
 COPY . .
-# The relay as a wheel: its packages, with schema.sql and the ops page inside them.
+# The relay as a wheel: its packages, with schema.sql, its upgrade steps and the ops page
+# inside them.
 RUN /opt/venv/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps \
         --wheel-dir /wheels .
 

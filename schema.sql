@@ -1,7 +1,19 @@
--- Postback relay schema. Idempotent: applying it again changes nothing.
+-- Postback relay schema: what `postback db init` makes of an empty database.
+-- A database made by an earlier version is brought to this one by the numbered steps in
+-- worker/upgrades/ instead, each from one version to the next; a test checks that both
+-- ways end in the same tables, columns, constraints, indexes, functions and triggers.
 -- Postgres is the record; Redis only carries work to the workers.
 
-CREATE TABLE IF NOT EXISTS callbacks (
+-- The version, in a table of one row, so `postback db init` knows which steps a database
+-- still needs: read and written in the transaction that changes the schema, and by
+-- anyone with access to the tables (a comment on the database would need its owner).
+CREATE TABLE schema_version (
+    version integer NOT NULL,
+    one_row boolean PRIMARY KEY DEFAULT true CHECK (one_row)  -- so never a second row
+);
+INSERT INTO schema_version (version) VALUES (8);  -- the number of the last upgrade step
+
+CREATE TABLE callbacks (
     id            bigserial PRIMARY KEY,
     affiliate_id  text        NOT NULL CHECK (length(affiliate_id) BETWEEN 1 AND 64),
     event_type    text        NOT NULL CHECK (event_type IN ('order.created', 'order.updated')),
@@ -23,7 +35,7 @@ CREATE TABLE IF NOT EXISTS callbacks (
 -- enabled callback when the event came), discarded (a dead letter ops chose to drop, with a
 -- note in actions). Only pending and retrying change again, and a replay reopens a dead or
 -- discarded one.
-CREATE TABLE IF NOT EXISTS deliveries (
+CREATE TABLE deliveries (
     id              uuid        PRIMARY KEY,
     event_id        text        NOT NULL,
     event_type      text        NOT NULL,
@@ -54,89 +66,20 @@ CREATE TABLE IF NOT EXISTS deliveries (
         CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped', 'discarded'))
 );
 
--- A database made before retries existed: add what is missing, and call its failures dead.
--- Checked first, because ALTER TABLE locks the table out even when it has nothing to do,
--- and this file runs against live databases.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'deliveries'
-                   AND column_name = 'next_attempt_at') THEN
-        ALTER TABLE deliveries
-            ADD COLUMN IF NOT EXISTS occurred_at timestamptz,
-            ADD COLUMN IF NOT EXISTS error_class text,
-            ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz,
-            ADD COLUMN IF NOT EXISTS claimed_by text,
-            ADD COLUMN IF NOT EXISTS claimed_at timestamptz,
-            ADD COLUMN IF NOT EXISTS blocked_by uuid;
-    END IF;
-    IF EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'deliveries'::regclass
-               AND conname = 'deliveries_state_check'
-               AND pg_get_constraintdef(oid) NOT LIKE '%retrying%') THEN
-        ALTER TABLE deliveries DROP CONSTRAINT deliveries_state_check;
-        UPDATE deliveries d SET state = 'dead', error_class = (
-            SELECT a.error_class FROM attempts a WHERE a.delivery_id = d.id
-            ORDER BY a.number DESC LIMIT 1)
-        WHERE state = 'failed';
-        -- Open deliveries of the old version were due at once; the sweep finds them now.
-        UPDATE deliveries SET next_attempt_at = updated_at
-        WHERE state = 'pending' AND next_attempt_at IS NULL;
-        ALTER TABLE deliveries ADD CONSTRAINT deliveries_state_check
-            CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped', 'discarded'));
-    END IF;
-    IF EXISTS (SELECT FROM information_schema.columns
-               WHERE table_schema = current_schema() AND table_name = 'deliveries'
-               AND column_name = 'occurred_at' AND is_nullable = 'YES') THEN
-        UPDATE deliveries SET occurred_at = created_at WHERE occurred_at IS NULL;
-        ALTER TABLE deliveries ALTER COLUMN occurred_at SET NOT NULL;
-    END IF;
-END $$;
-
--- A database made before replays existed (issue 3's schema).
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'deliveries'
-                   AND column_name = 'retry_base') THEN
-        ALTER TABLE deliveries
-            ADD COLUMN IF NOT EXISTS retry_base integer NOT NULL DEFAULT 0,
-            ADD COLUMN IF NOT EXISTS resend boolean NOT NULL DEFAULT false;
-    END IF;
-    IF EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'deliveries'::regclass
-               AND conname = 'deliveries_state_check'
-               AND pg_get_constraintdef(oid) NOT LIKE '%discarded%') THEN
-        ALTER TABLE deliveries DROP CONSTRAINT deliveries_state_check;
-        ALTER TABLE deliveries ADD CONSTRAINT deliveries_state_check
-            CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped', 'discarded'));
-    END IF;
-END $$;
-
--- A database made before updates waited for a create the ledger had not seen yet.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'deliveries'
-                   AND column_name = 'create_wait_until') THEN
-        ALTER TABLE deliveries
-            ADD COLUMN IF NOT EXISTS create_wait_until timestamptz,
-            ADD COLUMN IF NOT EXISTS order_note text;
-    END IF;
-END $$;
-
-CREATE INDEX IF NOT EXISTS deliveries_affiliate_created ON deliveries (affiliate_id, created_at);
-CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries (order_number);
+CREATE INDEX deliveries_affiliate_created ON deliveries (affiliate_id, created_at);
+CREATE INDEX deliveries_order ON deliveries (order_number);
 -- Listings page newest first, on (created_at, id).
-CREATE INDEX IF NOT EXISTS deliveries_created ON deliveries (created_at, id);
-CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state) WHERE state <> 'delivered';
+CREATE INDEX deliveries_created ON deliveries (created_at, id);
+CREATE INDEX deliveries_state ON deliveries (state) WHERE state <> 'delivered';
 -- What the sweep and the per-order ordering look at: the few deliveries still open.
-CREATE INDEX IF NOT EXISTS deliveries_open_due ON deliveries (next_attempt_at)
+CREATE INDEX deliveries_open_due ON deliveries (next_attempt_at)
     WHERE state IN ('pending', 'retrying');
-CREATE INDEX IF NOT EXISTS deliveries_open_order ON deliveries (affiliate_id, order_number)
+CREATE INDEX deliveries_open_order ON deliveries (affiliate_id, order_number)
     WHERE state IN ('pending', 'retrying');
-CREATE INDEX IF NOT EXISTS deliveries_blocked_by ON deliveries (blocked_by)
+CREATE INDEX deliveries_blocked_by ON deliveries (blocked_by)
     WHERE blocked_by IS NOT NULL;
 
-CREATE TABLE IF NOT EXISTS attempts (
+CREATE TABLE attempts (
     id               bigserial   PRIMARY KEY,
     delivery_id      uuid        NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
     number           integer     NOT NULL,
@@ -150,18 +93,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     UNIQUE (delivery_id, number)
 );
 
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'attempts'
-                   AND column_name = 'request') THEN
-        ALTER TABLE attempts ADD COLUMN request jsonb;
-    END IF;
-END $$;
-
 -- What ops did to a delivery, and who: replays (from which attempt on) and discards (with
 -- the note that says why). Kept forever, like the attempts.
-CREATE TABLE IF NOT EXISTS actions (
+CREATE TABLE actions (
     id          bigserial   PRIMARY KEY,
     delivery_id uuid        NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
     action      text        NOT NULL CHECK (action IN ('replay', 'discard')),
@@ -172,10 +106,10 @@ CREATE TABLE IF NOT EXISTS actions (
                                        -- discard: the attempts made before it
     at          timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS actions_delivery ON actions (delivery_id, id);
+CREATE INDEX actions_delivery ON actions (delivery_id, id);
 
 -- Test fires: a callback sent a sample or given event on request, outside any delivery.
-CREATE TABLE IF NOT EXISTS test_fires (
+CREATE TABLE test_fires (
     id               bigserial   PRIMARY KEY,
     callback_id      bigint,     -- no foreign key: the record outlives a removed callback
     affiliate_id     text        NOT NULL,
@@ -193,32 +127,30 @@ CREATE TABLE IF NOT EXISTS test_fires (
 
 -- Workers cache callbacks and drop the cache when told, so every change to the table, by
 -- any path (CLI, API, a 410 disabling one, SQL by hand), tells them, once it commits.
-CREATE OR REPLACE FUNCTION postback_callbacks_changed() RETURNS trigger
+CREATE FUNCTION postback_callbacks_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('postback_callbacks', '');
     RETURN NULL;
 END
 $$;
-DROP TRIGGER IF EXISTS callbacks_changed ON callbacks;
 CREATE TRIGGER callbacks_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON callbacks
     FOR EACH STATEMENT EXECUTE FUNCTION postback_callbacks_changed();
 
 -- What a worker does to the ledger for each event: one statement each way, so a delivery
--- costs two round trips to Postgres and no explicit transaction. (A function's signature
--- cannot be changed by CREATE OR REPLACE: a later version that changes one drops it first.)
+-- costs two round trips to Postgres and no explicit transaction.
 
 -- Serialises, until commit, the transactions that order one affiliate's order: a delivery
 -- either sees an earlier one that is open, or that one sees it waiting when it settles and
 -- wakes it; never neither.
-CREATE OR REPLACE FUNCTION postback_lock_order(p_affiliate_id text, p_order_number text)
+CREATE FUNCTION postback_lock_order(p_affiliate_id text, p_order_number text)
 RETURNS void LANGUAGE sql AS $$
     SELECT pg_advisory_xact_lock(hashtextextended(p_affiliate_id || E'\n' || p_order_number, 0))
 $$;
 
 -- The event ids of the open deliveries waiting for this one: the jobs to wake when it settles.
-CREATE OR REPLACE FUNCTION postback_waiting_for(p_id uuid)
+CREATE FUNCTION postback_waiting_for(p_id uuid)
 RETURNS text[] LANGUAGE sql STABLE AS $$
     SELECT coalesce(array_agg(event_id), '{}') FROM deliveries
     WHERE blocked_by = p_id AND state IN ('pending', 'retrying')
@@ -246,9 +178,7 @@ $$;
 -- wait was over (said once: `order_note` records it on the delivery).
 -- Creates go before updates, then by occurred_at, then by arrival.
 -- Workers from before `p_create_wait` call it with 13 arguments, and so never wait.
-DROP FUNCTION IF EXISTS postback_take(
-    uuid, text, text, text, text, timestamptz, bigint, jsonb, text, float8, text, boolean, float8);
-CREATE OR REPLACE FUNCTION postback_take(
+CREATE FUNCTION postback_take(
     p_id uuid, p_event_id text, p_event_type text, p_affiliate_id text, p_order_number text,
     p_occurred_at timestamptz, p_callback_id bigint, p_event jsonb, p_job text,
     p_claim_timeout float8, p_close_reason text, p_close_dead boolean, p_defer float8,
@@ -374,7 +304,7 @@ $$;
 -- row, and for a 410 the callback disabled (a delivery that starts after this commits is
 -- skipped; one already sending still finishes). Returns `postback_waiting_for` when the
 -- delivery settles, under the order's lock; nothing when it is to be retried.
-CREATE OR REPLACE FUNCTION postback_record(
+CREATE FUNCTION postback_record(
     p_id uuid, p_affiliate_id text, p_order_number text, p_callback_id bigint,
     p_state text, p_reason text, p_failure_class text, p_delay float8, p_request jsonb,
     p_started_at timestamptz, p_duration_ms float8, p_status_code integer,

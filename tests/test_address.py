@@ -20,22 +20,19 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from ops.cli.demo import serve
 from producer import Producer
-from tests.conftest import (
-    ALLOW_NETWORKS,
-    Api,
-    Receiver,
-    drain,
-    event_data,
-    raw_server,
-    save_callback,
-)
+from tests.support.events import event_data, save_callback
+from tests.support.ports import free_port
+from tests.support.receivers import ALLOW_NETWORKS, HostsFile, Receiver, raw_server
+from tests.support.service import Api
+from tests.support.workers import drain
 from worker import address, callbacks, deliver
 from worker.config import Settings
+from worker.exchange import Outcome, Request
 
 LOOPBACK_ONLY = address.parse_networks(ALLOW_NETWORKS)
 
@@ -159,6 +156,7 @@ def _ip(text: str) -> address.IPAddress:
 # The policy as plain functions.
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("ip", "named"), REFUSED)
 def test_every_refused_range_is_refused_and_named(ip: str, named: str) -> None:
     reason = address.refusal(_ip(ip))
@@ -166,11 +164,13 @@ def test_every_refused_range_is_refused_and_named(ip: str, named: str) -> None:
     assert named in reason
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ip", PUBLIC)
 def test_public_addresses_are_allowed(ip: str) -> None:
     assert address.refusal(_ip(ip)) is None
 
 
+@pytest.mark.unit
 def test_an_allowed_network_opens_that_network_and_nothing_more() -> None:
     allowed = address.parse_networks("127.0.0.1/32, 10.20.0.0/16")
     assert address.refusal(_ip("127.0.0.1"), allowed) is None
@@ -181,6 +181,7 @@ def test_an_allowed_network_opens_that_network_and_nothing_more() -> None:
     assert address.refusal(_ip("::1"), allowed) == "loopback"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["10.0.0.0/33", "10.0.0.1/8", "example.com", "10.0.0.0/8;"])
 def test_a_bad_allow_list_entry_is_named(text: str) -> None:
     with pytest.raises(ValueError, match="is not a network") as caught:
@@ -188,6 +189,7 @@ def test_a_bad_allow_list_entry_is_named(text: str) -> None:
     assert repr(text) in str(caught.value)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spelled", [s.strip("[]") for s in LOOPBACK_SPELLINGS])
 def test_every_spelling_of_loopback_is_read_as_the_address(spelled: str) -> None:
     literal = address.literal_host(spelled)
@@ -196,6 +198,7 @@ def test_every_spelling_of_loopback_is_read_as_the_address(spelled: str) -> None
     assert literal in (_ip("127.0.0.1"), _ip("::ffff:127.0.0.1"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "host", ["shop.example", "1e3", "0x", "1.2.3.4.5", "xn--bcher-kva.example"]
 )
@@ -210,6 +213,7 @@ def _validate(url: str, allowed: Sequence[address.Network] = ()) -> callbacks.Ca
     return callbacks.validate("ann", "order.created", "GET", url, allowed=allowed)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("host", "named"),
     [(s, "loopback") for s in LOOPBACK_SPELLINGS]
@@ -227,6 +231,7 @@ def test_saving_a_callback_to_a_refused_address_fails_at_once(host: str, named: 
     assert "the URL's host" in message
 
 
+@pytest.mark.unit
 def test_a_spelled_address_is_said_in_plain_form() -> None:
     with pytest.raises(callbacks.CallbackError) as caught:
         _validate("http://2130706433/pb")
@@ -235,6 +240,7 @@ def test_a_spelled_address_is_said_in_plain_form() -> None:
     )
 
 
+@pytest.mark.unit
 def test_an_allowed_network_can_be_saved_and_public_hosts_always_can() -> None:
     assert _validate("http://127.0.0.1:8080/pb", LOOPBACK_ONLY).template.host == "127.0.0.1"
     assert _validate("http://[::ffff:7f00:1]/pb", LOOPBACK_ONLY).template.host == "::ffff:7f00:1"
@@ -270,6 +276,7 @@ def _addr_info(ip: str) -> tuple[int, int, int, str, tuple[str, int]]:
     return (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, 80))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ip", ["127.0.0.1", "10.0.0.1", "::1", "fe80::1%lo", "fe80::1%%"])
 def test_the_socket_factory_refuses_what_the_policy_refuses(ip: str) -> None:
     # The last line of defence, whatever name resolution answered; an address it cannot
@@ -278,6 +285,7 @@ def test_the_socket_factory_refuses_what_the_policy_refuses(ip: str) -> None:
         address.SocketFactory(())(_addr_info(ip))
 
 
+@pytest.mark.unit
 def test_the_socket_factory_makes_sockets_for_allowed_addresses() -> None:
     for ip in ("8.8.8.8", "2606:4700::1111", "127.0.0.1"):
         made = address.SocketFactory(LOOPBACK_ONLY)(_addr_info(ip))
@@ -308,38 +316,6 @@ async def listening(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Lis
         yield state
 
 
-class HostsFile(AbstractResolver):
-    """Name resolution from a table, as an /etc/hosts entry would give it; a name may answer
-    differently on each lookup (a DNS rebinding attack)."""
-
-    def __init__(self, table: dict[str, list[list[str]]]) -> None:
-        self.table = table
-        self.lookups: dict[str, int] = {}
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        answers = self.table.get(host)
-        if answers is None:
-            raise OSError(socket.EAI_NONAME, f"{host} is not in the test's hosts table")
-        turn = self.lookups.get(host, 0)
-        self.lookups[host] = turn + 1
-        return [
-            ResolveResult(
-                hostname=host,
-                host=ip,
-                port=port,
-                family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST,
-            )
-            for ip in answers[min(turn, len(answers) - 1)]
-        ]
-
-    async def close(self) -> None:
-        pass
-
-
 @contextlib.asynccontextmanager
 async def guarded(
     allowed: Sequence[address.Network] = (), resolver: AbstractResolver | None = None
@@ -351,8 +327,8 @@ async def guarded(
         await http.close()
 
 
-async def _get(http: aiohttp.ClientSession, url: str) -> deliver.Outcome:
-    return await deliver.attempt(http, deliver.Request("GET", url, {}, None))
+async def _get(http: aiohttp.ClientSession, url: str) -> Outcome:
+    return await deliver.attempt(http, Request("GET", url, {}, None))
 
 
 @pytest.fixture
@@ -397,6 +373,7 @@ async def test_legacy_spellings_of_loopback_are_never_requested(
     assert listener.connections == 0
 
 
+@pytest.mark.unit
 async def test_a_legacy_spelling_of_a_public_address_is_an_invalid_url() -> None:
     async with guarded() as http:
         outcome = await _get(http, "http://134744072/pb")  # 8.8.8.8
@@ -406,6 +383,7 @@ async def test_a_legacy_spelling_of_a_public_address_is_an_invalid_url() -> None
     )
 
 
+@pytest.mark.unit
 def test_a_legacy_spelling_of_an_allowed_or_public_address_is_refused_when_saved() -> None:
     for url, canonical in (("http://2130706433/", "127.0.0.1"), ("http://134744072/", "8.8.8.8")):
         with pytest.raises(callbacks.CallbackError, match=f"write the address as {canonical}"):
@@ -476,9 +454,7 @@ async def test_a_name_whose_allowed_address_is_down_fails_as_a_connect_error(
 ) -> None:
     # Nothing listens on the allowed address: in whatever order the refused one comes,
     # the failure is the allowed one's, which is retried, not a dead letter for the other.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     hosts = HostsFile({"partly.example": [answers]})
     async with guarded(LOOPBACK_ONLY, hosts) as http:
         outcome = await _get(http, f"http://partly.example:{port}/pb")

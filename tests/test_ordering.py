@@ -14,15 +14,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 import structlog.testing
 from aiohttp import web
 
 from ops.actions import lookup
+from ops.actions.filters import DeliveryFilter
 from ops.cli import console
 from ops.cli.demo import serve
 from producer import Producer, parse_event
-from tests.conftest import event_data, save_callback
-from tests.test_reliability import running_worker, until
+from tests.support.events import event_data, save_callback
+from tests.support.wait import until
+from tests.support.workers import running_worker
 from worker.config import Settings
 from worker.deliver import delivery_id
 from worker.job import CREATE_RECHECK_SECONDS, _create_recheck
@@ -92,7 +95,7 @@ async def test_random_publish_by_4_producers_and_2_workers_sends_no_update_befor
         await _callbacks(db, url)
         async with running_worker(settings), running_worker(settings):
             await asyncio.gather(*(publish(share) for share in shares))
-            await until(lambda: len(arrivals.seen) >= len(events), seconds=120)
+            await until(lambda: len(arrivals.seen) >= len(events), within=120)
     took = time.monotonic() - began
 
     early = [f"#{n}" for n in range(orders) if arrivals.types(f"#{n}")[0] != "order.created"]
@@ -137,7 +140,7 @@ async def test_an_update_whose_create_never_comes_goes_after_the_wait_and_says_s
                 assert console.why(shown).startswith(
                     "waiting for its order.created, not received yet; goes without it at "
                 )
-                listed = await lookup.list_deliveries(db, lookup.Filter())
+                listed = await lookup.list_deliveries(db, DeliveryFilter())
                 assert "waiting for its order.created, not received yet" in (
                     console.deliveries_table(listed.items)
                 )
@@ -206,7 +209,7 @@ async def test_an_update_waits_for_no_create_when_the_affiliate_has_no_create_ca
         await db.execute("UPDATE callbacks SET enabled = false WHERE event_type = 'order.created'")
         async with running_worker(settings):
             await producer.publish(event_data("no-create", type="order.updated"))
-            await until(lambda: arrivals.seen, seconds=5)
+            await until(lambda: arrivals.seen, within=5)
     assert await db.fetchval("SELECT order_note FROM deliveries") is None
 
 
@@ -258,6 +261,7 @@ async def test_workers_of_the_version_before_still_take_deliveries_after_db_init
     assert row["action"] == "claimed"
 
 
+@pytest.mark.unit
 def test_an_awaiting_update_looks_again_after_as_long_as_it_has_waited() -> None:
     assert _create_recheck(600, 600) == CREATE_RECHECK_SECONDS
     assert _create_recheck(500, 600) == 100

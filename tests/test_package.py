@@ -1,5 +1,6 @@
 """`pip install .` gives a real package: the wheel, installed into a virtual environment of
-its own, runs `postback` from any directory, with schema.sql and the ops page inside it.
+its own, runs `postback` from any directory, with schema.sql, its upgrade steps and the ops
+page inside it.
 
 The wheel is built as the Dockerfile builds it: `pip wheel --no-deps` on the build context
 (the tree less what .dockerignore leaves out). It is installed, without its dependencies,
@@ -16,7 +17,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,12 +31,15 @@ import asyncpg
 import pytest
 
 from tests import leakcheck
-from tests.conftest import ALLOW_NETWORKS, RUN, database_at
+from tests.support.ports import free_port
+from tests.support.receivers import ALLOW_NETWORKS
+from tests.support.servers import RUN, database_at
+from worker.schema import CURRENT
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ops", "producer", "worker")
 PAGE_FILES = ("index.html", "app.js", "style.css")
-TABLES = {"callbacks", "deliveries", "attempts", "actions", "test_fires"}
+TABLES = {"schema_version", "callbacks", "deliveries", "attempts", "actions", "test_fires"}
 INGEST_TOKEN = "wheel-ingest-token-0123456789"
 OPS_TOKEN = "wheel-ops-token-0123456789ab"
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
@@ -188,6 +191,7 @@ def _tables(database_url: str) -> set[str]:
     return asyncio.run(fetch())
 
 
+@pytest.mark.unit
 def test_schema_sql_is_one_file_the_package_links_to() -> None:
     link = ROOT / "worker" / "schema.sql"
     assert link.is_symlink()
@@ -197,31 +201,38 @@ def test_schema_sql_is_one_file_the_package_links_to() -> None:
 
 
 def test_the_wheel_holds_the_packages_the_schema_and_the_page(installed: Installed) -> None:
+    steps = sorted((ROOT / "worker" / "upgrades").glob("*.sql"))
     with zipfile.ZipFile(installed.wheel) as wheel:
         names = wheel.namelist()
         schema = wheel.read("worker/schema.sql")
+        held = [wheel.read(f"worker/upgrades/{step.name}") for step in steps]
     assert {name.split("/")[0] for name in names} == {
         *PACKAGES,
         installed.wheel.name.split("-py3")[0] + ".dist-info",
     }
     assert schema == (ROOT / "schema.sql").read_bytes()
+    assert len(steps) == CURRENT - 1
+    assert held == [step.read_bytes() for step in steps]
     assert {f"ops/service/page/{name}" for name in PAGE_FILES} <= set(names)
 
 
 def test_the_installed_postback_is_the_wheel_not_the_checkout(installed: Installed) -> None:
     assert "usage: postback" in installed.postback("--help")
     found = installed.python(
-        "import ops.cli.commands, ops.service.app, producer, worker.database\n"
+        "import ops.cli.commands, ops.service.app, producer, worker.database, worker.schema\n"
         "print(ops.cli.commands.__file__, producer.__file__, worker.database.__file__, sep='\\n')\n"
-        "print(worker.database.SCHEMA)\n"
+        "print(worker.schema.SCHEMA)\n"
+        "print(worker.schema.STEPS[worker.schema.CURRENT])\n"
         f"print(*(ops.service.app.PAGE / name for name in {PAGE_FILES!r}), sep='\\n')\n"
     ).splitlines()
-    assert len(found) == 7
+    assert len(found) == 8
     for path in map(Path, found):
         assert path.is_relative_to(installed.site_packages), path
         assert path.is_file(), path
         assert not path.is_symlink(), path
     assert Path(found[3]).read_bytes() == (ROOT / "schema.sql").read_bytes()
+    last_step = ROOT / "worker" / "upgrades" / Path(found[4]).name
+    assert Path(found[4]).read_bytes() == last_step.read_bytes()
     assert not list(installed.site_packages.glob("__editable__*"))
     assert (
         (installed.venv / "bin" / "postback")
@@ -235,16 +246,9 @@ def test_db_init_from_the_wheel_creates_the_tables(
 ) -> None:
     assert _tables(fresh_database_url) == set()
     env = {**installed.env, "POSTBACK_DATABASE_URL": fresh_database_url}
-    assert installed.postback("db", "init", env=env) == "schema applied\n"
+    assert installed.postback("db", "init", env=env) == f"schema created at version {CURRENT}\n"
     assert _tables(fresh_database_url) >= TABLES
     assert not (installed.elsewhere / ".postback").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -275,7 +279,7 @@ def test_serve_from_the_wheel_serves_the_ops_page(
     installed: Installed, fresh_database_url: str, redis_url: str, queue_name: str
 ) -> None:
     leakcheck.register(INGEST_TOKEN, OPS_TOKEN)
-    port = _free_port()
+    port = free_port()
     env = _relay_env(installed, fresh_database_url, redis_url, f"{queue_name}:wheel")
     serve = subprocess.Popen(
         [str(installed.venv / "bin" / "postback"), "serve", "--port", str(port)],

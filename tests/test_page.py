@@ -13,21 +13,19 @@ import asyncpg
 import pytest
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 
-from producer import parse_event
+from producer import EVENT_TYPES, parse_event
 from producer.publish import Producer
 from tests import prerequisites
-from tests.conftest import (
-    OPS_TOKEN,
-    Api,
-    Flaky,
-    drain,
-    event_data,
-    make_deliveries,
-    save_callback,
-)
+from tests.support.events import event_data, save_callback
+from tests.support.ledger import make_deliveries
+from tests.support.receivers import Flaky
+from tests.support.service import OPS_TOKEN, Api
+from tests.support.workers import drain
 from worker import ledger
 from worker.config import Settings
 from worker.deliver import delivery_id
+from worker.exchange import FAILURE_CLASSES
+from worker.ledger import STATES
 
 # Flags for a machine with no display and a closed network: without the background
 # networking ones, Chromium keeps trying to reach Google's hosts.
@@ -265,6 +263,14 @@ async def test_the_page_resends_replays_all_matching_and_filters_deliveries_by_s
     # Deliveries, by state: ann's two and bob's three delivered, dan's dead, carol's skipped.
     await page.click("nav button[data-view=deliveries]")
     await expect(rows).to_have_count(7)
+    # The choices are the API's own, as its OpenAPI document lists them.
+    for name, known in (
+        ("event_type", EVENT_TYPES),
+        ("state", STATES),
+        ("error_class", FAILURE_CLASSES),
+    ):
+        options = page.locator(f"#filters select[name={name}] option")
+        await expect(options).to_have_text(["any", *known])
     state = page.locator("#filters select[name=state]")
     for chosen, affiliates in (
         ("delivered", ["ann", "ann", "bob", "bob", "bob"]),

@@ -14,7 +14,12 @@ from aiohttp import web
 
 from ops.cli.demo import running, serve
 from producer import Producer
-from tests.conftest import Receiver, database_name, drain, event_data, save_callback
+from producer.queue import job_id
+from tests.support.events import event_data, save_callback
+from tests.support.receivers import Receiver
+from tests.support.servers import database_name
+from tests.support.wait import until
+from tests.support.workers import drain
 from worker.config import Settings
 from worker.deliver import USER_AGENT
 from worker.pool import create_worker
@@ -282,36 +287,44 @@ async def test_a_database_outage_keeps_the_event_until_postgres_is_back(
     admin = await asyncpg.connect(admin_url)
     worker = create_worker(settings, handle_signals=False, poll_delay=0.05)
     try:
-        async with running(worker):
-            while "db" not in worker.ctx:  # noqa: ASYNC110 -- arq offers no start-up event
-                await asyncio.sleep(0.01)
-            # Postgres goes away for the worker: its connections cut, new ones refused.
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> $2",
-                name,
-                await db.fetchval("SELECT pg_backend_pid()"),
-            )
-            data = event_data("outage")
-            await producer.publish(data)
-            await asyncio.sleep(1)
-            assert receiver.requests == []
-            job = await producer.redis.zscore(producer.queue_name, f"event:{data['id']}")
-            assert job is not None
+        with structlog.testing.capture_logs() as logs:
+            async with running(worker):
+                # arq offers no start-up event.
+                await until(lambda: "db" in worker.ctx, what="the worker's database pool")
+                # Postgres goes away for the worker: its connections cut, new ones refused.
+                await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = $1 AND pid <> $2",
+                    name,
+                    await db.fetchval("SELECT pg_backend_pid()"),
+                )
+                data = event_data("outage")
+                await producer.publish(data)
 
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-            for _ in range(300):  # the job's next try comes INFRA_RETRY_SECONDS later
-                if receiver.requests:
-                    break
-                await asyncio.sleep(0.1)
+                def failed() -> bool:
+                    return any(
+                        e["event"] == "database_failed" and e.get("event_id") == data["id"]
+                        for e in logs
+                    )
+
+                # The job has run and given up for now: had it sent anything, it would be in.
+                await until(failed, what="the job's database_failed")
+                assert receiver.requests == []
+                job = await producer.redis.zscore(producer.queue_name, job_id(data["id"]))
+                assert job is not None
+
+                await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+                # The job's next try comes INFRA_RETRY_SECONDS later.
+                await until(lambda: receiver.requests, 30, "the delivery after the outage")
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
         await admin.close()
 
     assert len(receiver.requests) == 1
-    for _ in range(50):  # the ledger write follows the request by a moment
-        if (await _delivery(db, data["id"]))["state"] == "delivered":
-            break
-        await asyncio.sleep(0.05)
-    assert (await _delivery(db, data["id"]))["state"] == "delivered"
+
+    async def delivered() -> bool:
+        return bool((await _delivery(db, data["id"]))["state"] == "delivered")
+
+    # The ledger write follows the request by a moment.
+    await until(delivered, 5, "the ledger's delivered")

@@ -15,8 +15,10 @@ import redis.asyncio
 import structlog.testing
 
 from producer import InvalidEvent, Producer, loads_event, order_created, order_updated, parse_event
-from producer.queue import JOB_NAME, job_id
-from tests.conftest import Receiver, drain, event_data, save_callback
+from producer.queue import DEFAULT_QUEUE, JOB_EXPIRES, JOB_NAME, job_id, job_key
+from tests.support.events import event_data, save_callback
+from tests.support.receivers import Receiver
+from tests.support.workers import drain
 from worker.config import Settings
 
 
@@ -26,6 +28,7 @@ def _refusal(data: Any) -> list[str]:
     return [error.field for error in caught.value.errors]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -58,6 +61,7 @@ def test_invalid_event_names_the_field(change: dict[str, Any], field: str) -> No
     assert field in _refusal(event_data(**change))
 
 
+@pytest.mark.unit
 def test_refusal_message_names_field_and_reason() -> None:
     with pytest.raises(InvalidEvent, match=r"order\.amount: Input should be a valid decimal"):
         parse_event(event_data(order={"number": "#1", "amount": "ten", "commission": "1"}))
@@ -65,24 +69,28 @@ def test_refusal_message_names_field_and_reason() -> None:
         parse_event(event_data(affiliateId="ann"))
 
 
+@pytest.mark.unit
 def test_not_an_object_and_not_json_are_refused() -> None:
     assert _refusal([1, 2]) == ["event"]
     with pytest.raises(InvalidEvent, match="not valid JSON"):
         loads_event("{nope")
 
 
+@pytest.mark.unit
 def test_a_number_beyond_what_a_decimal_holds_is_refused_not_a_crash() -> None:
     text = json.dumps(event_data()).replace('"10.50"', "0e1000000000000000000")
     with pytest.raises(InvalidEvent, match=r"^invalid event: event: the number 0e1000\d* is out"):
         loads_event(text)
 
 
+@pytest.mark.unit
 def test_a_key_given_twice_is_refused_not_the_last_one_taken() -> None:
     text = json.dumps(event_data()).replace('"10.50"', '"10.50", "amount": "99999.00"')
     with pytest.raises(InvalidEvent, match=r'^invalid event: event: duplicate key "amount"$'):
         loads_event(text)
 
 
+@pytest.mark.unit
 def test_decimals_stay_exact_from_json_numbers_and_strings() -> None:
     text = json.dumps(event_data()).replace('"10.50"', "10.50").replace('"1.05"', "0.1")
     assert '"amount": 10.50' in text
@@ -91,6 +99,7 @@ def test_decimals_stay_exact_from_json_numbers_and_strings() -> None:
     assert event.to_json()["order"] == {"number": "#1001", "amount": "10.50", "commission": "0.1"}
 
 
+@pytest.mark.unit
 def test_helpers_build_valid_events() -> None:
     created = order_created(
         id="evt-1",
@@ -130,7 +139,7 @@ async def test_publish_writes_a_json_job_once_per_event_id(
 
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
-        raw = await client.get(f"arq:job:{job_id(data['id'])}")
+        raw = await client.get(job_key(job_id(data["id"])))
         queued = await client.zrange(queue_name, 0, -1)
     finally:
         await client.aclose()
@@ -144,6 +153,36 @@ async def test_publish_writes_a_json_job_once_per_event_id(
     assert queued.count(job_id(data["id"]).encode()) == 1
 
 
+@pytest.mark.unit
+def test_the_readme_gives_other_languages_the_keys_the_relay_uses() -> None:
+    """README, "From another language, straight into Redis": the key and queue it names are
+    the ones the producer writes and the worker reads."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### From another language, straight into Redis")[1]
+    steps = section.split("\n## ")[0]
+    assert f"`SET {job_key(job_id('<id>'))}` to the JSON" in steps
+    assert f"`ZADD {DEFAULT_QUEUE} <time in ms> {job_id('<id>')}`" in steps
+    assert f'"f":"{JOB_NAME}"' in steps
+    assert f"uses {JOB_EXPIRES.days} days" in steps
+
+
+def test_only_the_queue_module_names_a_redis_key() -> None:
+    """README, "How it works": producer/queue.py is arq's layout in Redis, which no other
+    module of the relay names."""
+    root = Path(__file__).resolve().parent.parent
+    owner = root / "producer" / "queue.py"
+    spellings = ("arq.constants", "arq:", ":health-check", ":metrics", ":sweep")
+    naming = [
+        f"{path.relative_to(root)}: {spelling}"
+        for folder in ("producer", "worker", "ops", "bench")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path != owner
+        for spelling in spellings
+        if spelling in path.read_text()
+    ]
+    assert naming == []
+
+
 async def test_invalid_event_never_reaches_redis(
     producer: Producer, redis_url: str, queue_name: str
 ) -> None:
@@ -154,7 +193,7 @@ async def test_invalid_event_never_reaches_redis(
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         for data in (good, bad):
-            assert await client.exists(f"arq:job:{job_id(data['id'])}") == 0
+            assert await client.exists(job_key(job_id(data["id"]))) == 0
             assert await client.zscore(queue_name, job_id(data["id"])) is None
     finally:
         await client.aclose()
@@ -185,7 +224,7 @@ async def test_a_job_written_by_hand_that_the_reader_refuses_is_dropped_not_deli
     good, bad = event_data("by-hand-good"), event_data("by-hand-bad")
     for data, text in ((good, json.dumps(good)), (bad, json.dumps(bad).replace(*change))):
         job = f'{{"t":1,"f":"{JOB_NAME}","a":[{text}],"k":{{}},"et":{now_ms}}}'
-        await producer.redis.set(f"arq:job:{job_id(data['id'])}", job)
+        await producer.redis.set(job_key(job_id(data["id"])), job)
         await producer.redis.zadd(producer.queue_name, {job_id(data["id"]): now_ms})
 
     await drain(settings)
@@ -194,7 +233,7 @@ async def test_a_job_written_by_hand_that_the_reader_refuses_is_dropped_not_deli
     taken = await db.fetch("SELECT event_id FROM deliveries")
     assert [row["event_id"] for row in taken] == [good["id"]]
     assert await producer.redis.zcard(producer.queue_name) == 0
-    assert await producer.redis.exists(f"arq:job:{job_id(bad['id'])}") == 0
+    assert await producer.redis.exists(job_key(job_id(bad["id"]))) == 0
     [failed] = [r for r in caplog.records if r.getMessage().startswith("deserializing job")]
     assert job_id(bad["id"]) in failed.getMessage()
     assert failed.exc_info is not None
@@ -232,8 +271,8 @@ async def test_a_pickled_job_written_to_redis_runs_no_code_in_the_worker(
     evil = job_id(event_data("pickled")["id"])
     good = event_data("beside-pickle")
     job = f'{{"t":1,"f":"{JOB_NAME}","a":[{json.dumps(good)}],"k":{{}},"et":{now_ms}}}'
-    await producer.redis.set(f"arq:job:{evil}", payload)
-    await producer.redis.set(f"arq:job:{job_id(good['id'])}", job)
+    await producer.redis.set(job_key(evil), payload)
+    await producer.redis.set(job_key(job_id(good["id"])), job)
     await producer.redis.zadd(producer.queue_name, {evil: now_ms, job_id(good["id"]): now_ms})
 
     await drain(settings)
@@ -241,7 +280,7 @@ async def test_a_pickled_job_written_to_redis_runs_no_code_in_the_worker(
     assert not planted.exists()
     # Taken and dropped as a job that does not read as JSON; nothing sent or recorded for it.
     assert await producer.redis.zcard(producer.queue_name) == 0
-    assert await producer.redis.exists(f"arq:job:{evil}") == 0
+    assert await producer.redis.exists(job_key(evil)) == 0
     assert [r.path_qs for r in receiver.requests] == ["/pb"]
     taken = await db.fetch("SELECT event_id FROM deliveries")
     assert [row["event_id"] for row in taken] == [good["id"]]
@@ -259,7 +298,7 @@ async def test_a_job_written_by_hand_with_an_invalid_event_is_logged_and_never_s
     bad = event_data("unknown-field", affiliateId="ann")
     now_ms = int(time.time() * 1000)
     job = f'{{"t":1,"f":"{JOB_NAME}","a":[{json.dumps(bad)}],"k":{{}},"et":{now_ms}}}'
-    await producer.redis.set(f"arq:job:{job_id(bad['id'])}", job)
+    await producer.redis.set(job_key(job_id(bad["id"])), job)
     await producer.redis.zadd(producer.queue_name, {job_id(bad["id"]): now_ms})
 
     with structlog.testing.capture_logs() as logs:

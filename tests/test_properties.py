@@ -5,7 +5,8 @@ The example-based tests pin down what known inputs give. These state what must h
 every input, and let hypothesis hunt for the order number, template or request body that
 breaks it: a substituted value never adds a path segment, a query parameter or a fragment,
 never reaches a header, and always decodes back to itself; the template parser, the event
-model and the ingest parser refuse bad input only with their documented errors.
+model, the ingest parser and the filters refuse bad input only with their documented
+errors; and every failure is of a class the filters know.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from ops.actions.filters import DeliveryQuery, InputError, read
 from ops.service.ingest import BatchRefused, parse_batch
 from producer.event import (
     EVENT_TYPES,
@@ -38,6 +40,10 @@ from producer.event import (
 from producer.json_input import BadJson, read_json
 from producer.queue import serialize
 from worker import deliver, render, sign
+from worker.exchange import ERROR_CLASSES, FAILURE_CLASSES, ErrorClass, Outcome
+from worker.ledger import STATES
+
+pytestmark = pytest.mark.unit
 
 # deadline=None: pydantic and hypothesis warm up on the first examples, and a shared CI
 # machine must not turn a slow example into a failure. The counts keep the file well under
@@ -633,3 +639,53 @@ def test_an_ingested_event_is_the_one_the_producer_library_builds(data: dict[str
     assert len(batch) == 2
     for ingested in batch:
         _assert_same_event(ingested, event)
+
+
+# --- the filters and the failure classes ----------------------------------------------------
+
+FILTER_TEXT = st.one_of(
+    st.text(UNICODE, max_size=20),
+    st.sampled_from(["", "2h", "30m", "0s", "1000000d", "2026-11-21T09:00:00Z", "http_500"]),
+    st.sampled_from([*EVENT_TYPES, *STATES, *FAILURE_CLASSES]),
+    st.from_regex(r"\d{1,12}", fullmatch=True),
+    st.just("a\x00b"),
+    st.just("\ud800"),  # a lone surrogate, as a percent-encoded query can carry
+)
+
+
+@MANY
+@given(typed=st.dictionaries(st.sampled_from([*DeliveryQuery.model_fields, "x"]), FILTER_TEXT))
+def test_any_filter_text_is_a_query_or_refused_naming_a_parameter(typed: dict[str, str]) -> None:
+    """The CLI's options and the API's parameters are read so: whatever a person types is
+    a query, or refused naming what they typed, never a crash or a complaint about a field
+    they did not give."""
+    try:
+        query = read(DeliveryQuery, typed, noun="parameter")
+    except InputError as exc:
+        refused = exc
+    else:
+        for name in ("event_type", "state", "error_class"):
+            assert getattr(query, name) == (typed.get(name) or None)
+        assert query.since is None or query.until is None or query.since < query.until
+        return
+    assert {error.field for error in refused.errors} <= set(typed)
+    assert all(error.message for error in refused.errors)
+
+
+@MANY
+@given(
+    status=st.integers(0, 999),
+    error_class=st.none() | st.sampled_from(ERROR_CLASSES),
+)
+def test_every_failure_is_of_a_class_ops_can_filter_by(
+    status: int, error_class: ErrorClass | None
+) -> None:
+    """A status a receiver sends (the HTTP client takes any three digits) or an error
+    before any answer: the class recorded is one the filters take."""
+    outcome = Outcome(None if error_class else status, 1.0, error_class)
+    failure = outcome.failure_class
+    if outcome.ok:
+        assert failure is None
+    else:
+        assert failure in FAILURE_CLASSES
+        assert read(DeliveryQuery, {"error_class": failure}).error_class == failure

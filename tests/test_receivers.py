@@ -24,10 +24,13 @@ from aiohttp import web
 
 from ops.cli.demo import serve
 from producer import Producer
-from tests.conftest import drain, event_data, raw_server, save_callback
-from tests.test_address import HostsFile
+from tests.support.events import event_data, save_callback
+from tests.support.receivers import HostsFile, raw_server
+from tests.support.wait import until
+from tests.support.workers import drain
 from worker import address, deliver
 from worker.config import Settings
+from worker.exchange import Request
 
 LOOPBACK = address.parse_networks("127.0.0.1/32")
 HUGE = 100 * 1024 * 1024
@@ -51,8 +54,8 @@ async def session(request_timeout: float) -> AsyncIterator[aiohttp.ClientSession
         await http.close()
 
 
-def get(url: str) -> deliver.Request:
-    return deliver.Request("GET", url, {"User-Agent": deliver.USER_AGENT}, None)
+def get(url: str) -> Request:
+    return Request("GET", url, {"User-Agent": deliver.USER_AGENT}, None)
 
 
 async def _delivery(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
@@ -330,14 +333,6 @@ async def good() -> AsyncIterator[Good]:
         yield state
 
 
-async def _until(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"still not true after {seconds} s")
-        await asyncio.sleep(0.02)
-
-
 async def test_a_hogging_receiver_does_not_hold_up_deliveries_to_others(
     db: asyncpg.Connection, producer: Producer, settings: Settings, hog: Hog, good: Good
 ) -> None:
@@ -369,7 +364,7 @@ async def test_a_hogging_receiver_does_not_hold_up_deliveries_to_others(
 
     worker = asyncio.create_task(drain(hogged))
     try:
-        await _until(oks_delivered, seconds=request_timeout)
+        await until(oks_delivered, within=request_timeout)
         # Recorded delivered while every hog request is still waiting for its answer.
         assert hog.open == len(hogs)
         async with asyncio.timeout(15):
@@ -431,11 +426,12 @@ async def test_200_requests_held_by_a_hog_leave_the_session_free_for_others(
     assert {o.error_class for o in outcomes} == {"timeout"}
 
 
+@pytest.mark.unit
 async def test_a_stored_url_the_http_client_cannot_read_fails_without_a_crash() -> None:
     # Saved before the template check refused such hosts: the job must record a failure.
     http = deliver.session(1.0, 2.0, LOOPBACK)
     try:
-        outcome = await deliver.attempt(http, deliver.Request("GET", "https://[::1]x/p", {}, None))
+        outcome = await deliver.attempt(http, Request("GET", "https://[::1]x/p", {}, None))
     finally:
         await http.close()
     assert (outcome.status, outcome.error_class) == (None, "invalid_url")

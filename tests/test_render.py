@@ -25,6 +25,8 @@ from worker.render import (
     variables,
 )
 
+pytestmark = pytest.mark.unit
+
 LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"
 README = Path(__file__).resolve().parent.parent / "README.md"
 

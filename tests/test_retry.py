@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -18,10 +20,16 @@ import asyncpg
 import pydantic
 import pytest
 
-from tests.test_cli import UNREACHABLE_DATABASE, UNREACHABLE_REDIS, Postback, refusal
+from tests.support.cli import (
+    UNREACHABLE_DATABASE,
+    UNREACHABLE_REDIS,
+    Postback,
+    clean_env,
+    refusal,
+)
 from worker import database
 from worker.config import Settings
-from worker.deliver import Outcome
+from worker.exchange import ErrorClass, Outcome
 from worker.retry import (
     DEFAULT_SCHEDULE,
     JITTER,
@@ -59,7 +67,7 @@ def status(code: int, retry_after: str | None = None) -> Outcome:
     return Outcome(code, 12.5, excerpt="body", headers=headers)
 
 
-def error(error_class: str, message: str = "it broke") -> Outcome:
+def error(error_class: ErrorClass, message: str = "it broke") -> Outcome:
     return Outcome(None, 12.5, error_class, message)
 
 
@@ -79,6 +87,7 @@ def http_date(moment: datetime) -> str:
 # --- parse_schedule --------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [
@@ -100,11 +109,13 @@ def test_parse_schedule_reads_every_unit(text: str, seconds: tuple[float, ...]) 
     assert parse_schedule(text) == pytest.approx(seconds)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["", " ", "\t\n"])
 def test_an_empty_schedule_means_no_retries(text: str) -> None:
     assert parse_schedule(text) == ()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "bad"),
     [
@@ -135,6 +146,7 @@ def test_parse_schedule_refuses_bad_input_naming_the_item(text: str, bad: str) -
     assert repr(bad) in str(raised.value)
 
 
+@pytest.mark.unit
 def test_parse_schedule_names_only_the_bad_item() -> None:
     with pytest.raises(ValueError, match="is not a duration") as raised:
         parse_schedule("1m,5x,2h")
@@ -147,6 +159,7 @@ def test_parse_schedule_names_only_the_bad_item() -> None:
 # --- retry_after -----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("0", 0.0), ("1", 1.0), ("120", 120.0), (" 120 ", 120.0), ("86400", 86400.0)],
@@ -155,6 +168,7 @@ def test_retry_after_in_delta_seconds(value: str, seconds: float) -> None:
     assert retry_after(value, NOW) == seconds
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ahead", [1, 90, 3600, 2 * 86400])
 def test_retry_after_as_an_http_date_is_seconds_from_now(ahead: int) -> None:
     value = http_date(NOW + timedelta(seconds=ahead))
@@ -162,25 +176,30 @@ def test_retry_after_as_an_http_date_is_seconds_from_now(ahead: int) -> None:
     assert retry_after(value, NOW) == ahead
 
 
+@pytest.mark.unit
 def test_retry_after_reads_a_literal_imf_fixdate() -> None:
     assert retry_after("Sat, 21 Nov 2026 10:01:30 GMT", NOW) == 90.0
 
 
+@pytest.mark.unit
 def test_retry_after_counts_from_the_given_now() -> None:
     value = http_date(NOW + timedelta(seconds=300))
 
     assert retry_after(value, NOW + timedelta(seconds=100)) == 200.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("behind", [1, 3600, 10 * 365 * 86400])
 def test_retry_after_in_the_past_is_zero(behind: int) -> None:
     assert retry_after(http_date(NOW - timedelta(seconds=behind)), NOW) == 0.0
 
 
+@pytest.mark.unit
 def test_retry_after_at_exactly_now_is_zero() -> None:
     assert retry_after(http_date(NOW), NOW) == 0.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "value",
     [
@@ -201,10 +220,12 @@ def test_unreadable_retry_after_is_ignored(value: str) -> None:
     assert retry_after(value, NOW) is None
 
 
+@pytest.mark.unit
 def test_no_retry_after_is_none() -> None:
     assert retry_after(None, NOW) is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["²", "1²", "³"])
 def test_a_retry_after_of_unicode_digits_is_ignored(value: str) -> None:
     # str.isdigit() accepts them; float() does not, and a receiver can send them.
@@ -215,17 +236,20 @@ def test_a_retry_after_of_unicode_digits_is_ignored(value: str) -> None:
 # --- classify --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("code", [200, 201, 202, 204, 226, 299])
 def test_2xx_is_success(code: int) -> None:
     assert status(code).ok
     assert classify(status(code)) == "success"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("code", [408, 425, 429, 500, 501, 502, 503, 504, 599])
 def test_transient_statuses(code: int) -> None:
     assert classify(status(code)) == "transient"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "code",
     [
@@ -238,6 +262,7 @@ def test_permanent_statuses(code: int) -> None:
     assert classify(status(code)) == "permanent"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("error_class", "kind"),
     [
@@ -247,7 +272,7 @@ def test_permanent_statuses(code: int) -> None:
         ("too_many_redirects", "permanent"),
     ],
 )
-def test_errors_before_an_answer(error_class: str, kind: str) -> None:
+def test_errors_before_an_answer(error_class: ErrorClass, kind: str) -> None:
     assert not error(error_class).ok
     assert classify(error(error_class)) == kind
 
@@ -255,12 +280,14 @@ def test_errors_before_an_answer(error_class: str, kind: str) -> None:
 # --- decide: success and permanent failures --------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("code", [200, 201, 204, 299])
 @pytest.mark.parametrize("attempts", [1, 2, len(SCHEDULE) + 1])
 def test_2xx_is_delivered(code: int, attempts: int) -> None:
     assert decide(status(code), attempts, SCHEDULE, NOW) == Verdict("delivered", "success")
 
 
+@pytest.mark.unit
 def test_404_is_dead_at_once() -> None:
     verdict = decide(status(404), 1, SCHEDULE, NOW, random.Random(1))
 
@@ -268,6 +295,7 @@ def test_404_is_dead_at_once() -> None:
     assert not verdict.disable_callback
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("outcome", "reason"),
     [
@@ -292,6 +320,7 @@ def test_other_permanent_failures_are_dead_at_once(outcome: Outcome, reason: str
     assert verdict == Verdict("dead", "permanent", reason=reason)
 
 
+@pytest.mark.unit
 def test_410_is_dead_and_disables_the_callback() -> None:
     verdict = decide(status(410), 1, SCHEDULE, NOW, random.Random(1))
 
@@ -325,6 +354,7 @@ PLAIN_TRANSIENT = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("outcome", "reason"), TRANSIENT)
 @pytest.mark.parametrize("attempts", [1, 2, 3])
 def test_transient_failure_within_the_schedule_retries_after_its_step(
@@ -342,10 +372,12 @@ def test_transient_failure_within_the_schedule_retries_after_its_step(
         assert step * (1 - JITTER) <= verdict.delay <= step * (1 + JITTER), seed
 
 
+@pytest.mark.unit
 def test_jitter_is_about_twenty_percent() -> None:
     assert JITTER == 0.2  # README: stretched or shrunk by up to 20 %
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("outcome", PLAIN_TRANSIENT)
 def test_jitter_spreads_the_waits_and_a_seed_repeats_them(outcome: Outcome) -> None:
     delays = [wait(outcome, 2, SCHEDULE, random.Random(seed)) for seed in SEEDS]
@@ -356,6 +388,7 @@ def test_jitter_spreads_the_waits_and_a_seed_repeats_them(outcome: Outcome) -> N
     assert min(delays) < 300.0 < max(delays)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("outcome", PLAIN_TRANSIENT)
 @pytest.mark.parametrize("attempts", [1, 2, 3])
 def test_jitter_extremes_are_the_step_plus_or_minus_twenty_percent(
@@ -372,6 +405,7 @@ def test_jitter_extremes_are_the_step_plus_or_minus_twenty_percent(
     assert lowest.asked == highest.asked == [(1 - JITTER, 1 + JITTER)]
 
 
+@pytest.mark.unit
 def test_the_default_schedule_is_followed_step_by_step() -> None:
     schedule = parse_schedule(DEFAULT_SCHEDULE)
     for attempts, step in enumerate(schedule, start=1):
@@ -385,6 +419,7 @@ def test_the_default_schedule_is_followed_step_by_step() -> None:
     assert last.state == "dead"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("outcome", "failure"), TRANSIENT)
 def test_after_the_schedule_the_delivery_is_dead(outcome: Outcome, failure: str) -> None:
     verdict = decide(outcome, len(SCHEDULE) + 1, SCHEDULE, NOW, random.Random(1))
@@ -395,6 +430,7 @@ def test_after_the_schedule_the_delivery_is_dead(outcome: Outcome, failure: str)
     assert not verdict.disable_callback
 
 
+@pytest.mark.unit
 def test_a_retry_after_does_not_extend_the_schedule() -> None:
     verdict = decide(status(503, retry_after="10"), len(SCHEDULE) + 1, SCHEDULE, NOW, LOWEST)
 
@@ -402,6 +438,7 @@ def test_a_retry_after_does_not_extend_the_schedule() -> None:
     assert verdict.delay is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("outcome", "failure"), TRANSIENT)
 def test_an_empty_schedule_dead_letters_the_first_transient_failure(
     outcome: Outcome, failure: str
@@ -413,6 +450,7 @@ def test_an_empty_schedule_dead_letters_the_first_transient_failure(
     )
 
 
+@pytest.mark.unit
 def test_a_one_step_schedule_gives_two_attempts() -> None:
     assert decide(status(503), 1, (5.0,), NOW, LOWEST).state == "retrying"
     assert decide(status(503), 2, (5.0,), NOW, LOWEST) == Verdict(
@@ -428,6 +466,7 @@ SLOW = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("outcome", SLOW)
 def test_timeouts_and_429_wait_at_least_the_first_step(outcome: Outcome) -> None:
     verdict = decide(outcome, 1, SCHEDULE, NOW, LOWEST)
@@ -438,6 +477,7 @@ def test_timeouts_and_429_wait_at_least_the_first_step(outcome: Outcome) -> None
     assert decide(status(503), 1, SCHEDULE, NOW, LOWEST).delay == pytest.approx(48.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("outcome", SLOW)
 def test_the_first_step_floor_holds_for_later_shorter_steps(outcome: Outcome) -> None:
     schedule = (60.0, 10.0, 1.0)
@@ -448,6 +488,7 @@ def test_the_first_step_floor_holds_for_later_shorter_steps(outcome: Outcome) ->
     assert decide(status(503), 3, schedule, NOW, LOWEST).delay == pytest.approx(0.8)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("outcome", SLOW)
 @pytest.mark.parametrize("attempts", [1, 2, 3])
 def test_timeouts_and_429_never_wait_less_than_the_first_step(
@@ -460,6 +501,7 @@ def test_timeouts_and_429_never_wait_less_than_the_first_step(
         assert verdict.delay <= SCHEDULE[attempts - 1] * 1.2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("code", [503, 429])
 @pytest.mark.parametrize(
     "value", ["200", http_date(NOW + timedelta(seconds=200))], ids=["seconds", "http-date"]
@@ -472,6 +514,7 @@ def test_retry_after_raises_the_delay_to_what_it_asks(code: int, value: str) -> 
         assert verdict.delay == 200.0  # above even the longest jittered first step (72 s)
 
 
+@pytest.mark.unit
 def test_retry_after_longer_than_the_jittered_step_wins_only_when_longer() -> None:
     # Step 2 is 240..360 s: asking 330 s raises the short waits and leaves the long ones.
     low = decide(status(503, retry_after="330"), 2, SCHEDULE, NOW, LOWEST)
@@ -481,10 +524,12 @@ def test_retry_after_longer_than_the_jittered_step_wins_only_when_longer() -> No
     assert high.delay == pytest.approx(360.0)
 
 
+@pytest.mark.unit
 def test_the_retry_after_cap_is_a_day() -> None:
     assert RETRY_AFTER_CAP == 86400.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "value",
     [
@@ -503,6 +548,7 @@ def test_retry_after_is_capped(outcome: Outcome, value: str) -> None:
         assert wait(asking, 1, SCHEDULE, rng) == RETRY_AFTER_CAP
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "value", ["86400", http_date(NOW + timedelta(days=1))], ids=["seconds", "http-date"]
 )
@@ -510,6 +556,7 @@ def test_retry_after_at_the_cap_is_honoured(value: str) -> None:
     assert wait(status(503, retry_after=value), 1, SCHEDULE, LOWEST) == RETRY_AFTER_CAP
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("schedule", "value"),
     [
@@ -524,6 +571,7 @@ def test_retry_after_below_the_cap_is_honoured_whatever_the_schedule(
     assert wait(status(503, retry_after=value), 1, schedule, LOWEST) == float(value)
 
 
+@pytest.mark.unit
 def test_the_cap_never_shortens_the_schedule_own_wait() -> None:
     # A 2-day step, jittered up to 1.2 x 172800 s, is longer than the cap; a long
     # Retry-After leaves it so.
@@ -534,6 +582,7 @@ def test_the_cap_never_shortens_the_schedule_own_wait() -> None:
     assert wait(asking, 2, schedule, LOWEST) == pytest.approx(138240.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "value",
     ["10", "0", http_date(NOW + timedelta(seconds=10)), http_date(NOW - timedelta(hours=1))],
@@ -547,12 +596,14 @@ def test_a_shorter_retry_after_does_not_shorten_the_wait(value: str, attempts: i
         assert asked.delay == plain.delay
 
 
+@pytest.mark.unit
 def test_a_shorter_retry_after_does_not_lift_the_floor_of_a_429() -> None:
     verdict = decide(status(429, retry_after="5"), 1, SCHEDULE, NOW, LOWEST)
 
     assert verdict.delay == SCHEDULE[0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["soon", "1.5", "-30", ""])
 def test_an_unreadable_retry_after_leaves_the_schedule(value: str) -> None:
     verdict = decide(status(503, retry_after=value), 2, SCHEDULE, NOW, LOWEST)
@@ -572,6 +623,7 @@ def environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [
@@ -592,10 +644,12 @@ def test_the_retry_schedule_comes_from_the_environment(
     assert settings.schedule == pytest.approx(seconds)
 
 
+@pytest.mark.unit
 def test_the_default_retry_schedule(environ: pytest.MonkeyPatch) -> None:
     assert Settings().schedule == (60.0, 300.0, 1800.0, 7200.0, 21600.0, 43200.0, 86400.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("value", "bad"), [("5x", "5x"), ("1m,5x,2h", "5x"), ("1m,,5m", "")])
 def test_a_bad_retry_schedule_is_refused_naming_the_item(
     environ: pytest.MonkeyPatch, value: str, bad: str
@@ -611,6 +665,7 @@ def test_a_bad_retry_schedule_is_refused_naming_the_item(
     assert "is not a duration" in errors[0]["msg"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("connect", "request_", "job", "least"),
     [
@@ -636,6 +691,7 @@ def test_a_job_timeout_not_above_its_request_is_refused(
     assert f"more than {least} s" in str(raised.value)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("connect", "request_", "job"),
     [(None, None, "15.6"), (None, None, "60"), ("1", "3", "4.51"), ("1", "3", "5")],
@@ -659,7 +715,7 @@ def test_a_job_timeout_above_its_request_is_accepted(
 def offline_postback(tmp_path: Path) -> Postback:
     """`postback` with servers nobody listens on: a command that got past its settings
     would fail to connect rather than start embedded servers."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("POSTBACK_")}
+    env = clean_env()
     env["POSTBACK_DATABASE_URL"] = UNREACHABLE_DATABASE
     env["POSTBACK_REDIS_URL"] = UNREACHABLE_REDIS
     env["POSTBACK_DATA_DIR"] = str(tmp_path / "data")
@@ -691,6 +747,7 @@ def test_worker_with_too_short_a_job_timeout_is_refused_in_one_line(
 # --- which database failures are waited out --------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("exc", "transient"),
     [
@@ -712,8 +769,27 @@ def test_only_passing_database_failures_are_waited_out(exc: Exception, transient
     assert database.transient(exc) is transient
 
 
+@pytest.mark.unit
 def test_a_postgres_error_is_described_without_the_row_it_quotes() -> None:
     exc = asyncpg.CheckViolationError("violates check constraint")
     exc.detail = "Failing row contains (https://t.example/pb?token=SeCrEt123)."
     assert "SeCrEt123" in str(exc)
     assert database.describe(exc) == "CheckViolationError (SQLSTATE 23514)"
+
+
+def test_the_pure_rules_load_without_the_http_client() -> None:
+    """The retry policy, the per-destination fairness and the ledger decide and record from
+    plain values (worker.exchange): loading them loads neither aiohttp nor the module that
+    sends requests."""
+    code = "import sys, worker.retry, worker.fairness, worker.ledger; print(*sorted(sys.modules))"
+    ran = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = ran.stdout.split()
+    assert "worker.exchange" in loaded  # the values they decide from did load
+    http = [name for name in loaded if name.partition(".")[0] == "aiohttp"]
+    assert (http, "worker.deliver" in loaded) == ([], False)

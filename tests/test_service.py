@@ -25,25 +25,26 @@ from yarl import URL
 
 from ops.service.app import Insecure, create_app
 from ops.service.openapi import document
+from producer.event import EVENT_TYPES
 from producer.publish import Producer
-from producer.queue import job_id
-from tests.conftest import (
+from producer.queue import metrics_keys, wake
+from tests.support.events import event_data, save_callback
+from tests.support.ledger import make_deliveries
+from tests.support.receivers import Flaky, Receiver
+from tests.support.service import (
     INGEST_TOKEN,
     OPS_TOKEN,
     Api,
-    Flaky,
-    Receiver,
-    drain,
-    event_data,
     ingest,
-    make_deliveries,
     running_service,
-    save_callback,
     with_tokens,
 )
-from tests.test_reliability import running_worker, until
+from tests.support.wait import until
+from tests.support.workers import drain, running_worker
 from worker import database, sign
 from worker.config import Settings
+from worker.exchange import FAILURE_CLASSES
+from worker.ledger import STATES
 from worker.sweep import sweep
 
 pytestmark = pytest.mark.usefixtures("db")
@@ -414,6 +415,36 @@ async def test_bad_filters_are_refused_naming_the_parameter(
     status, body = await api.call("GET", path, params=query)
     assert status == 422
     assert body["errors"][0]["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "given", "field", "known"),
+    [
+        ("GET", "/v1/deliveries", {"error_class": "http_500"}, "error_class", FAILURE_CLASSES),
+        ("GET", "/v1/dead-letters", {"error_class": "http_500"}, "error_class", FAILURE_CLASSES),
+        ("GET", "/v1/deliveries", {"state": "lost"}, "state", STATES),
+        ("GET", "/v1/deliveries", {"event_type": "order.deleted"}, "event_type", EVENT_TYPES),
+        (
+            "POST",
+            "/v1/dead-letters/replay",
+            {"filter": {"error_class": "http_500"}},
+            "filter.error_class",
+            FAILURE_CLASSES,
+        ),
+    ],
+    ids=["deliveries", "dead-letters", "state", "event-type", "bulk-replay"],
+)
+async def test_an_unknown_choice_of_filter_is_refused_listing_the_known_ones(
+    api: Api, method: str, path: str, given: dict[str, Any], field: str, known: tuple[str, ...]
+) -> None:
+    """A typo must not list (or replay) nothing, as if no delivery had failed so."""
+    query, json_body = (given, None) if method == "GET" else (None, given)
+    status, body = await api.call(method, path, params=query, json=json_body)
+    message = f"must be one of {', '.join(known)}"
+    assert (status, body) == (
+        422,
+        {"error": f"{field}: {message}", "errors": [{"field": field, "message": message}]},
+    )
 
 
 async def test_show_has_the_event_request_and_every_attempt(
@@ -791,7 +822,7 @@ async def test_a_delivery_waiting_for_its_retry_shows_in_the_gauges(
     await db.execute(
         "UPDATE deliveries SET next_attempt_at = now() WHERE event_id = $1", data["id"]
     )
-    await producer.redis.zadd(settings.queue_name, {job_id(data["id"]): int(time.time() * 1000)})
+    await wake(producer.redis, settings.queue_name, [data["id"]])
     assert await gauges() == (0, 1, 1)
     await drain(hourly)
     state = await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", data["id"])
@@ -806,7 +837,7 @@ async def test_a_redis_error_loses_the_count_not_the_delivery(
     so every HINCRBY on it is refused with WRONGTYPE) while the queue works: the worker logs
     `metrics_not_counted` and delivers all the same."""
     await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann")
-    counters = f"{settings.queue_name}:metrics"
+    counters = metrics_keys(settings.queue_name).counters
     await producer.redis.set(counters, "not a hash")
     try:
         data = event_data("uncounted")
@@ -1172,10 +1203,12 @@ OPERATIONS = [
 
 
 def _resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    """The object a schema describes: its reference followed, and of alternatives (one
+    event or an array; a value or null) the first."""
     if "$ref" in schema:
         return _resolved(document()["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]])
-    if "oneOf" in schema:
-        return _resolved(schema["oneOf"][0])
+    if "anyOf" in schema:
+        return _resolved(schema["anyOf"][0])
     return schema
 
 
@@ -1218,6 +1251,42 @@ def _said(status: int, answer: Any) -> tuple[int, str]:
         return status, str(answer)
     errors = answer.get("errors") or [{"message": answer.get("error", str(answer))}]
     return status, str(errors[0]["message"])
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [op for op in OPERATIONS if op.path.startswith("/v1/") and op.path != "/v1/events"],
+    ids=str,
+)
+async def test_an_unknown_parameter_or_field_is_refused_naming_the_documented_ones(
+    api: Api, db: asyncpg.Connection, operation: Operation
+) -> None:
+    """The handlers read with the models the document is made of: what one refuses as
+    unknown, naming what it knows, is what the other lists."""
+    documented = ", ".join(p["name"] for p in operation.parameters("query")) or "none"
+    body = None if operation.method == "GET" else b"{}"
+    status, answer = await api.call(
+        operation.method,
+        operation.url(),
+        params={"colour": "red"},
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    message = f"unknown parameter; known: {documented}"
+    assert (status, answer["errors"]) == (422, [{"field": "colour", "message": message}])
+
+    schema = operation.body_schema()
+    if schema is None:
+        return
+    status, answer = await api.call(
+        operation.method,
+        operation.url(),
+        data=_body(schema, ("colour",), '"red"'),
+        headers={"Content-Type": "application/json"},
+    )
+    message = f"unknown field; known: {', '.join(schema['properties'])}"
+    assert status == 422
+    assert {"field": "colour", "message": message} in answer["errors"]  # with what is missing
 
 
 def _duplicated(key: str) -> str:

@@ -17,19 +17,24 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from ops.cli.demo import serve
 from producer import Producer
-from tests.conftest import Api, Received, Receiver, drain, event_data, save_callback
+from tests.support.events import event_data, save_callback
+from tests.support.receivers import Received, Receiver
+from tests.support.service import Api
+from tests.support.workers import drain
 from worker import callbacks, sign
 from worker.config import Settings
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
+@pytest.mark.unit
 def test_the_standard_webhooks_test_vector() -> None:
     assert sign.signature(
         SECRET, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}'
     ) == ("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
 
 
+@pytest.mark.unit
 def test_a_secret_without_the_prefix_is_used_as_its_bytes() -> None:
     digest = hmac.new(b"plain secret", b"id.1.body", hashlib.sha256).digest()
     assert sign.signature("plain secret", "id", 1, b"body") == (
@@ -61,6 +66,7 @@ async def test_a_delivery_with_a_secret_is_signed_and_one_without_is_not(
     assert not {"webhook-id", "webhook-signature"} & {name.lower() for name in plain.headers}
 
 
+@pytest.mark.unit
 def test_generated_secrets_are_whsec_keys_of_32_random_bytes() -> None:
     made = {sign.generate() for _ in range(20)}
     assert len(made) == 20
@@ -69,6 +75,7 @@ def test_generated_secrets_are_whsec_keys_of_32_random_bytes() -> None:
         assert len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) == 32
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("secret", ["whsec_", "whsec_not base64!", "whsec_====", "whsec_a"])
 def test_a_whsec_secret_that_is_not_base64_is_refused_when_saved(secret: str) -> None:
     # Signed with its text as key, it would verify nowhere: receivers decode the base64.
@@ -80,6 +87,7 @@ def test_a_whsec_secret_that_is_not_base64_is_refused_when_saved(secret: str) ->
     assert "base64" in caught.value.message
 
 
+@pytest.mark.unit
 def test_an_unpadded_whsec_secret_is_read_as_receivers_read_it() -> None:
     padded = "whsec_" + base64.b64encode(b"sixteen byte key").decode()
     assert padded.endswith("=")

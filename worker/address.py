@@ -1,4 +1,4 @@
-"""Which addresses the relay may connect to (README, "What it refuses to connect to").
+"""Which addresses the relay may connect to (docs/design.md, "SSRF").
 
 Affiliates type the callback URLs and the relay runs inside the store's network, so a URL
 must not reach anything private: the database next door, the cloud's metadata service, a

@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.queue import DEFAULT_QUEUE, parse_redis_url
+from producer.connection import parse_redis_url
+from producer.queue import DEFAULT_QUEUE
 from worker.address import Network, parse_networks
 from worker.deliver import QUICK_RETRY_SECONDS
 from worker.retry import DEFAULT_SCHEDULE, parse_schedule

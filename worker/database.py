@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.resources import files
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+
+from worker import schema
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 """One connection, e.g. one a transaction runs on: from `connect` or from a pool."""
 
 Executor = Conn | asyncpg.Pool
 """Anything a single statement can run on."""
-
-SCHEMA = files("worker") / "schema.sql"
-"""The schema, inside the package, however it is installed: worker/schema.sql links to the
-repository's top-level schema.sql (a checkout, an editable install), a wheel holds the file."""
 
 CONNECT_TIMEOUT = 5.0
 """Seconds before an unreachable database is reported instead of waited on."""
@@ -134,11 +131,7 @@ async def create_pool(database_url: str, size: int, min_size: int = 1) -> asyncp
     return pool
 
 
-async def apply_schema(conn: asyncpg.Connection) -> None:
-    """Create what is missing; safe to run on every start and on a live database."""
-    await conn.execute(SCHEMA.read_text(encoding="utf-8"))
-
-
-async def init(database_url: str) -> None:
+async def init(database_url: str) -> schema.Upgraded:
+    """`postback db init`: the database brought to the current schema."""
     async with connection(database_url) as conn:
-        await apply_schema(conn)
+        return await schema.upgrade(conn)

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
@@ -18,6 +17,7 @@ from yarl import URL
 
 from producer.event import Event
 from worker import address, render, sign
+from worker.exchange import ErrorClass, Outcome, Request
 
 USER_AGENT = f"postback-relay/{version('postback-relay')}"
 MAX_REDIRECTS = 3
@@ -38,23 +38,6 @@ _DELIVERY_NAMESPACE = uuid.UUID("5d0b5c6e-7c1a-4f4e-9a55-0f6a2b8d4e21")
 def delivery_id(event: Event) -> uuid.UUID:
     """Stable for the event and its callback key, so every try carries the same id."""
     return uuid.uuid5(_DELIVERY_NAMESPACE, f"{event.id}\n{event.affiliate_id}\n{event.type}")
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: str
-    url: str
-    headers: dict[str, str]
-    body: bytes | None
-
-    def as_json(self) -> dict[str, Any]:
-        """The request as recorded in the ledger and shown by `preview --json`."""
-        return {
-            "method": self.method,
-            "url": self.url,
-            "headers": self.headers,
-            "body": None if self.body is None else json.loads(self.body),
-        }
 
 
 def build_request(
@@ -149,36 +132,6 @@ def request_target(url: str) -> str:
     return wire_url(url).raw_path_qs
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one attempt got: a status code, or an error class and message."""
-
-    status: int | None
-    duration_ms: float
-    error_class: str | None = None
-    error: str | None = None
-    excerpt: str = ""
-    headers: tuple[tuple[str, str], ...] = ()
-    """The response's headers, as sent (a test fire shows them)."""
-
-    @property
-    def retry_after(self) -> str | None:
-        """The response's Retry-After header, as sent; the retry policy reads it."""
-        return next((v for k, v in self.headers if k.lower() == "retry-after"), None)
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-    @property
-    def failure_class(self) -> str | None:
-        """What ops filter dead letters by: the error class, or `http_4xx` / `http_5xx`
-        (`http_3xx` for a redirect without a usable Location) for an unwanted answer."""
-        if self.error_class is not None or self.status is None:
-            return self.error_class
-        return None if self.ok else f"http_{self.status // 100}xx"
-
-
 def session(
     connect_timeout: float,
     request_timeout: float,
@@ -202,7 +155,7 @@ def session(
         # max_jobs of them.
         limit=0,
     )
-    http = aiohttp.ClientSession(
+    return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
         # Cookies from one affiliate must never travel to another.
@@ -210,17 +163,33 @@ def session(
         # Never through a proxy from the environment: only the proxy's address would be
         # checked, and it would connect anywhere.
         trust_env=False,
+        middlewares=(_never_resend,),
     )
-    # aiohttp (3.10+) silently sends a GET again when the receiver closed the kept-alive
-    # connection it went out on: two requests on the wire in one recorded attempt. Off, every
-    # request is an attempt of its own; the cut-off one fails as http_error and is retried
-    # on the schedule. This is the switch aiohttp's re-send checks, and aiohttp lists it in
-    # ClientSession.ATTRS, the attributes it lets be set. A client middleware turning the
-    # error into another would be public API, but would have to know which errors aiohttp
-    # re-sends on (a connect error must still come through as one) and need aiohttp 3.12.
-    # tests/test_receivers.py counts requests against attempts, so a rename shows there.
-    http._retry_connection = False
-    return http
+
+
+class _CutOff(aiohttp.ClientError):
+    """A request the receiver cut off on a kept-alive connection, kept from aiohttp's
+    re-send; `cut` is the error aiohttp raised."""
+
+    def __init__(self, cut: aiohttp.ClientOSError | aiohttp.ServerDisconnectedError) -> None:
+        super().__init__(cut)
+        self.cut = cut
+
+
+async def _never_resend(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """aiohttp (3.10+) silently sends a GET again when the receiver closed the kept-alive
+    connection it went out on: two requests on the wire in one recorded attempt. It re-sends
+    on exactly these two errors, so passed on as another, every request is an attempt of its
+    own: the cut-off one fails as http_error and is retried on the schedule.
+    tests/test_receivers.py counts requests against attempts."""
+    try:
+        return await handler(request)
+    except aiohttp.ClientConnectorError:
+        raise  # a ClientOSError too, but nothing was sent: `attempt` tries it again at once
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        raise _CutOff(exc) from exc
 
 
 async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
@@ -253,6 +222,8 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         if isinstance(exc.os_error, address.BlockedAddress):
             return _failure(started, "blocked_address", exc.os_error.detail)
         return _failure(started, "connect_error", str(exc))
+    except _CutOff as exc:
+        return _failure(started, "http_error", _without_url(exc.cut))
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
         return _failure(started, "http_error", _without_url(exc))
     return Outcome(status, _elapsed_ms(started), excerpt=excerpt(raw), headers=headers)
@@ -337,5 +308,5 @@ def _elapsed_ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def _failure(started: float, error_class: str, message: str) -> Outcome:
+def _failure(started: float, error_class: ErrorClass, message: str) -> Outcome:
     return Outcome(None, _elapsed_ms(started), error_class, message)

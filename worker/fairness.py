@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from worker.deliver import Outcome
+from worker.exchange import NO_ANSWER, Outcome
 
 MAX_OPEN_SECONDS = 600.0
 """The longest a circuit stays open between probes, however many have failed."""
@@ -96,9 +96,6 @@ FORGET_SECONDS = 60.0
 the put-off deliveries that stayed away too long to count."""
 
 Change = Literal["opened", "closed"]
-
-NO_ANSWER = frozenset({"connect_error", "timeout", "http_error"})
-"""Failures that say the destination is down or stuck, as opposed to answering."""
 
 
 def destination(url: str) -> str:

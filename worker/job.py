@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,12 +20,11 @@ import asyncpg
 import structlog
 from arq import Retry
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
 from redis.exceptions import RedisError
 from yarl import URL
 
+from producer import queue
 from producer.event import Event, InvalidEvent, parse_event
-from producer.queue import JOB_EXPIRES, job_id
 from worker import (
     cache,
     callbacks,
@@ -80,7 +78,7 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         log.error("event_refused", job_id=ctx.get("job_id"), error=str(exc))
         return "refused"
     if event.occurred_at is None:
-        # The README's event table: it defaults to the enqueue time, whoever enqueued it.
+        # Defaults to the enqueue time, whoever enqueued it (docs/design.md, "Fields and limits").
         event = event.model_copy(update={"occurred_at": ctx["enqueue_time"].astimezone(UTC)})
     run = _Run(
         ctx["db"],
@@ -217,7 +215,7 @@ async def _go(
         await metrics.count(
             run.redis, run.settings.queue_name, event.affiliate_id, settled=taken.state
         )
-        await _wake(run, taken.woken)
+        await queue.wake(run.redis, run.settings.queue_name, taken.woken)
         return taken.state
     if taken.action == "blocked":
         assert taken.blocker is not None
@@ -363,31 +361,16 @@ async def _attempt(
         )
     else:
         bound.info("delivery_delivered", **fields)
-    await _wake(run, woken)
+    # Deliveries that were waiting for this one run now.
+    await queue.wake(run.redis, run.settings.queue_name, woken)
     return verdict.state
 
 
 async def _defer(run: _Run, seconds: float) -> Retry:
-    """The arq Retry that runs this job again in `seconds`, with its Redis key kept alive.
-
-    arq keeps a job's key only until the expiry given at enqueue; a long schedule (or a
-    long Retry-After) must not outlive it, or arq would drop the job as expired.
-    """
-    keep = JOB_EXPIRES.total_seconds() + seconds
+    """The arq Retry that runs this job again in `seconds`, with its Redis key kept alive."""
     try:
-        await run.redis.expire(job_key_prefix + run.job_id, int(keep))
+        await queue.keep_job(run.redis, run.job_id, seconds)
     except RedisError as exc:
         # The key still has days to live; failing the job here would have arq drop it.
         log.warning("job_expiry_not_extended", job_id=run.job_id, error=str(exc))
     return Retry(defer=seconds)
-
-
-async def _wake(run: _Run, event_ids: Sequence[str]) -> None:
-    """Run now the jobs of deliveries that were waiting for the one just settled."""
-    if not event_ids:
-        return
-    now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    # XX: only jobs still queued; LT: never push a job later than it already was.
-    await run.redis.zadd(
-        run.settings.queue_name, {job_id(e): now_ms for e in event_ids}, xx=True, lt=True
-    )

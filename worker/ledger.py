@@ -17,7 +17,7 @@ import asyncpg
 
 from producer.event import Event
 from worker.database import Executor
-from worker.deliver import Outcome, Request
+from worker.exchange import Outcome, Request
 from worker.retry import Verdict
 
 State = Literal["pending", "retrying", "delivered", "dead", "skipped", "discarded"]

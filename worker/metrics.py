@@ -11,7 +11,6 @@ again from zero if Redis loses its data, which Prometheus reads as a counter res
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import asyncpg
@@ -26,20 +25,14 @@ from prometheus_client.metrics_core import (
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from producer.queue import metrics_keys, queue_depth
+
 log = structlog.get_logger("postback.metrics")
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Upper bounds, in seconds, of the attempt duration histogram (and +Inf)."""
 
 _INF = "+Inf"
-
-
-def _counters_key(queue_name: str) -> str:
-    return f"{queue_name}:metrics"
-
-
-def _failures_key(queue_name: str) -> str:
-    return f"{queue_name}:metrics:affiliate-failures"
 
 
 def _bucket(seconds: float) -> str:
@@ -59,7 +52,8 @@ async def count(
     """Count an attempt (the state it left the delivery in, and its duration in seconds),
     the state a delivery settled in, a delivery deferred for its destination (the reason),
     and a destination's circuit opening or closing."""
-    key = _counters_key(queue_name)
+    keys = metrics_keys(queue_name)
+    key = keys.counters
     try:
         # `async with`: the pipeline gives its connection back even when cancelled.
         async with redis.pipeline(transaction=False) as pipe:
@@ -69,7 +63,7 @@ async def count(
                 pipe.hincrby(key, f"duration:{_bucket(seconds)}", 1)
                 pipe.hincrbyfloat(key, "duration:sum", seconds)
                 if state != "delivered":
-                    pipe.hincrby(_failures_key(queue_name), affiliate, 1)
+                    pipe.hincrby(keys.failures, affiliate, 1)
             if settled is not None:
                 pipe.hincrby(key, f"deliveries:{settled}", 1)
             if deferred is not None:
@@ -93,12 +87,12 @@ class _Families:
 
 async def exposition(redis: Redis, db: asyncpg.Pool, queue_name: str) -> bytes:
     """The Prometheus text exposition of every metric, read now."""
+    keys = metrics_keys(queue_name)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(_counters_key(queue_name))
-        pipe.hgetall(_failures_key(queue_name))
-        pipe.zcount(queue_name, "-inf", int(time.time() * 1000))
-        pipe.zcard(queue_name)
-        raw_counters, raw_failures, due, queued = await pipe.execute()
+        pipe.hgetall(keys.counters)
+        pipe.hgetall(keys.failures)
+        raw_counters, raw_failures = await pipe.execute()
+    queue = await queue_depth(redis, queue_name)
     counters = {k.decode(): float(v) for k, v in raw_counters.items()}
     rows = await db.fetch(
         "SELECT state, count(*) AS n FROM deliveries WHERE state IN ('retrying', 'dead')"
@@ -140,12 +134,12 @@ async def exposition(redis: Redis, db: asyncpg.Pool, queue_name: str) -> bytes:
     depth = GaugeMetricFamily(
         "postback_queue_depth",
         "Jobs in the queue due now: waiting for a worker, or running.",
-        value=due,
+        value=queue.due,
     )
     deferred = GaugeMetricFamily(
         "postback_queue_deferred",
         "Jobs in the queue due later: retries and deliveries waiting for an earlier one.",
-        value=queued - due,
+        value=queue.later,
     )
     retrying = GaugeMetricFamily(
         "postback_retries_waiting",

@@ -14,8 +14,9 @@ from arq import Worker
 from arq.cron import cron
 from arq.worker import func
 
+from producer.connection import open_redis, redis_settings
 from producer.json_input import read_json
-from producer.queue import JOB_NAME, connect_redis, redis_settings, serialize
+from producer.queue import JOB_NAME, health_check_key, serialize, sweep_name
 from worker import cache, database, deliver, fairness
 from worker.config import Settings
 from worker.job import deliver_event
@@ -78,19 +79,18 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     Both URLs must be resolved (embedded services started) before this is called.
     """
     assert settings.redis_url is not None
-    # For arq's own Worker (the benchmark's no-op worker); the relay's `RelayWorker` opens
-    # the same URL with `connect_redis` instead. Either fails at once and says so when it
-    # starts without Redis: restarting it is the supervisor's job, and arq's quiet retries
-    # would only hide the cause for seconds.
+    # For arq's own Worker (the benchmark's no-op worker); the relay's `RelayWorker` is
+    # given the same URL opened with `open_redis` instead (`create_worker`). Either fails
+    # at once and says so when it starts without Redis: restarting it is the supervisor's
+    # job, and arq's quiet retries would only hide the cause for seconds.
     arq_redis = redis_settings(settings.redis_url)
     arq_redis.conn_retries = 0
     return {
         "functions": [func(deliver_event, name=JOB_NAME)],
         "cron_jobs": [
-            # Named per queue: relays sharing a Redis each sweep their own deliveries.
             cron(
                 sweep_job,
-                name=f"{settings.queue_name}:sweep",
+                name=sweep_name(settings.queue_name),
                 second=0,
                 run_at_startup=True,
                 timeout=settings.job_timeout,
@@ -118,6 +118,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # then cancel the rest, which arq puts back in the queue to run again.
         "job_completion_wait": settings.shutdown_wait,
         "health_check_interval": HEALTH_CHECK_SECONDS,
+        # arq's own default key, named where `/healthz` reads it.
+        "health_check_key": health_check_key(settings.queue_name),
     }
 
 
@@ -142,30 +144,28 @@ class RelayWorker(Worker):
     a restart).
 
     arq ends its main loop on the first Redis error, and the worker process with it. This
-    one opens Redis as every part of the relay does (`connect_redis`, which reads a
-    Sentinel URL too), fails at once only when it starts without Redis, and otherwise
-    waits out a lost connection: it logs `redis_unavailable`, tries again after 0.1 s,
-    then after twice as long each time up to 1 s, and through Sentinel each try asks the
-    sentinels where the primary is. Once Redis answers it logs `redis_reconnected` and
-    sweeps at once, so that what the new primary lacks (what the old one had not
-    replicated) comes back from the ledger now rather than at the next minute.
+    one opens Redis as every part of the relay does (`open_redis`, which reads a Sentinel
+    URL too), fails at once only when it starts without Redis (arq asks Redis for its INFO
+    before anything else), and otherwise waits out a lost connection: it logs
+    `redis_unavailable`, tries again after 0.1 s, then after twice as long each time up to
+    1 s, and through Sentinel each try asks the sentinels where the primary is. Once Redis
+    answers it logs `redis_reconnected` and sweeps at once, so that what the new primary
+    lacks (what the old one had not replicated) comes back from the ledger now rather than
+    at the next minute.
 
     Deliveries in flight meanwhile finish and are recorded in Postgres; arq's bookkeeping
     of their jobs may fail, and a job left behind runs again later and finds its delivery
     settled in the ledger.
+
+    arq has no public hook around one poll of its queue: its `main` loops over the private
+    `_poll_iteration`, which this class wraps; overriding `main` instead would mean copying
+    it.
     """
 
-    def __init__(self, redis_url: str, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.redis_url = redis_url
         self._redis_lost_at: float | None = None
         self._redis_wait = REDIS_FIRST_WAIT
-
-    async def main(self) -> None:
-        if self._pool is None:
-            # No read timeout, as arq's own pool: see `open_redis`.
-            self._pool = await connect_redis(self.redis_url, self.queue_name, read_timeout=None)
-        await super().main()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         try:
@@ -173,8 +173,10 @@ class RelayWorker(Worker):
         except redis.exceptions.RedisError:
             # arq takes a job slot before the transaction that marks the job in progress,
             # and gives it back when that fails only on a conflict: an error that leaves
-            # here left in that transaction, and would keep its slot for good.
-            self._release_sem_dec_counter_on_complete()
+            # here left in that transaction, and would keep its slot for good. Given back
+            # as arq gives it back on a conflict.
+            self.job_counter -= 1
+            self.sem.release()
             raise
 
     async def _poll_iteration(self) -> None:
@@ -234,4 +236,10 @@ def _connection_lost(exc: redis.exceptions.RedisError) -> Exception | None:
 
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
     assert settings.redis_url is not None
-    return RelayWorker(settings.redis_url, **{**worker_settings(settings), **overrides})
+    kwargs = {**worker_settings(settings), **overrides}
+    if "redis_pool" not in kwargs:
+        # No read timeout, as arq's own pool: see `open_redis`.
+        kwargs["redis_pool"] = open_redis(
+            settings.redis_url, settings.queue_name, read_timeout=None
+        )
+    return RelayWorker(**kwargs)

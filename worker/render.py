@@ -1,6 +1,6 @@
 r"""Callback URL templates: parsed once when a callback is saved, rendered for every delivery.
 
-Two promises matter here (README, "Callbacks and templates"). A template that would fail
+Two promises matter here (docs/design.md, "Templates"). A template that would fail
 later is refused at save time, with a message the affiliate manager can act on. And no event
 value can change where a request goes or how the URL is read: the scheme and host are
 literal text, and every substituted value is percent-encoded, so a `/`, `?`, `#` or `&` in

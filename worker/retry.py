@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
-from worker.deliver import Outcome
+from worker.exchange import NO_ANSWER, Outcome
 
 DEFAULT_SCHEDULE = "1m,5m,30m,2h,6h,12h,24h"
-"""Waits before the 2nd, 3rd, ... attempt (README, "What is retried"): about two days of
+"""Waits before the 2nd, 3rd, ... attempt (docs/design.md, "Retries"): about two days of
 trying in all."""
 
 JITTER = 0.2
@@ -29,10 +29,8 @@ RETRY_AFTER_CAP = 86_400.0
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _STEP = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
-# Status codes that say "not now" rather than "never" (README, "What is retried").
+# Status codes that say "not now" rather than "never" (docs/design.md, "Retries").
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
-# Errors before any answer: the receiver may be back in a minute.
-_TRANSIENT_ERRORS = frozenset({"connect_error", "timeout", "http_error"})
 # "Too many requests": like a timeout, its wait has a floor that jitter cannot lower.
 _TOO_MANY = 429
 
@@ -80,7 +78,7 @@ def classify(outcome: Outcome) -> Kind:
     if outcome.ok:
         return "success"
     if outcome.status is None:
-        return "transient" if outcome.error_class in _TRANSIENT_ERRORS else "permanent"
+        return "transient" if outcome.error_class in NO_ANSWER else "permanent"
     if outcome.status in _TRANSIENT_STATUS or 500 <= outcome.status < 600:
         return "transient"
     # Other 4xx, and answers no client can act on (a 3xx without a usable Location, 1xx).

@@ -14,9 +14,8 @@ from typing import Any
 import asyncpg
 import structlog
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
 
-from producer.queue import enqueue, job_id
+from producer.queue import enqueue, have_jobs
 from worker import database, ledger
 from worker.config import Settings
 
@@ -34,10 +33,7 @@ async def sweep(db: asyncpg.Pool, redis: ArqRedis, queue_name: str, job_timeout:
         rows = await ledger.due_without_claim(db, job_timeout, after, PAGE)
         # One round trip for the page: most due deliveries still have their job (a backlog,
         # a wait for an earlier delivery), and only the rest need arq's checked enqueue.
-        async with redis.pipeline(transaction=False) as pipe:
-            for row in rows:
-                pipe.exists(job_key_prefix + job_id(row["event"]["id"]))
-            present = await pipe.execute()
+        present = await have_jobs(redis, [row["event"]["id"] for row in rows])
         for row, exists in zip(rows, present, strict=True):
             if not exists and await enqueue(redis, row["event"], queue_name):
                 enqueued += 1

@@ -20,6 +20,7 @@ from bench.context import Bench
 from bench.progress import say
 from bench.results import InvalidMeasurement, Row, judged
 from bench.scenarios.common import AFFILIATES, burst_timeout, save_callbacks, timed_burst
+from producer.queue import queue_depth
 
 NAME = "throughput"
 DEFAULT_EVENTS = 20_000
@@ -35,7 +36,8 @@ async def _noop(bench: Bench, count: int, label: str, poll_delay: float | None =
     await events.enqueue(bench.config, queue, batch)
     noop = await bench.workers.noop(queue, poll_delay)
     seconds = await noop.wait(burst_timeout(count))
-    left = await bench.redis.zcard(queue)
+    depth = await queue_depth(bench.redis, queue)
+    left = depth.due + depth.later
     if left:
         raise InvalidMeasurement(f"the no-op worker exited with {left} jobs still queued")
     return seconds

@@ -18,7 +18,8 @@ import structlog
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from ops.actions.lookup import Filter, matching_ids
+from ops.actions.filters import Filter
+from ops.actions.lookup import matching_ids
 from producer.event import InvalidEvent, parse_event
 from producer.queue import enqueue
 from worker import callbacks, database

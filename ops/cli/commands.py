@@ -15,29 +15,40 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import pydantic
 import redis.exceptions
 
 from ops.actions import lookup, replay
-from ops.actions.lookup import FILTER_FIELDS, Cursor, Filter, InputError, parse_id, parse_limit
+from ops.actions.filters import (
+    DeadLetterQuery,
+    DeliveryFilter,
+    DeliveryQuery,
+    Filter,
+    InputError,
+    Paging,
+    choices,
+    parse_id,
+    read,
+)
 from ops.cli import console, demo
 from ops.cli.embedded import services
 from ops.service import app
 from ops.service.app import Insecure
+from producer.connection import open_redis
 from producer.event import EVENT_TYPES, Event, InvalidEvent, parse_event
 from producer.json_input import BadJson, NotJson, read_json
 from producer.publish import Producer
-from producer.queue import open_redis
-from worker import callbacks, database, logs, render
+from worker import callbacks, database, logs, render, schema
 from worker.config import Settings
 from worker.deliver import build_request, delivery_id
-from worker.ledger import STATES
 from worker.pool import create_worker, use_fast_loop
 
 EXIT_USAGE = 2
+
+Model = TypeVar("Model", bound=pydantic.BaseModel)
 
 
 class CommandFailed(Exception):
@@ -74,7 +85,9 @@ def _parser() -> _Parser:
     db = commands.add_parser("db", help="database schema").add_subparsers(
         dest="db_command", metavar="COMMAND", required=True, parser_class=_Parser
     )
-    db.add_parser("init", help="create the tables (safe to run again)").set_defaults(run=db_init)
+    db.add_parser(
+        "init", help="create the tables, or upgrade them from an earlier version (safe to repeat)"
+    ).set_defaults(run=db_init)
 
     cb = commands.add_parser("callbacks", help="affiliates' callbacks").add_subparsers(
         dest="callbacks_command", metavar="COMMAND", required=True, parser_class=_Parser
@@ -155,15 +168,27 @@ def _parser() -> _Parser:
     return parser
 
 
-def _filters(parser: argparse.ArgumentParser, with_state: bool) -> None:
-    parser.add_argument("--affiliate", help="affiliate id")
-    parser.add_argument("--event", dest="event_type", choices=EVENT_TYPES, help="event type")
-    parser.add_argument("--order", help="order number")
-    if with_state:
-        parser.add_argument("--state", choices=STATES)
-    parser.add_argument("--error-class", help="of the last failed attempt, e.g. timeout")
-    parser.add_argument("--since", help="taken at or after: ISO 8601 time, or 30m, 2h, 7d ago")
-    parser.add_argument("--until", help="taken before: ISO 8601 time, or a duration ago")
+_OPTIONS = {"event_type": "--event"}
+"""Where an option is not named for its field: `--event`, as in every other command."""
+
+
+def _filters(parser: argparse.ArgumentParser, model: type[pydantic.BaseModel]) -> None:
+    """An option for each field of a filter model: its name, help and choices are the
+    model's, as the API's query parameters are."""
+    for name, field in model.model_fields.items():
+        option = _OPTIONS.get(name, "--" + name.replace("_", "-"))
+        known = choices(model, name)
+        if known is None:
+            parser.add_argument(option, dest=name, help=field.description)
+        else:  # listed in the help: in the usage line, 15 error classes would bury the rest
+            described = f"{field.description}: {', '.join(known)}"
+            parser.add_argument(
+                option, dest=name, choices=known, metavar=name.upper(), help=described
+            )
+
+
+def _filter(args: argparse.Namespace, model: type[Model]) -> Model:
+    return read(model, {name: getattr(args, name) for name in model.model_fields})
 
 
 def _ledger_commands(commands: Any) -> None:
@@ -178,9 +203,7 @@ def _ledger_commands(commands: Any) -> None:
         )
         groups[name] = group
         listing = group.add_parser("list", help="list, newest first")
-        _filters(listing, with_state=not dead)
-        listing.add_argument("--limit", default="50", help="at most this many (1 to 500)")
-        listing.add_argument("--cursor", help="where the previous listing said to go on")
+        _filters(listing, DeadLetterQuery if dead else DeliveryQuery)
         listing.add_argument("--json", action="store_true", help="JSON for scripts")
         listing.set_defaults(run=ledger_list, dead_letters=dead)
         show = group.add_parser("show", help="one delivery with its request and attempts")
@@ -193,7 +216,7 @@ def _ledger_commands(commands: Any) -> None:
         "replay", help="send dead letters again: one by id, or all matching filters"
     )
     replay_cmd.add_argument("id", nargs="?", help="delivery id; omitted: all matching filters")
-    _filters(replay_cmd, with_state=False)
+    _filters(replay_cmd, Filter)
     replay_cmd.add_argument(
         "--all", action="store_true", help="with no id and no filter: replay every dead letter"
     )
@@ -275,8 +298,11 @@ def _database_url(settings: Settings) -> str:
 
 @_sync
 async def db_init(args: argparse.Namespace, settings: Settings) -> int:
-    await database.init(_database_url(settings))
-    print("schema applied")
+    try:
+        upgraded = await database.init(_database_url(settings))
+    except schema.SchemaTooNew as exc:
+        raise CommandFailed(str(exc)) from exc
+    print(upgraded)
     return 0
 
 
@@ -453,18 +479,17 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _filter(args: argparse.Namespace) -> Filter:
-    return Filter.parse({name: getattr(args, name, None) for name in FILTER_FIELDS})
-
-
 @_sync
 async def ledger_list(args: argparse.Namespace, settings: Settings) -> int:
-    where = _filter(args)
+    paging: Paging
+    where: DeliveryFilter
     if args.dead_letters:
-        where = where.dead_letters()
-    cursor = None if args.cursor is None else Cursor.decode(args.cursor)
+        paging = _filter(args, DeadLetterQuery)
+        where = paging.dead_letters()
+    else:
+        paging = where = _filter(args, DeliveryQuery)
     async with database.connection(_database_url(settings)) as conn:
-        page = await lookup.list_deliveries(conn, where, parse_limit(args.limit), cursor)
+        page = await lookup.list_deliveries(conn, where, paging.limit, paging.cursor)
     if args.json:
         print(json.dumps({"items": page.items, "next": page.next}, indent=2))
         return 0
@@ -488,7 +513,7 @@ async def ledger_show(args: argparse.Namespace, settings: Settings) -> int:
 @_sync
 async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     console.quiet_logs(settings)  # it prints what it did
-    where = _filter(args)
+    where = _filter(args, Filter)
     if args.id is not None and where != Filter():
         raise CommandFailed("give a delivery id or filters, not both")
     if args.id is None and where == Filter() and not args.all:

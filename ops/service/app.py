@@ -22,12 +22,13 @@ from pydantic import SecretStr
 from redis.exceptions import RedisError
 from yarl import URL
 
-from ops.actions.lookup import InputError
+from ops.actions.filters import InputError
 from ops.service import api, ingest
 from ops.service.api import SERVICES, Services, error
 from ops.service.openapi import document
+from producer import queue
+from producer.connection import open_redis
 from producer.publish import Producer
-from producer.queue import open_redis
 from worker import database, deliver, metrics
 from worker.config import Settings
 from worker.pool import HEALTH_CHECK_SECONDS
@@ -198,7 +199,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except InputError as exc:
-        return error(422, str(exc), [{"field": exc.field, "message": exc.message}])
+        return error(422, str(exc), [{"field": e.field, "message": e.message} for e in exc.errors])
     except RedisError as exc:
         log.warning("redis_unavailable", path=request.path, error=str(exc))
         return error(
@@ -247,14 +248,15 @@ async def healthz(request: web.Request) -> web.Response:
     )
     checks: dict[str, dict[str, Any]] = {"redis": redis_ok, "postgres": postgres_ok}
     if redis_ok["ok"]:
-        # arq's health check: each worker rewrites this key every few seconds.
-        key = services.settings.queue_name + ":health-check"
-        beat, report = await _check(services.redis.get(key))
+        # arq's health check: each worker reports in every few seconds.
+        beat, report = await _check(
+            queue.worker_report(services.redis, services.settings.queue_name)
+        )
         if beat["ok"] and report is None:
             seconds = HEALTH_CHECK_SECONDS + 1
             beat = {"ok": False, "error": f"no worker has reported in the last {seconds} s"}
         elif beat["ok"]:
-            beat["report"] = report.decode(errors="replace")
+            beat["report"] = report
         checks["worker"] = beat
     else:
         checks["worker"] = {"ok": False, "error": "unknown: Redis is unreachable"}

@@ -1,791 +1,325 @@
-"""The OpenAPI 3 document of the service, served at /openapi.json.
+"""The OpenAPI 3.1 document of the service, served at /openapi.json, generated from the
+models the handlers validate with.
 
-Written by hand next to the handlers; a test checks that it lists exactly the routes the
-application has, and schemathesis checks every answer of the running service against it.
+`ROUTES` says what each route takes and answers, by model; every schema is the model's own
+JSON Schema, so no limit, enum or field list is written twice. OpenAPI 3.1 takes JSON
+Schema as pydantic writes it (a nullable field is `anyOf: [..., {"type": "null"}]`). A test
+checks that `ROUTES` are exactly the application's routes, and schemathesis every answer
+of the running service against the document.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Literal
 
-from ops.actions.lookup import MAX_LIMIT
-from ops.actions.replay import MODES
-from ops.service.ingest import MAX_BATCH
-from producer.event import EVENT_TYPES
-from worker.ledger import STATES
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, models_json_schema
+from pydantic_core import CoreSchema
 
-_STRING = {"type": "string"}
-_NULLABLE_STRING = {"type": "string", "nullable": True}
-_TIME = {"type": "string", "format": "date-time"}
-_NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
+from ops.actions.filters import DeadLetterQuery, DeliveryQuery
+from ops.service import models
+from ops.service.ingest import MAX_BODY
 
-
-_MONEY = {
-    "type": "string",
-    "pattern": r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$",
-    "description": "A decimal as a string, kept exact (a JSON number is accepted too).",
-}
+VERSION = "3.1.0"
+_REF = "#/components/schemas/{model}"
 
 
-def _text(longest: int) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": longest}
+@dataclass(frozen=True, slots=True)
+class Reply:
+    description: str
+    model: type[BaseModel] | None = None
+    """The JSON it answers; None for a body that is not described by a model."""
+    media_type: str = "application/json"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    summary: str
+    replies: Mapping[int, Reply]
+    auth: Literal["ingestToken", "opsToken"] | None = "opsToken"
+    """The bearer token it needs (one of `_TOKENS`); None for the open routes."""
+    path_model: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    body: type[BaseModel] | None = None
+    """Required when it has a required field; otherwise an empty body reads as `{}`."""
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+_NO_DELIVERY = Reply("No such delivery.", models.Error)
+_NO_CALLBACK = Reply("No such callback.", models.Error)
+_NOW = Reply("The callback now.", models.Callback)
 
-
-def _error(description: str) -> dict[str, Any]:
-    return _json(_ref("Error"), description)
-
-
-_UNAUTHORIZED = _error(
-    "No bearer token, or the wrong one: checked before anything else in the request."
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "post",
+        "/v1/events",
+        "Enqueue one event, or a batch of them",
+        {
+            202: Reply("All enqueued.", models.Accepted),
+            413: Reply(f"The body is over {MAX_BODY} bytes.", models.Error),
+            422: Reply("Refused, each as {index, field, message}; nothing enqueued.", models.Error),
+        },
+        auth="ingestToken",
+        body=models.Events,
+    ),
+    Route(
+        "get",
+        "/v1/deliveries",
+        "List deliveries, newest first",
+        {200: Reply("A page of deliveries.", models.DeliveryPage)},
+        query=DeliveryQuery,
+    ),
+    Route(
+        "get",
+        "/v1/deliveries/{id}",
+        "One delivery: its event, request, every attempt, ops actions",
+        {200: Reply("The delivery.", models.Delivery), 404: _NO_DELIVERY},
+        path_model=models.DeliveryPath,
+    ),
+    Route(
+        "get",
+        "/v1/dead-letters",
+        "List dead letters (dead, not replayed or discarded), newest first",
+        {200: Reply("A page of dead letters.", models.DeliveryPage)},
+        query=DeadLetterQuery,
+    ),
+    Route(
+        "post",
+        "/v1/dead-letters/{id}/replay",
+        "Replay one dead letter",
+        {
+            200: Reply("Reopened and queued.", models.ActionResult),
+            404: _NO_DELIVERY,
+            409: Reply(
+                "Not replayable: not dead or discarded, its callback is gone or off, its "
+                "stored event is invalid, or (resend) it was never sent.",
+                models.Error,
+            ),
+        },
+        path_model=models.DeliveryPath,
+        body=models.ReplayBody,
+    ),
+    Route(
+        "post",
+        "/v1/dead-letters/replay",
+        "Replay every dead letter matching a filter",
+        {200: Reply("What was replayed, skipped, failed.", models.ReplaySummary)},
+        body=models.BulkReplayBody,
+    ),
+    Route(
+        "post",
+        "/v1/dead-letters/{id}/discard",
+        "Discard a dead letter with a note; it stays in the record",
+        {
+            200: Reply("Discarded.", models.ActionResult),
+            404: _NO_DELIVERY,
+            409: Reply("Not a dead letter.", models.Error),
+        },
+        path_model=models.DeliveryPath,
+        body=models.DiscardBody,
+    ),
+    Route(
+        "get",
+        "/v1/callbacks",
+        "List callbacks",
+        {200: Reply("Callbacks.", models.Callbacks)},
+        query=models.CallbackQuery,
+    ),
+    Route(
+        "put",
+        "/v1/callbacks/{affiliate}/{event_type}",
+        "Create or replace a callback (validated as by the CLI)",
+        {200: Reply("Saved.", models.Callback)},
+        path_model=models.CallbackPath,
+        body=models.CallbackBody,
+    ),
+    Route(
+        "delete",
+        "/v1/callbacks/{affiliate}/{event_type}",
+        "Remove a callback (past deliveries stay recorded)",
+        {200: Reply("Removed.", models.Removed), 404: _NO_CALLBACK},
+        path_model=models.CallbackPath,
+    ),
+    Route(
+        "post",
+        "/v1/callbacks/{affiliate}/{event_type}/enable",
+        "Enable a callback",
+        {200: _NOW, 404: _NO_CALLBACK},
+        path_model=models.CallbackPath,
+    ),
+    Route(
+        "post",
+        "/v1/callbacks/{affiliate}/{event_type}/disable",
+        "Disable a callback",
+        {200: _NOW, 404: _NO_CALLBACK},
+        path_model=models.CallbackPath,
+    ),
+    Route(
+        "post",
+        "/v1/callbacks/{affiliate}/{event_type}/test",
+        "Send the callback a sample (or given) event now; recorded as a test",
+        {
+            200: Reply("The request made and the response got.", models.TestFire),
+            404: _NO_CALLBACK,
+            409: Reply("The stored template is invalid; set the callback again.", models.Error),
+        },
+        path_model=models.CallbackPath,
+        body=models.TestFireBody,
+    ),
+    Route(
+        "get",
+        "/healthz",
+        "Redis, Postgres and a live worker",
+        {
+            200: Reply("All up.", models.Health),
+            503: Reply("Something is down; `down` names it.", models.Health),
+        },
+        auth=None,
+    ),
+    Route(
+        "get",
+        "/metrics",
+        "Prometheus metrics",
+        {
+            200: Reply("Prometheus text format.", media_type="text/plain"),
+            503: Reply("Postgres or Redis is unreachable.", models.Error),
+        },
+        auth=None,
+    ),
+    Route(
+        "get",
+        "/openapi.json",
+        "This document",
+        {200: Reply("OpenAPI 3.1.")},
+        auth=None,
+    ),
+    Route("get", "/", "The ops page", {200: Reply("HTML.", media_type="text/html")}, auth=None),
 )
-_UNPROCESSABLE = _error("A parameter or field was refused; `errors` names it.")
-_UNAVAILABLE = _error("Postgres or Redis is unreachable; nothing was changed.")
 
-
-def _filter_parameters(with_state: bool) -> list[dict[str, Any]]:
-    params: list[dict[str, Any]] = [
-        {"name": "affiliate", "in": "query", "schema": _STRING, "description": "Affiliate id."},
-        {
-            "name": "event_type",
-            "in": "query",
-            "schema": {"type": "string", "enum": list(EVENT_TYPES)},
-        },
-        {"name": "order", "in": "query", "schema": _STRING, "description": "Order number."},
-    ]
-    if with_state:
-        params.append(
-            {"name": "state", "in": "query", "schema": {"type": "string", "enum": list(STATES)}}
-        )
-    params += [
-        {
-            "name": "error_class",
-            "in": "query",
-            "schema": _STRING,
-            "description": "Error class of the last failed attempt, e.g. timeout, http_4xx.",
-        },
-        {
-            "name": "since",
-            "in": "query",
-            "schema": _STRING,
-            "description": "Taken at or after: ISO 8601 time, or a duration ago (30m, 2h, 7d).",
-        },
-        {
-            "name": "until",
-            "in": "query",
-            "schema": _STRING,
-            "description": "Taken before: ISO 8601 time, or a duration ago.",
-        },
-        {
-            "name": "limit",
-            "in": "query",
-            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50},
-        },
-        {
-            "name": "cursor",
-            "in": "query",
-            "schema": _STRING,
-            "description": "The `next` of the previous page.",
-        },
-    ]
-    return params
-
-
-def _callback_path() -> list[dict[str, Any]]:
-    return [
-        {"name": "affiliate", "in": "path", "required": True, "schema": _STRING},
-        {
-            "name": "event_type",
-            "in": "path",
-            "required": True,
-            "schema": {"type": "string", "enum": list(EVENT_TYPES)},
-        },
-    ]
-
-
-_ID = [
-    {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
-]
-
-_OPS: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-
-
-def _schemas() -> dict[str, Any]:
-    summary_props = {
-        "id": {"type": "string", "format": "uuid"},
-        "event_id": _STRING,
-        "event_type": {"type": "string", "enum": list(EVENT_TYPES)},
-        "affiliate_id": _STRING,
-        "order_number": _STRING,
-        "state": {"type": "string", "enum": list(STATES)},
-        "reason": _NULLABLE_STRING,
-        "error_class": _NULLABLE_STRING,
-        "attempts": {"type": "integer"},
-        "last_status": {"type": "integer", "nullable": True},
-        "occurred_at": _TIME,
-        "created_at": _TIME,
-        "updated_at": _TIME,
-        "next_attempt_at": _NULLABLE_TIME,
-        "blocked_by": {
-            "type": "string",
-            "format": "uuid",
-            "nullable": True,
-            "description": "An earlier delivery of the same order that this one waits for.",
-        },
-        "create_wait_until": {
-            **_NULLABLE_TIME,
-            "description": "An update waiting for its order's order.created, which the relay "
-            "has not received yet: when it goes without it (POSTBACK_CREATE_WAIT).",
-        },
-        "order_note": {
-            **_NULLABLE_STRING,
-            "description": "Set when it went out of order: sent without its order.created.",
-        },
-    }
-    request = {
-        "type": "object",
-        "nullable": True,
-        "required": ["method", "url", "headers", "body"],
-        "properties": {
-            "method": {"type": "string", "enum": ["GET", "POST"]},
-            "url": _STRING,
-            "headers": {"type": "object", "additionalProperties": _STRING},
-            "body": {"type": "object", "nullable": True},
-        },
-    }
-    return {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": _STRING,
-                "errors": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["field", "message"],
-                        "properties": {
-                            "index": {
-                                "type": "integer",
-                                "nullable": True,
-                                "description": "Ingest: the refused event's place in the batch.",
-                            },
-                            "field": _STRING,
-                            "message": _STRING,
-                        },
-                    },
-                },
-            },
-        },
-        "Event": {
-            "type": "object",
-            "description": "An order event; the README's event format has every rule.",
-            "additionalProperties": False,
-            "required": ["id", "type", "affiliate_id", "order", "link"],
-            "properties": {
-                "id": _text(128),
-                "type": {"type": "string", "enum": list(EVENT_TYPES)},
-                "affiliate_id": _text(64),
-                "occurred_at": {
-                    "type": "string",
-                    "format": "date-time",
-                    "description": "RFC 3339 with an offset; default: when enqueued.",
-                },
-                "order": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["number", "amount", "commission"],
-                    "properties": {
-                        "number": _text(128),
-                        "amount": _MONEY,
-                        "commission": _MONEY,
-                        "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
-                        "status": _text(64),
-                    },
-                },
-                "link": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["url"],
-                    "properties": {
-                        "url": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": 4096,
-                            "description": "The affiliate link the order came through: "
-                            "an absolute http(s) URL.",
-                        },
-                        "sub_id": {"type": "string", "maxLength": 256},
-                    },
-                },
-            },
-        },
-        "Accepted": {
-            "type": "object",
-            "required": ["accepted", "already_queued"],
-            "properties": {
-                "accepted": {"type": "array", "items": _STRING},
-                "already_queued": {
-                    "type": "array",
-                    "items": _STRING,
-                    "description": "Ids whose job was already in the queue.",
-                },
-            },
-        },
-        "DeliverySummary": {
-            "type": "object",
-            "required": list(summary_props),
-            "properties": summary_props,
-        },
-        "DeliveryPage": {
-            "type": "object",
-            "required": ["items", "next"],
-            "properties": {
-                "items": {"type": "array", "items": _ref("DeliverySummary")},
-                "next": _NULLABLE_STRING,
-            },
-        },
-        "Request": request,
-        "Delivery": {
-            "allOf": [
-                _ref("DeliverySummary"),
-                {
-                    "type": "object",
-                    "required": ["callback_id", "event", "request", "attempts", "actions"],
-                    "properties": {
-                        "callback_id": {"type": "integer", "nullable": True},
-                        "event": {"type": "object"},
-                        "request": _ref("Request"),
-                        "attempts": {"type": "array", "items": _ref("Attempt")},
-                        "actions": {"type": "array", "items": _ref("Action")},
-                    },
-                },
-            ]
-        },
-        "Attempt": {
-            "type": "object",
-            "required": ["number", "started_at", "duration_ms", "status_code", "error_class"],
-            "properties": {
-                "number": {"type": "integer"},
-                "started_at": _TIME,
-                "duration_ms": {"type": "number"},
-                "status_code": {"type": "integer", "nullable": True},
-                "error_class": _NULLABLE_STRING,
-                "error": _NULLABLE_STRING,
-                "response_excerpt": _NULLABLE_STRING,
-                "request": _ref("Request"),
-            },
-        },
-        "Action": {
-            "type": "object",
-            "required": ["action", "actor", "attempt", "at"],
-            "properties": {
-                "action": {"type": "string", "enum": ["replay", "discard"]},
-                "mode": {"type": "string", "enum": list(MODES), "nullable": True},
-                "actor": _STRING,
-                "note": _NULLABLE_STRING,
-                "attempt": {"type": "integer"},
-                "at": _TIME,
-            },
-        },
-        "ActionResult": {
-            "type": "object",
-            "required": ["delivery_id", "outcome"],
-            "properties": {
-                "delivery_id": {"type": "string", "format": "uuid"},
-                "outcome": {"type": "string", "enum": ["replayed", "discarded"]},
-            },
-        },
-        "ReplaySummary": {
-            "type": "object",
-            "required": ["replayed", "skipped", "failed", "problems"],
-            "properties": {
-                "replayed": {"type": "integer"},
-                "skipped": {"type": "integer"},
-                "failed": {"type": "integer"},
-                "problems": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["delivery_id", "outcome", "reason"],
-                        "properties": {
-                            "delivery_id": _STRING,
-                            "outcome": {"type": "string", "enum": ["skipped", "failed"]},
-                            "reason": _STRING,
-                        },
-                    },
-                },
-            },
-        },
-        "Callback": {
-            "type": "object",
-            "required": [
-                "id",
-                "affiliate_id",
-                "event_type",
-                "method",
-                "url_template",
-                "has_secret",
-                "enabled",
-                "created_at",
-                "updated_at",
-            ],
-            "properties": {
-                "id": {"type": "integer"},
-                "affiliate_id": _STRING,
-                "event_type": {"type": "string", "enum": list(EVENT_TYPES)},
-                "method": {"type": "string", "enum": ["GET", "POST"]},
-                "url_template": _STRING,
-                "has_secret": {"type": "boolean"},
-                "secret": {
-                    "type": "string",
-                    "description": "Only in the answer to a PUT whose secret was 'generate': "
-                    "the new whsec_ secret, shown this once.",
-                },
-                "enabled": {"type": "boolean"},
-                "created_at": _TIME,
-                "updated_at": _TIME,
-            },
-        },
-        "TestFire": {
-            "type": "object",
-            "required": [
-                "id",
-                "fired_at",
-                "duration_ms",
-                "request",
-                "response",
-                "error_class",
-                "error",
-                "delivered",
-            ],
-            "properties": {
-                "id": {"type": "integer"},
-                "fired_at": _TIME,
-                "duration_ms": {"type": "number"},
-                "request": _ref("Request"),
-                "response": {
-                    "type": "object",
-                    "nullable": True,
-                    "required": ["status", "headers", "body_excerpt"],
-                    "properties": {
-                        "status": {"type": "integer"},
-                        "headers": {"type": "object", "additionalProperties": _STRING},
-                        "body_excerpt": _STRING,
-                    },
-                },
-                "error_class": _NULLABLE_STRING,
-                "error": _NULLABLE_STRING,
-                "delivered": {"type": "boolean", "description": "Whether it answered 2xx."},
-            },
-        },
-        "Health": {
-            "type": "object",
-            "required": ["status", "down", "checks"],
-            "properties": {
-                "status": {"type": "string", "enum": ["ok", "down"]},
-                "down": {
-                    "type": "array",
-                    "items": {"type": "string", "enum": ["redis", "postgres", "worker"]},
-                },
-                "checks": {
-                    "type": "object",
-                    "additionalProperties": {
-                        "type": "object",
-                        "required": ["ok"],
-                        "properties": {
-                            "ok": {"type": "boolean"},
-                            "error": _STRING,
-                            "report": _STRING,
-                        },
-                    },
-                },
-            },
-        },
-    }
-
-
-def _operations() -> dict[str, Any]:
-    actor = {"type": "string", "maxLength": 200, "description": "Who is doing this (recorded)."}
-    mode = {
-        "type": "string",
-        "enum": list(MODES),
-        "default": "rerender",
-        "description": "rerender: build the request again from the callback as it is now; "
-        "resend: send the last request again as it was.",
-    }
-    filter_props = dict.fromkeys(
-        ("affiliate", "event_type", "order", "error_class", "since", "until"), _STRING
-    )
-    callback_404 = _error("No such callback.")
-    return {
-        "/v1/events": {
-            "post": {
-                "summary": "Enqueue one event, or a batch of up to 1000",
-                "security": [{"bearerAuth": []}],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "oneOf": [
-                                    _ref("Event"),
-                                    {
-                                        "type": "array",
-                                        "items": _ref("Event"),
-                                        "minItems": 1,
-                                        "maxItems": MAX_BATCH,
-                                    },
-                                ]
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "202": _json(_ref("Accepted"), "All enqueued."),
-                    "401": _UNAUTHORIZED,
-                    "413": _error("The body is over 1 MiB."),
-                    "422": _error("Refused, each as {index, field, message}; nothing enqueued."),
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/v1/deliveries": {
-            "get": {
-                "summary": "List deliveries, newest first",
-                "security": _OPS,
-                "parameters": _filter_parameters(with_state=True),
-                "responses": {
-                    "200": _json(_ref("DeliveryPage"), "A page of deliveries."),
-                    "401": _UNAUTHORIZED,
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/v1/deliveries/{id}": {
-            "get": {
-                "summary": "One delivery: its event, request, every attempt, ops actions",
-                "security": _OPS,
-                "parameters": _ID,
-                "responses": {
-                    "200": _json(_ref("Delivery"), "The delivery."),
-                    "401": _UNAUTHORIZED,
-                    "404": _error("No such delivery."),
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/v1/dead-letters": {
-            "get": {
-                "summary": "List dead letters (dead, not replayed or discarded), newest first",
-                "security": _OPS,
-                "parameters": _filter_parameters(with_state=False),
-                "responses": {
-                    "200": _json(_ref("DeliveryPage"), "A page of dead letters."),
-                    "401": _UNAUTHORIZED,
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/v1/dead-letters/{id}/replay": {
-            "post": {
-                "summary": "Replay one dead letter",
-                "security": _OPS,
-                "parameters": _ID,
-                "requestBody": {
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {"mode": mode, "actor": actor},
-                            }
-                        }
-                    }
-                },
-                "responses": {
-                    "200": _json(_ref("ActionResult"), "Reopened and queued."),
-                    "401": _UNAUTHORIZED,
-                    "404": _error("No such delivery."),
-                    "409": _error(
-                        "Not replayable: not dead or discarded, its callback is gone or off, or its stored event is invalid."
-                    ),
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/v1/dead-letters/replay": {
-            "post": {
-                "summary": "Replay every dead letter matching a filter",
-                "security": _OPS,
-                "requestBody": {
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {
-                                    "mode": mode,
-                                    "actor": actor,
-                                    "filter": {
-                                        "type": "object",
-                                        "additionalProperties": False,
-                                        "properties": filter_props,
-                                    },
-                                    "all": {
-                                        "type": "boolean",
-                                        "default": False,
-                                        "description": "Must be true when the filter is empty: "
-                                        "replay every dead letter.",
-                                    },
-                                },
-                            }
-                        }
-                    }
-                },
-                "responses": {
-                    "200": _json(_ref("ReplaySummary"), "What was replayed, skipped, failed."),
-                    "401": _UNAUTHORIZED,
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/v1/dead-letters/{id}/discard": {
-            "post": {
-                "summary": "Discard a dead letter with a note; it stays in the record",
-                "security": _OPS,
-                "parameters": _ID,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "required": ["note"],
-                                "properties": {
-                                    "note": {"type": "string", "minLength": 1, "maxLength": 2000},
-                                    "actor": actor,
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "200": _json(_ref("ActionResult"), "Discarded."),
-                    "401": _UNAUTHORIZED,
-                    "404": _error("No such delivery."),
-                    "409": _error("Not a dead letter."),
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/v1/callbacks": {
-            "get": {
-                "summary": "List callbacks",
-                "security": _OPS,
-                "parameters": [{"name": "affiliate", "in": "query", "schema": _STRING}],
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["items"],
-                            "properties": {"items": {"type": "array", "items": _ref("Callback")}},
-                        },
-                        "Callbacks.",
-                    ),
-                    "401": _UNAUTHORIZED,
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/v1/callbacks/{affiliate}/{event_type}": {
-            "put": {
-                "summary": "Create or replace a callback (validated as by the CLI)",
-                "security": _OPS,
-                "parameters": _callback_path(),
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "required": ["url"],
-                                "properties": {
-                                    "url": {"type": "string", "description": "URL template."},
-                                    "method": {
-                                        "type": "string",
-                                        "enum": ["GET", "POST"],
-                                        "default": "GET",
-                                    },
-                                    "secret": {
-                                        "type": "string",
-                                        "nullable": True,
-                                        "description": "Signing secret, or 'generate' for a new whsec_ one (answered once); omitted: the current one stays.",
-                                    },
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "200": _json(_ref("Callback"), "Saved."),
-                    "401": _UNAUTHORIZED,
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            },
-            "delete": {
-                "summary": "Remove a callback (past deliveries stay recorded)",
-                "security": _OPS,
-                "parameters": _callback_path(),
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["removed"],
-                            "properties": {"removed": {"type": "boolean"}},
-                        },
-                        "Removed.",
-                    ),
-                    "401": _UNAUTHORIZED,
-                    "404": callback_404,
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            },
-        },
-        **{
-            f"/v1/callbacks/{{affiliate}}/{{event_type}}/{switch}": {
-                "post": {
-                    "summary": f"{switch.capitalize()} a callback",
-                    "security": _OPS,
-                    "parameters": _callback_path(),
-                    "responses": {
-                        "200": _json(_ref("Callback"), "The callback now."),
-                        "401": _UNAUTHORIZED,
-                        "404": callback_404,
-                        "422": _UNPROCESSABLE,
-                        "503": _UNAVAILABLE,
-                    },
-                }
-            }
-            for switch in ("enable", "disable")
-        },
-        "/v1/callbacks/{affiliate}/{event_type}/test": {
-            "post": {
-                "summary": "Send the callback a sample (or given) event now; recorded as a test",
-                "security": _OPS,
-                "parameters": _callback_path(),
-                "requestBody": {
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {"event": _ref("Event"), "actor": actor},
-                            }
-                        }
-                    }
-                },
-                "responses": {
-                    "200": _json(_ref("TestFire"), "The request made and the response got."),
-                    "401": _UNAUTHORIZED,
-                    "404": callback_404,
-                    "422": _UNPROCESSABLE,
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/healthz": {
-            "get": {
-                "summary": "Redis, Postgres and a live worker",
-                "responses": {
-                    "200": _json(_ref("Health"), "All up."),
-                    "503": _json(_ref("Health"), "Something is down; `down` names it."),
-                },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text format.",
-                        "content": {"text/plain": {"schema": _STRING}},
-                    },
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "responses": {
-                    "200": {
-                        "description": "OpenAPI 3.",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            }
-        },
-        "/": {
-            "get": {
-                "summary": "The ops page",
-                "responses": {
-                    "200": {"description": "HTML.", "content": {"text/html": {"schema": _STRING}}}
-                },
-            }
-        },
-    }
-
-
-_COMMON = {
-    "403": _error("Cross-site, or without a token from another machine than this one."),
-    "415": _error("The body is not JSON (Content-Type: application/json)."),
-    "500": _error("A bug; the service's log has the details."),
+_GUARDED = {
+    401: Reply("No bearer token, or the wrong one: checked before anything else.", models.Error),
+    403: Reply("Cross-site, or without a token from another machine than this.", models.Error),
+    415: Reply("The body is not JSON (Content-Type: application/json).", models.Error),
+    422: Reply("A parameter or field was refused; `errors` names it.", models.Error),
+    500: Reply("A bug; the service's log has the details.", models.Error),
+    503: Reply("Postgres or Redis is unreachable; nothing was changed.", models.Error),
 }
-"""Answers every /v1/ operation can give besides its own."""
+"""What every route behind a token can answer besides its own."""
+
+_TOKENS = {
+    "ingestToken": "POSTBACK_INGEST_TOKEN, for the order system",
+    "opsToken": "POSTBACK_OPS_TOKEN, for ops",
+}
 
 
-def _with_common(paths: dict[str, Any]) -> dict[str, Any]:
-    for path, operations in paths.items():
-        if path.startswith("/v1/"):
-            for operation in operations.values():
-                operation["responses"] = {**_COMMON, **operation["responses"]}
-    return paths
+class _Schema(GenerateJsonSchema):
+    """pydantic's JSON Schema without a title made of each field's name, which says it
+    already."""
+
+    def field_title_should_be_set(self, schema: CoreSchema) -> bool:
+        return False
 
 
 @cache
 def document() -> dict[str, Any]:
+    replied = [reply.model for route in ROUTES for reply in _replies(route).values()]
+    bodies = [route.body for route in ROUTES]
+    named = list(dict.fromkeys(m for m in (*bodies, *replied) if m is not None))
+    refs, definitions = models_json_schema(
+        [(model, "validation") for model in named], ref_template=_REF, schema_generator=_Schema
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = _operation(route, refs)
     return {
-        "openapi": "3.0.3",
+        "openapi": VERSION,
         "info": {
             "title": "postback relay",
             "version": version("postback-relay"),
             "description": "Ingest of order events, and the ops API over deliveries, dead "
             "letters and callbacks.",
         },
-        "paths": _with_common(_operations()),
+        "paths": paths,
         "components": {
-            "schemas": _schemas(),
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": {
+                name: {"type": "http", "scheme": "bearer", "description": description}
+                for name, description in _TOKENS.items()
+            },
         },
     }
+
+
+def _replies(route: Route) -> dict[int, Reply]:
+    common = _GUARDED if route.auth is not None else {}
+    return dict(sorted({**common, **route.replies}.items()))
+
+
+def _operation(route: Route, refs: Mapping[Any, dict[str, str]]) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": route.summary}
+    if route.auth is not None:
+        operation["security"] = [{route.auth: []}]
+    parameters = [
+        *([] if route.path_model is None else _parameters(route.path_model, "path")),
+        *([] if route.query is None else _parameters(route.query, "query")),
+    ]
+    if parameters:
+        operation["parameters"] = parameters
+    if route.body is not None:
+        operation["requestBody"] = {
+            "required": any(f.is_required() for f in route.body.model_fields.values()),
+            "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
+        }
+    operation["responses"] = {
+        str(status): {
+            "description": reply.description,
+            "content": {reply.media_type: {"schema": _content(reply, refs)}},
+        }
+        for status, reply in _replies(route).items()
+    }
+    return operation
+
+
+def _content(reply: Reply, refs: Mapping[Any, dict[str, str]]) -> dict[str, Any]:
+    if reply.model is not None:
+        return refs[(reply.model, "validation")]
+    return {"type": "object"} if reply.media_type == "application/json" else {"type": "string"}
+
+
+def _parameters(model: type[BaseModel], where: str) -> list[dict[str, Any]]:
+    """A model's fields as parameters `in` the path or the query, each with its schema."""
+    schema = model.model_json_schema(ref_template=_REF, schema_generator=_Schema)
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, given in schema.get("properties", {}).items():
+        value = dict(given)
+        description = value.pop("description", None)
+        parameter: dict[str, Any] = {
+            "name": name,
+            "in": where,
+            "required": where == "path" or name in required,
+            "schema": _present(value),
+        }
+        if description is not None:
+            parameter["description"] = description
+        parameters.append(parameter)
+    return parameters
+
+
+def _present(schema: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema without the null that a model's optional field allows: a
+    parameter is given, or it is not."""
+    rest = {
+        key: value
+        for key, value in schema.items()
+        if key != "anyOf" and not (key == "default" and value is None)
+    }
+    if "anyOf" not in schema:
+        return rest
+    options = [option for option in schema["anyOf"] if option != {"type": "null"}]
+    return {**options[0], **rest} if len(options) == 1 else {**rest, "anyOf": options}

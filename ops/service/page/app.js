@@ -54,6 +54,22 @@ function why(d) {
   return d.order_note || "";
 }
 
+// The filters' choices, as the API lists them in its OpenAPI document: the page never
+// offers a state or an error class that the API would refuse, nor misses a new one.
+async function loadChoices() {
+  try {
+    const spec = await (await fetch("/openapi.json")).json();
+    for (const parameter of spec.paths["/v1/deliveries"].get.parameters) {
+      const select = $("filters").querySelector("select[name=" + parameter.name + "]");
+      for (const value of (select && parameter.schema.enum) || []) {
+        select.appendChild(new Option(value));
+      }
+    }
+  } catch (error) {
+    say("cannot read the filters' choices: " + error.message, true);
+  }
+}
+
 function filters() {
   const query = new URLSearchParams();
   for (const [name, value] of new FormData($("filters"))) {
@@ -312,6 +328,7 @@ function start() {
   for (const tab of document.querySelectorAll(".tab")) {
     tab.addEventListener("click", () => show(tab.dataset.view));
   }
+  loadChoices();
   health();
   setInterval(health, 15000);
   if (token()) {

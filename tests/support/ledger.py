@@ -1,0 +1,81 @@
+"""The ledger as tests fill it and read it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import asyncpg
+
+from producer import Producer
+from tests.support.events import event_data, save_callback
+from tests.support.receivers import Flaky
+from tests.support.workers import drain
+from worker.config import Settings
+
+SETTLED = ("delivered", "dead")
+
+
+async def ledger(db: asyncpg.Connection, event_ids: list[str]) -> dict[str, asyncpg.Record]:
+    rows = await db.fetch(
+        """
+        SELECT event_id, id::text AS id, state, attempts, claimed_by FROM deliveries
+        WHERE event_id = ANY($1::text[])
+        """,
+        event_ids,
+    )
+    return {row["event_id"]: row for row in rows}
+
+
+async def settled(
+    db: asyncpg.Connection, event_ids: list[str], within: float
+) -> dict[str, asyncpg.Record]:
+    """The ledger rows once every event's delivery is delivered or dead, or time is up:
+    the caller's assertions then say what did not settle."""
+    deadline = time.monotonic() + within
+    while True:
+        rows = await ledger(db, event_ids)
+        done = len(rows) == len(event_ids) and all(r["state"] in SETTLED for r in rows.values())
+        if done or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+def states(rows: dict[str, asyncpg.Record], event_ids: list[str]) -> Counter[str]:
+    return Counter(rows[e]["state"] if e in rows else "no row" for e in event_ids)
+
+
+@dataclass(frozen=True)
+class Made:
+    """Event ids of what `make_deliveries` made."""
+
+    ann: str
+    ann_update: str
+    bobs: list[str]
+    carol: str
+
+
+async def make_deliveries(
+    db: asyncpg.Connection, producer: Producer, flaky: Flaky, settings: Settings, dead: int = 1
+) -> Made:
+    """A ledger with one of each outcome: ann's create and update of order #1 delivered;
+    `dead` creates of bob's (orders #1001, #1002, ...) answered 500 until the schedule
+    ran out, so dead letters; carol's create skipped, as she has no callback."""
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann?o={{order.number}}")
+    await save_callback(db, "ann", "order.updated", "GET", flaky.url + "/ann/u?o={{order.number}}")
+    await save_callback(
+        db, "bob", "order.created", "GET", flaky.url + "/fail/bob?o={{order.number}}"
+    )
+    order = {"number": "#1", "amount": "1", "commission": "0.1"}
+    ann = event_data("ann", order=order)
+    ann_update = event_data("annu", type="order.updated", order={**order, "status": "paid"})
+    bobs = [
+        event_data("bob", affiliate_id="bob", order={**order, "number": f"#{1000 + n}"})
+        for n in range(1, dead + 1)
+    ]
+    carol = event_data("carol", affiliate_id="carol")
+    await producer.publish_many([ann, ann_update, *bobs, carol])
+    await drain(settings)
+    return Made(ann["id"], ann_update["id"], [bob["id"] for bob in bobs], carol["id"])
