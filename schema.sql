@@ -11,7 +11,7 @@ CREATE TABLE schema_version (
     version integer NOT NULL,
     one_row boolean PRIMARY KEY DEFAULT true CHECK (one_row)  -- so never a second row
 );
-INSERT INTO schema_version (version) VALUES (8);  -- the number of the last upgrade step
+INSERT INTO schema_version (version) VALUES (9);  -- the number of the last upgrade step
 
 CREATE TABLE callbacks (
     id            bigserial PRIMARY KEY,
@@ -90,6 +90,7 @@ CREATE TABLE attempts (
     error            text,
     response_excerpt text,
     request          jsonb,      -- what this attempt sent (each is signed afresh)
+    response_headers jsonb,      -- what came back with the excerpt; NULL without an answer
     UNIQUE (delivery_id, number)
 );
 
@@ -304,11 +305,13 @@ $$;
 -- row, and for a 410 the callback disabled (a delivery that starts after this commits is
 -- skipped; one already sending still finishes). Returns `postback_waiting_for` when the
 -- delivery settles, under the order's lock; nothing when it is to be retried.
+-- Workers from before `p_response_headers` call it with 16 arguments, recording none.
 CREATE FUNCTION postback_record(
     p_id uuid, p_affiliate_id text, p_order_number text, p_callback_id bigint,
     p_state text, p_reason text, p_failure_class text, p_delay float8, p_request jsonb,
     p_started_at timestamptz, p_duration_ms float8, p_status_code integer,
-    p_error_class text, p_error text, p_excerpt text, p_disable_callback boolean)
+    p_error_class text, p_error text, p_excerpt text, p_disable_callback boolean,
+    p_response_headers jsonb DEFAULT NULL)
 RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     n integer;
@@ -325,9 +328,9 @@ BEGIN
     WHERE id = p_id
     RETURNING attempts INTO STRICT n;
     INSERT INTO attempts (delivery_id, number, started_at, duration_ms, status_code,
-                          error_class, error, response_excerpt, request)
+                          error_class, error, response_excerpt, request, response_headers)
     VALUES (p_id, n, p_started_at, p_duration_ms, p_status_code,
-            p_error_class, p_error, p_excerpt, p_request);
+            p_error_class, p_error, p_excerpt, p_request, p_response_headers);
     IF p_disable_callback THEN
         UPDATE callbacks SET enabled = false, updated_at = now() WHERE id = p_callback_id;
     END IF;

@@ -680,7 +680,7 @@ def check_roles(timings: Timings) -> None:
                     "-i",
                     RELAY_IMAGE,
                     "send",
-                    "--event",
+                    "--file",
                     "-",
                     input_text=json.dumps(events[1]),
                     env=env,

@@ -96,6 +96,10 @@ class Event(_Strict):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+WHOLE_EVENT = "event"
+"""The field an error names when it is about the event as a whole (not JSON, not an object)."""
+
+
 @dataclass(frozen=True)
 class FieldError:
     field: str
@@ -110,7 +114,13 @@ class InvalidEvent(ValueError):
 
     def __init__(self, errors: list[FieldError]) -> None:
         self.errors = errors
-        super().__init__("invalid event: " + "; ".join(map(str, errors)))
+        super().__init__(f"invalid event: {self.details}")
+
+    @property
+    def details(self) -> str:
+        """What is wrong, each field named once: for a whole-event error its message alone,
+        since whoever quotes this has said "event" already (not `event: ... event: ...`)."""
+        return "; ".join(e.message if e.field == WHOLE_EVENT else str(e) for e in self.errors)
 
 
 def error_message(error: ErrorDetails) -> str:
@@ -123,7 +133,7 @@ def error_message(error: ErrorDetails) -> str:
 
 def _field_errors(exc: ValidationError) -> list[FieldError]:
     return [
-        FieldError(".".join(str(part) for part in err["loc"]) or "event", error_message(err))
+        FieldError(".".join(str(part) for part in err["loc"]) or WHOLE_EVENT, error_message(err))
         for err in exc.errors(include_url=False)
     ]
 
@@ -133,7 +143,7 @@ def parse_event(data: Any) -> Event:
     if isinstance(data, Event):
         return data
     if not isinstance(data, Mapping):
-        raise InvalidEvent([FieldError("event", "must be a JSON object")])
+        raise InvalidEvent([FieldError(WHOLE_EVENT, "must be a JSON object")])
     try:
         return Event.model_validate(dict(data))
     except ValidationError as exc:
@@ -145,7 +155,7 @@ def loads_event(text: str | bytes) -> Event:
     try:
         data = read_json(text)
     except BadJson as exc:
-        raise InvalidEvent([FieldError("event", str(exc))]) from None
+        raise InvalidEvent([FieldError(WHOLE_EVENT, str(exc))]) from None
     return parse_event(data)
 
 

@@ -116,7 +116,7 @@ def test_a_malformed_sentinel_url_is_refused_in_one_line_naming_the_variable(
         tmp_path,
     )
 
-    line = refusal(postback("send", "--event", "-", stdin="{}"))
+    line = refusal(postback("send", "--file", "-", stdin="{}"))
 
     assert line.startswith("postback: error: bad configuration: POSTBACK_REDIS_URL: must be a")
     assert "SERVICE" in line
@@ -548,7 +548,7 @@ async def test_every_redis_user_goes_through_sentinel(
         postback = Postback(postback_env(chosen), tmp_path)
 
         sent = [event_data("sentinel-cli"), event_data("sentinel-dead", affiliate_id="dan")]
-        succeeded(postback("send", "--event", "-", stdin=json.dumps(sent)))
+        succeeded(postback("send", "--file", "-", stdin=json.dumps(sent)))
         for event in sent:
             assert await primary.exists(job_key(job_id(event["id"]))) == 1
 

@@ -38,7 +38,7 @@ from worker.schema import CURRENT
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ops", "producer", "worker")
-PAGE_FILES = ("index.html", "app.js", "style.css")
+PAGE_FILES = ("index.html", "app.js", "overview.js", "style.css")
 TABLES = {"schema_version", "callbacks", "deliveries", "attempts", "actions", "test_fires"}
 INGEST_TOKEN = "wheel-ingest-token-0123456789"
 OPS_TOKEN = "wheel-ops-token-0123456789ab"

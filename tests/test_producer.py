@@ -79,14 +79,14 @@ def test_not_an_object_and_not_json_are_refused() -> None:
 @pytest.mark.unit
 def test_a_number_beyond_what_a_decimal_holds_is_refused_not_a_crash() -> None:
     text = json.dumps(event_data()).replace('"10.50"', "0e1000000000000000000")
-    with pytest.raises(InvalidEvent, match=r"^invalid event: event: the number 0e1000\d* is out"):
+    with pytest.raises(InvalidEvent, match=r"^invalid event: the number 0e1000\d* is out"):
         loads_event(text)
 
 
 @pytest.mark.unit
 def test_a_key_given_twice_is_refused_not_the_last_one_taken() -> None:
     text = json.dumps(event_data()).replace('"10.50"', '"10.50", "amount": "99999.00"')
-    with pytest.raises(InvalidEvent, match=r'^invalid event: event: duplicate key "amount"$'):
+    with pytest.raises(InvalidEvent, match=r'^invalid event: duplicate key "amount"$'):
         loads_event(text)
 
 

@@ -20,6 +20,7 @@ from worker.render import (
     TemplateError,
     Variable,
     body,
+    check_new,
     parse,
     render,
     variables,
@@ -530,8 +531,28 @@ PREFIX = "template must start with http:// or https:// and a literal host"
         ("https://t ex/x", f"{PREFIX}; the host contains ' ', got 'https://t ex/x'"),
         (
             "https://bücher.example/{{order.number}}",
-            f"{PREFIX}; write the host in its ASCII form, e.g. xn--bcher-kva.example,"
+            f"{PREFIX}; write the host in its ASCII form, xn--bcher-kva.example,"
             " got 'https://bücher.example/{{order.number}}'",
+        ),
+        (
+            "https://münchen.example/{{order.number}}",
+            f"{PREFIX}; write the host in its ASCII form, xn--mnchen-3ya.example,"
+            " got 'https://münchen.example/{{order.number}}'",
+        ),
+        (  # the host's own punycode, lower case as IDNA spells it, without the port
+            "https://MÜNCHEN.example:8443/x",
+            f"{PREFIX}; write the host in its ASCII form, xn--mnchen-3ya.example,"
+            " got 'https://MÜNCHEN.example:8443/x'",
+        ),
+        (
+            "https://a..münchen.example/x",
+            f"{PREFIX}; write the host in its ASCII (punycode) form,"
+            " got 'https://a..münchen.example/x'",
+        ),
+        (
+            "https://jürgen@t.example/x",
+            f"{PREFIX}; the text before '@' has non-ASCII characters; percent-encode them,"
+            " got 'https://jürgen@t.example/x'",
         ),
         (
             # `\@` alone is a markdown escape for `@` (see the markdown tests below). `\\`
@@ -564,7 +585,51 @@ def test_urls_that_are_not_absolute_http_with_a_literal_host_are_refused(
     ],
 )
 def test_absolute_http_urls_with_a_literal_host_are_accepted(source: str) -> None:
+    # Credentials and a fragment too: a callback saved before `check_new` refused them
+    # is still sent.
     assert parse(source).source == source
+
+
+CREDENTIALS = (
+    "template has credentials (user:password@) before the host t.example; they would be "
+    "shown in listings and on the page: remove them (a secret signs the requests instead)"
+)
+FRAGMENT = (
+    "template has a fragment ('#' and what follows), which is never sent to the affiliate: "
+    "remove it, or write %23 for a literal '#'"
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("https://user:pw@t.example:8443/x/{{order.number}}", CREDENTIALS),
+        ("https://user@T.Example/x", CREDENTIALS),
+        (r"https://token\@t.example/x", CREDENTIALS),  # a markdown-escaped `@` is an `@`
+        ("https://t.example#{{link.hash}}", FRAGMENT),
+        ("https://t.example/pb?o={{order.number}}#top", FRAGMENT),
+        (r"https://t.example/pb\#x", FRAGMENT),
+    ],
+)
+def test_a_new_template_with_credentials_or_a_fragment_is_refused(
+    source: str, message: str
+) -> None:
+    with pytest.raises(TemplateError) as caught:
+        check_new(parse(source))
+    assert str(caught.value) == message
+    assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "https://t.example/pb?o={{order.number}}&h={{link.hash}}",
+        "https://t.example/pb?o=%23{{order.number}}",  # an encoded `#` is data, not a fragment
+        "https://t.example/pb/{{link.query.a@b}}",  # an `@` in the path is no credential
+    ],
+)
+def test_a_new_template_without_credentials_or_fragment_is_accepted(source: str) -> None:
+    check_new(parse(source))
 
 
 # --- parse: markdown backslash escapes, as copied from the docs' raw text -----------------------

@@ -458,6 +458,23 @@ def test_a_one_step_schedule_gives_two_attempts() -> None:
     )
 
 
+@pytest.mark.unit
+def test_after_a_replay_the_reason_counts_the_attempts_since_and_in_all() -> None:
+    """Beside a list that shows 6 tries, "gave up after 3 attempts" alone would mislead."""
+    schedule = (5.0, 5.0)
+    after_replay = decide(status(500), 3, schedule, NOW, LOWEST, before=3)
+    assert after_replay == Verdict(
+        "dead",
+        "transient",
+        reason="gave up after 3 attempts since the replay (6 in all), last: HTTP 500",
+    )
+    # The schedule still counts from the replay: the first retry after it waits its step.
+    assert decide(status(500), 1, schedule, NOW, LOWEST, before=3).delay == pytest.approx(4.0)
+    assert decide(status(500), 1, (), NOW, LOWEST, before=1).reason == (
+        "gave up after 1 attempt since the replay (2 in all), last: HTTP 500"
+    )
+
+
 # --- decide: slow receivers and Retry-After --------------------------------------------
 
 SLOW = [

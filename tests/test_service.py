@@ -23,14 +23,16 @@ import structlog.testing
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
+from ops.actions import overview
 from ops.service.app import Insecure, create_app
 from ops.service.openapi import document
+from producer.connection import open_redis
 from producer.event import EVENT_TYPES
 from producer.publish import Producer
 from producer.queue import metrics_keys, wake
 from tests.support.events import event_data, save_callback
-from tests.support.ledger import make_deliveries
-from tests.support.receivers import Flaky, Receiver
+from tests.support.ledger import add_delivery, make_deliveries
+from tests.support.receivers import Flaky, Receiver, raw_server
 from tests.support.service import (
     INGEST_TOKEN,
     OPS_TOKEN,
@@ -41,7 +43,7 @@ from tests.support.service import (
 )
 from tests.support.wait import until
 from tests.support.workers import drain, running_worker
-from worker import database, sign
+from worker import database, metrics, sign
 from worker.config import Settings
 from worker.exchange import FAILURE_CLASSES
 from worker.ledger import STATES
@@ -476,7 +478,10 @@ async def test_a_dead_letter_replayed_after_the_fix_is_delivered(
     status, body = await api.call(
         "POST", f"/v1/dead-letters/{dead['id']}/replay", json={"actor": "dana"}
     )
-    assert (status, body) == (200, {"delivery_id": dead["id"], "outcome": "replayed"})
+    assert (status, body) == (
+        200,
+        {"delivery_id": dead["id"], "outcome": "replayed", "queued": True},
+    )
     assert await listed(api, "/v1/dead-letters") == []
     await drain(settings)
     _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
@@ -505,7 +510,7 @@ async def test_a_replay_that_fails_again_gets_the_whole_schedule(
     _, shown = await api.call("GET", f"/v1/deliveries/{dead['id']}")
     # Three more attempts, as many as the first time, not one.
     assert (shown["state"], len(shown["attempts"])) == ("dead", 6)
-    assert shown["reason"] == "gave up after 3 attempts, last: HTTP 500"
+    assert shown["reason"] == "gave up after 3 attempts since the replay (6 in all), last: HTTP 500"
 
 
 async def test_rerender_uses_the_callback_now_and_resend_the_request_then(
@@ -570,10 +575,22 @@ async def test_bulk_replay_of_200_dead_letters_by_filter(
     assert len(await listed(api, "/v1/dead-letters", limit="500")) == 205
 
     flaky.fixed = True
+    # A dry run counts them (what the page's confirmation quotes) and replays nothing.
+    status, counted = await api.call(
+        "POST", "/v1/dead-letters/replay", json={"filter": {"affiliate": "bob"}, "dry_run": True}
+    )
+    assert (status, counted) == (
+        200,
+        {"matching": 200, "replayed": 0, "skipped": 0, "failed": 0, "problems": []},
+    )
+    assert len(await listed(api, "/v1/dead-letters", limit="500")) == 205
     status, summary = await api.call(
         "POST", "/v1/dead-letters/replay", json={"filter": {"affiliate": "bob"}, "actor": "bulk"}
     )
-    assert (status, summary) == (200, {"replayed": 200, "skipped": 0, "failed": 0, "problems": []})
+    assert (status, summary) == (
+        200,
+        {"matching": 200, "replayed": 200, "skipped": 0, "failed": 0, "problems": []},
+    )
     await drain(no_retries)
     delivered = await listed(api, "/v1/deliveries", affiliate="bob", state="delivered", limit="500")
     assert len(delivered) == 200
@@ -646,6 +663,44 @@ async def test_callbacks_can_be_set_listed_switched_and_removed(
     assert (status, body["errors"][0]["field"]) == (422, "event_type")
 
 
+async def test_a_null_secret_removes_it_and_requests_go_unsigned(
+    api: Api, db: asyncpg.Connection, receiver: Receiver, settings: Settings
+) -> None:
+    path = "/v1/callbacks/ann/order.created"
+    url = receiver.url + "/pb?o={{order.number}}"
+    assert (await api.call("PUT", path, json={"url": url, "secret": "s3cret"}))[1]["has_secret"]
+    # Omitted, the secret stays: re-pointing a URL must not stop the signatures.
+    assert (await api.call("PUT", path, json={"url": url}))[1]["has_secret"] is True
+    await ingest(api, event_data("signed"))
+    await drain(settings)
+
+    status, saved = await api.call("PUT", path, json={"url": url, "secret": None})
+
+    assert (status, saved["has_secret"]) == (200, False)
+    assert await db.fetchval("SELECT secret FROM callbacks") is None
+    await ingest(api, event_data("unsigned"))
+    await drain(settings)
+    signed, unsigned = (got.headers for got in receiver.requests)
+    assert "webhook-signature" in signed
+    assert not set(sign.HEADER_NAMES) & set(unsigned)
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("https://ann:hunter2@t.example/pb", "credentials (user:password@)"),
+        ("https://t.example/pb#top", "fragment"),
+    ],
+)
+async def test_a_callback_with_credentials_or_a_fragment_is_refused(
+    api: Api, url: str, named: str
+) -> None:
+    status, body = await api.call("PUT", "/v1/callbacks/ann/order.created", json={"url": url})
+    assert (status, body["errors"][0]["field"]) == (422, "url")
+    assert named in body["errors"][0]["message"]
+    assert "hunter2" not in json.dumps(body)
+
+
 async def test_test_fire_sends_now_and_shows_the_answer(
     api: Api, db: asyncpg.Connection, flaky: Flaky
 ) -> None:
@@ -698,6 +753,211 @@ async def test_test_fire_reports_a_receiver_that_is_down(api: Api, db: asyncpg.C
         "connect_error",
         False,
     )
+
+
+async def test_a_disabled_callback_is_test_fired_saying_so(
+    api: Api, db: asyncpg.Connection, flaky: Flaky
+) -> None:
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ann")
+    path = "/v1/callbacks/ann/order.created"
+    _, fired = await api.call("POST", path + "/test")
+    assert fired["enabled"] is True
+    await api.call("POST", path + "/disable")
+    status, fired = await api.call("POST", path + "/test")
+    assert (status, fired["delivered"], fired["enabled"]) == (200, True, False)
+    assert flaky.paths == ["/ann", "/ann"]
+
+
+async def test_a_preview_renders_the_sample_order_and_saves_nothing(
+    api: Api, db: asyncpg.Connection, flaky: Flaky
+) -> None:
+    template = flaky.url + "/ann?o={{order.number}}&c={{order.currency}}"
+    given = {"affiliate_id": "ann", "event_type": "order.created", "url": template}
+    status, request = await api.call("POST", "/v1/callbacks/preview", json=given)
+    assert status == 200, request
+    assert (request["method"], request["url"], request["body"]) == (
+        "GET",
+        flaky.url + "/ann?o=TEST-1001&c=EUR",
+        None,
+    )
+    assert request["headers"]["Idempotency-Key"].startswith("test-")
+    assert "webhook-signature" not in request["headers"]
+    status, request = await api.call(
+        "POST", "/v1/callbacks/preview", json=given | {"method": "post"}
+    )
+    assert (status, request["method"]) == (200, "POST")
+    assert request["body"]["order"]["number"] == "TEST-1001"
+    assert request["body"]["affiliate"]["id"] == "ann"
+    assert await db.fetchval("SELECT count(*) FROM callbacks") == 0
+    assert await db.fetchval("SELECT count(*) FROM test_fires") == 0
+    assert flaky.paths == []
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"url": "http://t.example/?o={{order.numbr}}"}, "url", "order.number"),
+        ({"url": "http://169.254.169.254/pb"}, "url", "169.254.169.254"),
+        ({"url": ""}, "url", ""),
+        ({"affiliate_id": ""}, "affiliate_id", "1 to 64 characters"),
+        ({"event_type": "order.paid"}, "event_type", "order.created"),
+        ({"method": "PATCH"}, "method", "GET"),
+    ],
+    ids=["variable", "address", "empty-url", "affiliate", "event", "method"],
+)
+async def test_a_preview_refuses_as_a_put_refuses(
+    api: Api, change: dict[str, str], field: str, words: str
+) -> None:
+    given = {"affiliate_id": "ann", "event_type": "order.created", "url": "https://t.example/"}
+    given |= change
+    status, previewed = await api.call("POST", "/v1/callbacks/preview", json=given)
+    assert (status, previewed["errors"][0]["field"]) == (422, field)
+    assert words in previewed["errors"][0]["message"]
+    if field in ("url", "method"):  # the fields a PUT takes in its body: word for word
+        body = {"url": given["url"], "method": given.get("method", "GET")}
+        put = await api.call("PUT", "/v1/callbacks/ann/order.created", json=body)
+        assert put == (422, previewed)
+
+
+# --- the overview -------------------------------------------------------------------------
+
+
+async def _overview_ledger(db: asyncpg.Connection) -> dict[str, tuple[str, str]]:
+    """Deliveries in known states and hours, with attempts of known durations (ms): in the
+    window 100 to 500; a day and more ago, 9000 and two dead letters the window leaves out.
+    Each event id with its (affiliate, state)."""
+    hour = timedelta(hours=1)
+    made = {}
+    for affiliate, state, ago, durations in (
+        ("ann", "delivered", 0 * hour, [100]),
+        ("bob", "dead", hour, [200, 300]),
+        ("bob", "retrying", hour, [400]),
+        ("ann", "retrying", 5 * hour, [500]),
+        ("carol", "skipped", 5 * hour, []),
+        ("bob", "dead", 30 * hour, [9000]),
+        ("dan", "dead", 30 * hour, []),
+    ):
+        made[await add_delivery(db, affiliate, state, ago, durations)] = (affiliate, state)
+    return made
+
+
+async def test_the_overview_counts_the_last_24_hours_by_hour_state_and_affiliate(
+    api: Api, db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    made = await _overview_ledger(db)
+    await producer.publish(event_data("queued", affiliate_id="nobody"))  # no worker: due
+    status, before = await api.call("GET", "/v1/overview")
+    assert status == 200, before
+    # As the workers count them (the circuits' destinations are theirs alone).
+    for change, times in (("opened", 3), ("closed", 2)):
+        for _ in range(times):
+            await metrics.count(producer.redis, settings.queue_name, "ann", circuit=change)
+    for _ in range(7):
+        await metrics.count(producer.redis, settings.queue_name, "ann", deferred="circuit_open")
+    status, body = await api.call("GET", "/v1/overview")
+    assert status == 200, body
+
+    since = datetime.fromisoformat(body["since"])
+    assert since.minute == since.second == 0
+    assert datetime.fromisoformat(body["until"]) - since == timedelta(hours=24)
+    assert since <= datetime.now(UTC) < since + timedelta(hours=24)
+    taken = {
+        row["event_id"]: row["created_at"]
+        for row in await db.fetch("SELECT event_id, created_at FROM deliveries")
+    }
+    expected: dict[int, dict[str, int]] = {}
+    for event_id, (_, state) in made.items():
+        if taken[event_id] >= since:
+            index = (taken[event_id] - since) // timedelta(hours=1)
+            expected.setdefault(index, {})[state] = expected.get(index, {}).get(state, 0) + 1
+    got = {
+        index: {state: n for state, n in hour["states"].items() if n}
+        for index, hour in enumerate(body["hours"])
+        if any(hour["states"].values())
+    }
+    assert got == expected
+    assert len(got) == 3  # now, an hour ago, five hours ago
+    assert body["hours"][0]["start"] == body["since"]
+    assert {s: n for s, n in body["states"].items() if n} == {
+        "delivered": 1,
+        "dead": 1,
+        "retrying": 2,
+        "skipped": 1,
+    }
+    assert body["affiliates"] == [
+        {"affiliate_id": "bob", "dead": 1, "retrying": 1},
+        {"affiliate_id": "ann", "dead": 0, "retrying": 1},
+    ]
+    # Of the window's five attempts (100 to 500 ms), not the 9000 ms one of a day ago.
+    assert body["durations"] == {
+        "attempts": 5,
+        "p50_ms": 300.0,
+        "p95_ms": 480.0,
+        "of_newest": overview.DURATION_SAMPLE,
+    }
+    assert (body["retries_waiting"], body["dead_letters"]) == (2, 3)  # the whole ledger
+    assert body["queue"] == {"due": 1, "later": 0}
+    moved = {k: body["circuits"][k] - before["circuits"][k] for k in body["circuits"]}
+    assert moved == {"opened": 3, "closed": 2, "put_off": 7}
+    assert body["redis_error"] is None
+
+    # Each number is the length of the list the page links it to.
+    window = {"since": body["since"]}
+    for state, n in body["states"].items():
+        assert len(await listed(api, "/v1/deliveries", state=state, **window)) == n, state
+    for affiliate in body["affiliates"]:
+        mine = {"affiliate": affiliate["affiliate_id"], **window}
+        assert len(await listed(api, "/v1/dead-letters", **mine)) == affiliate["dead"]
+        retrying = await listed(api, "/v1/deliveries", state="retrying", **mine)
+        assert len(retrying) == affiliate["retrying"]
+    for hour in body["hours"]:
+        start = datetime.fromisoformat(hour["start"])
+        one = {"since": hour["start"], "until": (start + timedelta(hours=1)).isoformat()}
+        assert len(await listed(api, "/v1/deliveries", **one)) == sum(hour["states"].values())
+    assert len(await listed(api, "/v1/dead-letters")) == body["dead_letters"]
+    assert len(await listed(api, "/v1/deliveries", state="retrying")) == body["retries_waiting"]
+
+
+async def test_the_overview_times_the_attempts_of_its_newest_deliveries_only(
+    api: Api, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many deliveries a day brings, the durations cost the same: those of the
+    window's newest: here 2, ann's of now (100 ms) and bob's retrying one of an hour ago
+    (400 ms), written just after his dead one."""
+    await _overview_ledger(db)
+    monkeypatch.setattr(overview, "DURATION_SAMPLE", 2)
+    _, body = await api.call("GET", "/v1/overview")
+    assert body["durations"] == {"attempts": 2, "p50_ms": 250.0, "p95_ms": 385.0, "of_newest": 2}
+
+
+async def test_the_overview_with_redis_down_still_gives_the_ledgers_numbers(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    await _overview_ledger(db)
+    gone = with_tokens(settings).model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    async with running_service(gone) as api:
+        status, body = await api.call("GET", "/v1/overview")
+    assert status == 200, body
+    assert (body["queue"], body["circuits"]) == (None, None)
+    assert "Connect" in body["redis_error"]
+    assert (body["retries_waiting"], body["dead_letters"]) == (2, 3)
+    assert body["states"]["retrying"] == 2
+
+
+async def test_the_overview_of_an_empty_ledger_is_all_zeros(api: Api) -> None:
+    status, body = await api.call("GET", "/v1/overview")
+    assert status == 200, body
+    assert len(body["hours"]) == 24
+    assert not any(n for hour in body["hours"] for n in hour["states"].values())
+    assert body["affiliates"] == []
+    assert body["durations"] == {
+        "attempts": 0,
+        "p50_ms": None,
+        "p95_ms": None,
+        "of_newest": overview.DURATION_SAMPLE,
+    }
+    status, body = await api.call("GET", "/v1/overview", params={"hours": "48"})
+    assert (status, body["errors"][0]["field"]) == (422, "hours")
 
 
 # --- health, metrics, OpenAPI ----------------------------------------------------------
@@ -857,6 +1117,93 @@ async def test_a_redis_error_loses_the_count_not_the_delivery(
     assert _samples(text)[("postback_deliveries_total", (("outcome", "delivered"),))] == 0
 
 
+def _source_up(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    return {
+        labels[0][1]: value
+        for (name, labels), value in samples.items()
+        if name == "postback_source_up"
+    }
+
+
+def _names(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
+    return {name for name, _ in samples}
+
+
+async def test_metrics_with_redis_down_still_serve_what_postgres_knows(
+    db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
+) -> None:
+    """The dead-letter gauge matters most while Redis is down: served, with Redis's own
+    metrics left out (not zeros) and `postback_source_up` saying which source failed."""
+    await make_deliveries(db, producer, flaky, settings)
+    gone = with_tokens(settings).model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    async with running_service(gone) as api:
+        with structlog.testing.capture_logs() as logs:
+            status, text = await api.call("GET", "/metrics", token=None)
+    assert status == 200
+    got = _samples(text)
+    assert _source_up(got) == {"redis": 0, "postgres": 1}
+    assert got[("postback_dead_letters", ())] == 1
+    assert got[("postback_retries_waiting", ())] == 0
+    assert "postback_queue_depth" not in _names(got)
+    assert "postback_deliveries_total" not in _names(got)
+    [down] = [entry for entry in logs if entry["event"] == "metrics_source_down"]
+    assert down["source"] == "redis"
+    assert "Connect" in down["error"]
+
+
+async def test_metrics_with_postgres_down_still_serve_what_redis_knows(
+    db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
+) -> None:
+    await make_deliveries(db, producer, flaky, settings)
+    await producer.publish(event_data("waiting", affiliate_id="nobody"))  # queued, not drained
+    gone = with_tokens(settings).model_copy(
+        update={"database_url": "postgresql://postgres@127.0.0.1:1/nope"}
+    )
+    async with running_service(gone) as api:
+        status, text = await api.call("GET", "/metrics", token=None)
+    assert status == 200
+    got = _samples(text)
+    assert _source_up(got) == {"redis": 1, "postgres": 0}
+    assert got[("postback_deliveries_total", (("outcome", "delivered"),))] == 2
+    assert got[("postback_deliveries_total", (("outcome", "dead"),))] == 1
+    assert got[("postback_affiliate_failures_total", (("affiliate", "bob"),))] == 3
+    assert got[("postback_queue_depth", ())] == 1
+    assert "postback_dead_letters" not in _names(got)
+    assert "postback_retries_waiting" not in _names(got)
+
+
+async def test_metrics_say_both_sources_are_up_when_they_are(api: Api) -> None:
+    status, text = await api.call("GET", "/metrics", token=None)
+    assert status == 200
+    assert _source_up(_samples(text)) == {"redis": 1, "postgres": 1}
+
+
+async def test_a_hung_source_costs_the_scrape_its_timeout_not_the_scrape(
+    settings: Settings,
+) -> None:
+    """Redis and Postgres that take the connection and never answer: each read is given
+    up after the timeout, and the scrape answers with both sources down."""
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with raw_server(never_answer) as hung:
+        address = URL(hung).authority
+        redis = open_redis(f"redis://{address}/0", settings.queue_name)
+        pool = await database.create_pool(f"postgresql://postgres@{address}/nope", 1, min_size=0)
+        try:
+            started = time.monotonic()
+            text = await metrics.exposition(redis, pool, settings.queue_name, within=0.5)
+            took = time.monotonic() - started
+        finally:
+            await redis.aclose()
+            pool.terminate()
+    assert took < 2
+    got = _samples(text.decode())
+    assert _source_up(got) == {"redis": 0, "postgres": 0}
+    assert _names(got) == {"postback_source_up"}
+
+
 async def test_openapi_lists_exactly_the_routes_the_service_has(settings: Settings) -> None:
     app = create_app(with_tokens(settings))
     served = {
@@ -874,9 +1221,49 @@ async def test_the_page_and_its_files_are_served(api: Api) -> None:
     status, html = await api.call("GET", "/", token=None)
     assert status == 200
     assert "<title>postback relay" in html
-    for asset in ("app.js", "style.css"):
+    for asset in ("app.js", "overview.js", "style.css"):
         assert f"/page/{asset}" in html
         assert (await api.call("GET", f"/page/{asset}", token=None))[0] == 200
+
+
+async def test_every_response_carries_the_security_headers(api: Api) -> None:
+    """The page, its files, the API (answers and refusals) and the open endpoints alike."""
+    expected = {
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+    for method, path, token in (
+        ("GET", "/", None),
+        ("GET", "/page/app.js", None),
+        ("GET", "/page/favicon.svg", None),
+        ("GET", "/healthz", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/v1/dead-letters", OPS_TOKEN),
+        ("GET", "/v1/dead-letters", None),  # 401
+        ("GET", "/no/such/path", None),  # 404
+        ("DELETE", "/healthz", None),  # 405
+    ):
+        async with api.http.request(
+            method,
+            api.url + path,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+        ) as response:
+            headers = response.headers
+            assert {name: headers.get(name) for name in expected} == expected, path
+            policy = dict(
+                part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";")
+            )
+            # Only the service's own files; no framing; forms sent only by the script.
+            assert policy == {
+                "default-src": "'none'",
+                "script-src": "'self'",
+                "style-src": "'self'",
+                "img-src": "'self'",
+                "connect-src": "'self'",
+                "form-action": "'none'",
+                "base-uri": "'none'",
+                "frame-ancestors": "'none'",
+            }, path
 
 
 async def test_concurrent_replays_of_one_dead_letter_replay_it_once(
@@ -969,6 +1356,22 @@ async def test_resend_is_refused_for_a_dead_letter_that_was_never_sent(
     assert flaky.paths == ["/bob?o=%231001"]
 
 
+async def test_a_replay_with_redis_down_says_it_is_left_to_the_sweep(
+    db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
+) -> None:
+    """The page words its message from `queued`: reopened, but not queued now."""
+    await make_deliveries(db, producer, flaky, settings)
+    gone = with_tokens(settings).model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    async with running_service(gone) as down:
+        [dead] = await listed(down, "/v1/dead-letters")
+        status, body = await down.call("POST", f"/v1/dead-letters/{dead['id']}/replay")
+        assert (status, body) == (
+            200,
+            {"delivery_id": dead["id"], "outcome": "replayed", "queued": False},
+        )
+        assert await listed(down, "/v1/dead-letters") == []
+
+
 async def test_a_bulk_replay_with_redis_down_reopens_them_for_the_sweep(
     api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
 ) -> None:
@@ -981,7 +1384,10 @@ async def test_a_bulk_replay_with_redis_down_reopens_them_for_the_sweep(
             status, summary = await down.call(
                 "POST", "/v1/dead-letters/replay", json={"filter": {"affiliate": "bob"}}
             )
-    assert (status, summary) == (200, {"replayed": 3, "skipped": 0, "failed": 0, "problems": []})
+    assert (status, summary) == (
+        200,
+        {"matching": 3, "replayed": 3, "skipped": 0, "failed": 0, "problems": []},
+    )
     # Redis was tried for the first one only; the rest were reopened in the ledger only.
     assert [e["event"] for e in logs if e["event"] == "replay_left_to_sweep"] == [
         "replay_left_to_sweep"

@@ -66,6 +66,9 @@ class CallbackSpec:
     secret: str | None
     generated: bool = False
     """The secret was made here, so the person saving it must be shown it, once."""
+    remove_secret: bool = False
+    """Saved without a secret, its requests unsigned; else a spec without one keeps the
+    stored secret."""
 
 
 def validate(
@@ -76,9 +79,11 @@ def validate(
     secret: str | None = None,
     *,
     allowed: Sequence[address.Network],
+    remove_secret: bool = False,
 ) -> CallbackSpec:
     """`allowed` are the networks the SSRF policy opens (`Settings.allowed`): a host that is
-    a refused address outside them is refused here, before any event is sent there."""
+    a refused address outside them is refused here, before any event is sent there.
+    `secret=None` keeps the stored secret, unless `remove_secret`."""
     if not 1 <= len(affiliate_id) <= 64:
         raise CallbackError("affiliate_id", "affiliate id must be 1 to 64 characters")
     if event_type not in EVENT_TYPES:
@@ -90,6 +95,8 @@ def validate(
         raise CallbackError("method", f"method must be GET or POST, got {method!r}")
     if secret is not None and not secret:
         raise CallbackError("secret", "secret must not be empty")
+    if secret is not None and remove_secret:
+        raise CallbackError("secret", "give a secret or remove it, not both")
     generated = secret == GENERATE
     if generated:
         secret = sign.generate()
@@ -100,10 +107,13 @@ def validate(
             raise CallbackError("secret", str(exc)) from None
     try:
         template = render.parse(url_template)
+        render.check_new(template)
     except render.TemplateError as exc:
         raise CallbackError("url", str(exc)) from None
     _check_host(template.host, allowed)
-    return CallbackSpec(affiliate_id, event_type, method, template, secret, generated)
+    return CallbackSpec(
+        affiliate_id, event_type, method, template, secret, generated, remove_secret
+    )
 
 
 def _check_host(host: str, allowed: Sequence[address.Network]) -> None:
@@ -126,8 +136,8 @@ def _from_row(row: asyncpg.Record) -> Callback:
 async def save(conn: Executor, spec: CallbackSpec) -> Callback:
     """Create or replace the callback for the affiliate and event type.
 
-    A spec without a secret keeps the stored one: re-pointing a URL must not silently
-    stop the signatures the affiliate checks.
+    A spec without a secret keeps the stored one, unless it says to remove it: re-pointing
+    a URL must not silently stop the signatures the affiliate checks.
     """
     row = await conn.fetchrow(
         """
@@ -135,8 +145,8 @@ async def save(conn: Executor, spec: CallbackSpec) -> Callback:
         VALUES ($1, $2, $3, $4, $5)
         ON CONFLICT (affiliate_id, event_type) DO UPDATE
         SET method = EXCLUDED.method, url_template = EXCLUDED.url_template,
-            secret = COALESCE(EXCLUDED.secret, callbacks.secret), enabled = true,
-            updated_at = now()
+            secret = CASE WHEN $6 THEN NULL ELSE COALESCE(EXCLUDED.secret, callbacks.secret) END,
+            enabled = true, updated_at = now()
         RETURNING *
         """,
         spec.affiliate_id,
@@ -144,6 +154,7 @@ async def save(conn: Executor, spec: CallbackSpec) -> Callback:
         spec.method,
         spec.template.source,
         spec.secret,
+        spec.remove_secret,
     )
     assert row is not None
     return _from_row(row)

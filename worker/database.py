@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -135,3 +136,46 @@ async def init(database_url: str) -> schema.Upgraded:
     """`postback db init`: the database brought to the current schema."""
     async with connection(database_url) as conn:
         return await schema.upgrade(conn)
+
+
+MAINTENANCE_DATABASE = "postgres"
+"""The database every Postgres has, to connect to when the one wanted is not there yet."""
+
+
+def missing(exc: DatabaseUnavailable) -> bool:
+    """Whether the database was reached but the one named does not exist."""
+    return isinstance(exc.__cause__, asyncpg.InvalidCatalogNameError)
+
+
+def name_of(database_url: str) -> str:
+    """The database a URL names (`postgresql://USER@HOST:PORT/DATABASE`), or "" for none."""
+    split = urlsplit(database_url)
+    named = unquote(split.path.lstrip("/"))
+    if not named:
+        query = parse_qs(split.query)
+        named = next(iter(query.get("dbname", query.get("database", []))), "")
+    return named
+
+
+async def create(database_url: str) -> str:
+    """Create the database `database_url` names, connected to the maintenance database
+    with the same user, password and host; its name. Asyncpg's errors pass: no right to
+    create databases (InsufficientPrivilegeError), or no maintenance database to connect to
+    (DatabaseUnavailable)."""
+    name = name_of(database_url)
+    if not name:
+        raise ValueError("the database URL names no database")
+    try:
+        conn = await asyncpg.connect(
+            database_url, database=MAINTENANCE_DATABASE, timeout=CONNECT_TIMEOUT
+        )
+    except UNAVAILABLE as exc:
+        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+    try:
+        quoted = '"' + name.replace('"', '""') + '"'
+        await conn.execute(f"CREATE DATABASE {quoted}")
+    except asyncpg.DuplicateDatabaseError:
+        pass  # another `db init` was first
+    finally:
+        await conn.close()
+    return name

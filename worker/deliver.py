@@ -92,11 +92,17 @@ def _request(
     body = None
     if method == "POST":
         headers["Content-Type"] = "application/json"
-        body = json.dumps(render.body(render.variables(event)), separators=(",", ":")).encode()
+        body = post_body(event)
     if secret is not None:
         signed_at = int(time.time()) if timestamp is None else timestamp
         headers |= sign.headers(secret, message_id, signed_at, _signed_content(url, body))
     return Request(method, url, headers, body)
+
+
+def post_body(event: Event) -> bytes:
+    """A POST's body, the same bytes for every attempt: it is made from the event alone.
+    (The ledger keeps it as JSON, which does not keep the order of its keys.)"""
+    return json.dumps(render.body(render.variables(event)), separators=(",", ":")).encode()
 
 
 def _signed_content(url: str, body: bytes | None) -> bytes:
@@ -211,7 +217,7 @@ async def send(http: aiohttp.ClientSession, request: Request) -> Outcome:
         ) as response:
             raw = await _read_capped(response.content)
             status = response.status
-            headers = tuple(response.headers.items())
+            headers = tuple((header_text(k), header_text(v)) for k, v in response.headers.items())
     except TimeoutError:
         return _failure(started, "timeout", "no complete answer within the timeout")
     except aiohttp.TooManyRedirects:
@@ -302,6 +308,12 @@ async def _read_capped(stream: aiohttp.StreamReader) -> bytes:
 def excerpt(raw: bytes) -> str:
     """Text safe to store whatever the receiver sent: NUL bytes cannot go into Postgres text."""
     return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+
+
+def header_text(value: str) -> str:
+    """A header as `excerpt` keeps a body: aiohttp hands on bytes that are not UTF-8 as lone
+    surrogates, which Postgres cannot hold (nor a terminal show)."""
+    return excerpt(value.encode("utf-8", errors="surrogatepass"))
 
 
 def _elapsed_ms(started: float) -> float:

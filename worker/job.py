@@ -188,7 +188,7 @@ async def _go(
             event = parse_event(taken.event)  # as first recorded
         except InvalidEvent as exc:
             # Only a row edited by hand, or one from a version with other rules, gets here.
-            close = f"stored event is invalid: {exc}", True
+            close = f"stored event is invalid: {exc.details}", True
             taken = await ledger.take(
                 run.db, did, event, callback_id, run.job_id, run.settings.job_timeout, close
             )
@@ -320,8 +320,9 @@ async def _attempt(
         (bound.warning if circuit == "opened" else bound.info)(
             f"circuit_{circuit}", destination=slot.origin
         )
+    before = ready.delivery.retry_base
     verdict = retry.decide(
-        outcome, number - ready.delivery.retry_base, run.settings.schedule, started_at
+        outcome, number - before, run.settings.schedule, started_at, before=before
     )
     woken = await ledger.record_attempt(
         run.db, event, did, callback.id, request, started_at, outcome, verdict

@@ -157,7 +157,7 @@ async def record_attempt(
     """
     woken: list[str] = await db.fetchval(
         "SELECT postback_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-        " $15, $16)",
+        " $15, $16, $17)",
         delivery,
         event.affiliate_id,
         event.order.number,
@@ -174,6 +174,7 @@ async def record_attempt(
         outcome.error,
         outcome.excerpt,
         verdict.disable_callback,
+        None if outcome.status is None else dict(outcome.headers),
     )
     return woken
 

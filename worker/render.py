@@ -19,7 +19,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
 from producer.event import Event
 
@@ -88,6 +88,11 @@ class Template:
     parts: tuple[str | Variable, ...]
     host: str
     """The URL's host as a parser reads it: lower case, IPv6 without brackets."""
+    credentials: bool = False
+    """A user name (and password) before the host. Refused by `check_new`, not by `parse`:
+    a callback saved before that rule must go on being sent."""
+    fragment: bool = False
+    """A `#...` after the path: never sent, so refused by `check_new` (as `credentials`)."""
 
 
 def parse(source: str) -> Template:
@@ -107,11 +112,34 @@ def parse(source: str) -> Template:
     if not source:
         raise TemplateError("template is empty; expected a URL such as https://host/path")
     parts = _tokenize(source)
+    authority = _scheme_and_host(source, parts)
     return Template(
         source=source,
         parts=tuple(_uri_text(part) if isinstance(part, str) else part for part in parts),
-        host=_scheme_and_host(source, parts),
+        host=authority.hostname or "",
+        credentials="@" in authority.netloc,
+        fragment=any(isinstance(part, str) and "#" in part for part in parts),
     )
+
+
+def check_new(template: Template) -> None:
+    """What a template being saved must not have, on top of what `parse` refuses.
+
+    Credentials would be shown wherever the template is (listings, the page, logs of a
+    failed delivery), and a fragment never reaches the affiliate: both are mistakes to
+    point out before the first postback goes, not something to send.
+    """
+    if template.credentials:
+        raise TemplateError(
+            f"template has credentials (user:password@) before the host {template.host}; "
+            "they would be shown in listings and on the page: remove them (a secret signs "
+            "the requests instead)"
+        )
+    if template.fragment:
+        raise TemplateError(
+            "template has a fragment ('#' and what follows), which is never sent to the "
+            "affiliate: remove it, or write %23 for a literal '#'"
+        )
 
 
 def variables(event: Event) -> dict[str, str]:
@@ -302,7 +330,8 @@ def _suggest(name: str) -> str | None:
     return matches[0] if matches else None
 
 
-def _scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> str:
+def _scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> SplitResult:
+    """The template's scheme and authority, read as a URL parser reads them."""
     # Scheme and host must be literal: a variable there would let event data pick the target.
     first = parts[0] if parts and isinstance(parts[0], str) else ""
     scheme = _SCHEME.match(first)
@@ -314,9 +343,7 @@ def _scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> str:
         raise TemplateError(_host_error(source, "a variable cannot be part of the host"))
     authority = rest[: end.start()] if end else rest
     if not authority.isascii():
-        raise TemplateError(
-            _host_error(source, "write the host in its ASCII form, e.g. xn--bcher-kva.example")
-        )
+        raise TemplateError(_host_error(source, _ascii_hint(authority)))
     bad = _BAD_HOST_CHAR.search(authority)
     if bad:
         raise TemplateError(_host_error(source, f"the host contains {_quoted(bad.group())}"))
@@ -333,7 +360,19 @@ def _scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> str:
         raise TemplateError(_host_error(source, f"the host is not valid ({exc})")) from None
     if not hostname:
         raise TemplateError(_host_error(source, "the host is empty"))
-    return hostname
+    return split
+
+
+def _ascii_hint(authority: str) -> str:
+    """How to write a non-ASCII authority: its host's own punycode (IDNA), when it has one."""
+    host = authority.rpartition("@")[2].partition(":")[0]
+    if host.isascii():
+        return "the text before '@' has non-ASCII characters; percent-encode them"
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:  # not a name IDNA can spell: an empty or too long label, ...
+        return "write the host in its ASCII (punycode) form"
+    return f"write the host in its ASCII form, {ascii_host}"
 
 
 def _host_error(source: str, reason: str = "") -> str:

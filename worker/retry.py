@@ -102,8 +102,10 @@ def decide(
     schedule: tuple[float, ...],
     now: datetime,
     rng: random.Random | None = None,
+    before: int = 0,
 ) -> Verdict:
-    """The verdict on attempt `number` (1 for the first)."""
+    """The verdict on attempt `number` (1 for the first) since the last replay, if any;
+    `before` attempts were made before that replay."""
     kind = classify(outcome)
     if kind == "success":
         return Verdict("delivered", kind)
@@ -115,8 +117,9 @@ def decide(
             )
         return Verdict("dead", kind, reason=failure)
     if number > len(schedule):
-        tries = "1 attempt" if number == 1 else f"{number} attempts"
-        return Verdict("dead", kind, reason=f"gave up after {tries}, last: {failure}")
+        return Verdict(
+            "dead", kind, reason=f"gave up after {_gave_up(number, before)}, last: {failure}"
+        )
     step = schedule[number - 1]
     delay = step * (rng or random).uniform(1 - JITTER, 1 + JITTER)
     if outcome.error_class == "timeout" or outcome.status == _TOO_MANY:
@@ -127,6 +130,15 @@ def decide(
     if asked is not None:
         delay = max(delay, min(asked, RETRY_AFTER_CAP))
     return Verdict("retrying", kind, delay=delay, reason=failure)
+
+
+def _gave_up(number: int, before: int) -> str:
+    """How many attempts a dead letter had: the schedule's, and after a replay, all of
+    them too, so the reason agrees with the attempts listed beside it."""
+    tries = "1 attempt" if number == 1 else f"{number} attempts"
+    if before:
+        tries += f" since the replay ({number + before} in all)"
+    return tries
 
 
 def describe(outcome: Outcome) -> str:

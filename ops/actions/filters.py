@@ -312,9 +312,57 @@ DeliveryId = Annotated[
 ]
 
 
-def parse_id(value: str) -> uuid.UUID:
-    """A delivery id given on the command line."""
-    try:
-        return _uuid(value)
-    except ValueError as exc:
-        raise InputError("id", str(exc)) from None
+MIN_PREFIX = 8
+"""Characters of a delivery id that pick it out, as a commit's first ones do in git: fewer
+would match several ids too often to be worth typing."""
+
+_CANONICAL = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+"""Where the hyphens are in a delivery id as the relay prints it."""
+
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True, slots=True)
+class IdPrefix:
+    """A delivery id as a person types it: in full, or its first characters (at least
+    `MIN_PREFIX`, hyphens where the printed id has them, or none). The ids it can stand for
+    run from `low` to `high`, so finding them is a range on the primary key, not a scan."""
+
+    low: uuid.UUID
+    high: uuid.UUID
+
+    @property
+    def full(self) -> uuid.UUID | None:
+        """The id itself, when all of it was given."""
+        return self.low if self.low == self.high else None
+
+    @classmethod
+    def parse(cls, text: str) -> IdPrefix:
+        """Raises ValueError saying what a delivery id looks like."""
+        try:
+            whole = uuid.UUID(text)
+        except ValueError:
+            pass
+        else:
+            return cls(whole, whole)
+        digits = _hex_digits(text.lower())
+        if digits is None:
+            raise ValueError(
+                f"must be a delivery id (a UUID) or its first {MIN_PREFIX} or more characters"
+            )
+        if len(digits) < MIN_PREFIX:
+            raise ValueError(
+                f"give at least {MIN_PREFIX} characters of a delivery id, got {len(digits)}"
+            )
+        return cls(uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f")))
+
+
+def _hex_digits(text: str) -> str | None:
+    """The hex digits of the start of an id: all hex, or the printed form cut short."""
+    if len(text) <= 32 and set(text) <= _HEX:
+        return text
+    if len(text) <= len(_CANONICAL) and all(
+        ch == "-" if at == "-" else ch in _HEX for ch, at in zip(text, _CANONICAL, strict=False)
+    ):
+        return text.replace("-", "")
+    return None

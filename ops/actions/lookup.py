@@ -7,12 +7,14 @@ The API, the page and the CLI all read through here, with the filters of
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ops.actions.filters import DEFAULT_LIMIT, Cursor, DeliveryFilter
+from ops.actions.filters import DEFAULT_LIMIT, Cursor, DeliveryFilter, IdPrefix
 from worker.database import Executor
+from worker.ledger import OPEN_STATES, State
 
 _SUMMARY = """
     d.id, d.event_id, d.event_type, d.affiliate_id, d.order_number, d.state, d.reason,
@@ -86,6 +88,22 @@ async def matching_ids(db: Executor, where: DeliveryFilter) -> list[uuid.UUID]:
     return [row["id"] for row in rows]
 
 
+ID_RANGE = "SELECT id FROM deliveries WHERE id BETWEEN $1 AND $2 ORDER BY id LIMIT $3"
+"""The ids from $1 to $2, at most $3: a range on the primary key's index, however large
+the ledger (a uuid compares as its hex digits read in order)."""
+
+
+async def ids_starting(db: Executor, prefix: IdPrefix, limit: int) -> list[uuid.UUID]:
+    """The first `limit` delivery ids that `prefix` can stand for, in order."""
+    rows = await db.fetch(
+        ID_RANGE,
+        prefix.low,
+        prefix.high,
+        limit,
+    )
+    return [row["id"] for row in rows]
+
+
 async def show_delivery(db: Executor, delivery: uuid.UUID) -> dict[str, Any] | None:
     """One delivery in full: its event, last request, every attempt, and what ops did."""
     row = await db.fetchrow(
@@ -100,7 +118,7 @@ async def show_delivery(db: Executor, delivery: uuid.UUID) -> dict[str, Any] | N
     attempts = await db.fetch(
         """
         SELECT number, started_at, duration_ms, status_code, error_class, error,
-               response_excerpt, request
+               response_excerpt, response_headers, request
         FROM attempts WHERE delivery_id = $1 ORDER BY number
         """,
         delivery,
@@ -115,6 +133,30 @@ async def show_delivery(db: Executor, delivery: uuid.UUID) -> dict[str, Any] | N
         "attempts": [_plain(dict(a)) for a in attempts],
         "actions": [_plain(dict(a)) for a in actions],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A delivery that is done with: sending its event again changes nothing."""
+
+    id: uuid.UUID
+    state: State
+    reason: str | None
+    at: datetime
+    """When it settled: a settled delivery changes only when ops replay or discard it."""
+
+
+async def settled(db: Executor, deliveries: Collection[uuid.UUID]) -> dict[uuid.UUID, Settled]:
+    """Those of `deliveries` that have settled (neither pending nor retrying), by id."""
+    rows = await db.fetch(
+        """
+        SELECT id, state, reason, updated_at AS at FROM deliveries
+        WHERE id = ANY($1::uuid[]) AND state <> ALL($2::text[])
+        """,
+        list(deliveries),
+        list(OPEN_STATES),
+    )
+    return {row["id"]: Settled(**dict(row)) for row in rows}
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,8 @@ class Summary:
     """What a bulk replay did."""
 
     replayed: int = 0
+    unqueued: int = 0
+    """Of those replayed, the ones left to the sweep: Redis was unreachable."""
     skipped: int = 0
     failed: int = 0
     problems: list[dict[str, str]] = field(default_factory=list)
@@ -103,7 +105,7 @@ async def replay(
             # would stay pending for ever, and hold up the rest of its order.
             parse_event(row["event"])
         except InvalidEvent as exc:
-            return Result(did, "skipped", f"its stored event is invalid: {exc}")
+            return Result(did, "skipped", f"its stored event is invalid: {exc.details}")
         await conn.execute(
             """
             UPDATE deliveries
@@ -169,6 +171,8 @@ async def replay_matching(
         else:
             if result.outcome == "replayed":
                 summary.replayed += 1
+                if not result.queued:
+                    summary.unqueued += 1
                 redis_up = redis_up and result.queued
             else:  # settled or changed since it was listed
                 summary.skipped += 1

@@ -3,7 +3,8 @@
 An affiliate manager setting up a callback wants to see the request their affiliate will
 get and what the affiliate's server answers, without waiting for a real order. A test fire
 is not a delivery: it never enters the ledger's state machine, is never retried, and has an
-Idempotency-Key of its own; it is recorded in `test_fires`.
+Idempotency-Key of its own; it is recorded in `test_fires`. A preview builds the same
+sample request for a callback not saved yet, and sends it nowhere.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from producer.event import Event, parse_event
+from producer.event import Event, EventType, parse_event
 from worker import deliver, render
-from worker.callbacks import Callback
+from worker.callbacks import Callback, CallbackSpec
+from worker.exchange import Request
 
 
-def sample_event(callback: Callback) -> Event:
-    """A made-up order for the callback's affiliate and event type, every field filled."""
+def sample_event(affiliate_id: str, event_type: EventType) -> Event:
+    """A made-up order for the affiliate and event type, every field filled."""
     return parse_event(
         {
             "id": f"test-{uuid.uuid4()}",
-            "type": callback.event_type,
-            "affiliate_id": callback.affiliate_id,
+            "type": event_type,
+            "affiliate_id": affiliate_id,
             "occurred_at": datetime.now(UTC).isoformat(),
             "order": {
                 "number": "TEST-1001",
@@ -43,6 +45,21 @@ def sample_event(callback: Callback) -> Event:
     )
 
 
+def _test_request(
+    method: str, template: render.Template, event: Event, secret: str | None
+) -> Request:
+    # "test-": in the Idempotency-Key and in the signed webhook-id, so a receiver can tell
+    # a test from a real postback and trust that it is one.
+    return deliver.build_request(method, template, event, f"test-{uuid.uuid4()}", secret)
+
+
+def preview(spec: CallbackSpec) -> Request:
+    """The request a callback as given would send for the sample event, unsigned, sent
+    nowhere: what a person setting a callback up sees as they type its template."""
+    event = sample_event(spec.affiliate_id, spec.event_type)
+    return _test_request(spec.method, spec.template, event, None)
+
+
 class EventMismatch(ValueError):
     """A given event is for another affiliate or event type than the callback."""
 
@@ -56,18 +73,14 @@ async def fire(
 ) -> dict[str, Any]:
     """Send one request to the callback and record it; returns what was sent and got."""
     if event is None:
-        event = sample_event(callback)
+        event = sample_event(callback.affiliate_id, callback.event_type)
     elif (event.affiliate_id, event.type) != (callback.affiliate_id, callback.event_type):
         raise EventMismatch(
             f"the event is {event.type} for affiliate {event.affiliate_id}, but the callback "
             f"is {callback.event_type} for affiliate {callback.affiliate_id}"
         )
     template = render.parse(callback.url_template)
-    # "test-": in the Idempotency-Key and in the signed webhook-id, so a receiver can tell
-    # a test from a real postback and trust that it is one.
-    request = deliver.build_request(
-        callback.method, template, event, f"test-{uuid.uuid4()}", callback.secret
-    )
+    request = _test_request(callback.method, template, event, callback.secret)
     fired_at = datetime.now(UTC)
     outcome = await deliver.attempt(http, request)
     headers = dict(outcome.headers)
@@ -104,4 +117,7 @@ async def fire(
         "error_class": outcome.error_class,
         "error": outcome.error,
         "delivered": outcome.ok,
+        # A disabled callback is fired all the same: it is how a fix is checked before the
+        # callback is enabled again. The answer says so, since its real events are skipped.
+        "enabled": callback.enabled,
     }

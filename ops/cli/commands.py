@@ -13,9 +13,11 @@ import getpass
 import json
 import socket
 import sys
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import pydantic
@@ -23,17 +25,18 @@ import redis.exceptions
 
 from ops.actions import lookup, replay
 from ops.actions.filters import (
+    MIN_PREFIX,
     DeadLetterQuery,
     DeliveryFilter,
     DeliveryQuery,
     Filter,
+    IdPrefix,
     InputError,
     Paging,
     choices,
-    parse_id,
     read,
 )
-from ops.cli import console, demo
+from ops.cli import console, demo, options
 from ops.cli.embedded import services
 from ops.service import app
 from ops.service.app import Insecure
@@ -43,10 +46,14 @@ from producer.json_input import BadJson, NotJson, read_json
 from producer.publish import Producer
 from worker import callbacks, database, logs, render, schema
 from worker.config import Settings
-from worker.deliver import build_request, delivery_id
+from worker.database import Executor
+from worker.deliver import build_request, delivery_id, post_body
 from worker.pool import create_worker, use_fast_loop
 
 EXIT_USAGE = 2
+EXIT_LEFT_TO_SWEEP = 3
+"""A replay was done in the ledger, but not queued now (Redis unreachable): the sweep
+queues it within a minute."""
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
@@ -99,10 +106,18 @@ def _parser() -> _Parser:
     cb_set.add_argument(
         "--url", required=True, help="URL template, e.g. https://t.example/?o={{order.number}}"
     )
-    cb_set.add_argument(
+    # A flag of its own rather than a word such as `--secret none`: that word would no
+    # longer be a secret one could set, and a typo of it would be saved as the secret.
+    secret = cb_set.add_mutually_exclusive_group()
+    secret.add_argument(
         "--secret",
         help="signing secret (stored, never listed), or 'generate' for a new whsec_ one, "
         "printed once; omitted: the current one stays",
+    )
+    secret.add_argument(
+        "--no-secret",
+        action="store_true",
+        help="remove the stored secret: requests go unsigned",
     )
     cb_set.set_defaults(run=callbacks_set)
     cb_list = cb.add_parser("list", help="list callbacks")
@@ -126,13 +141,14 @@ def _parser() -> _Parser:
     preview = commands.add_parser("preview", help="render a request without sending it")
     preview.add_argument("--url", required=True, help="URL template")
     preview.add_argument("--method", default="GET", type=str.upper, choices=callbacks.METHODS)
-    preview.add_argument("--event", required=True, help="event JSON file, or - for stdin")
+    _events_file(preview, "event JSON file, or - for stdin")
     preview.add_argument("--json", action="store_true", help="method, url, headers, body as JSON")
     preview.set_defaults(run=preview_request, needs=())
 
     send = commands.add_parser("send", help="enqueue events for delivery")
-    send.add_argument("--event", required=True, help="JSON event or JSON lines file, - for stdin")
-    send.set_defaults(run=send_events, needs=("redis",))
+    _events_file(send, "JSON event, JSON array or JSON lines file, - for stdin")
+    # The database: an event id that already settled is said so, not enqueued again.
+    send.set_defaults(run=send_events, needs=("database", "redis"))
 
     worker = commands.add_parser("worker", help="run a worker that delivers queued events")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
@@ -140,7 +156,9 @@ def _parser() -> _Parser:
 
     serve = commands.add_parser("serve", help="run the HTTP service: ingest, ops API and page")
     serve.add_argument("--host", help="address to listen on (default POSTBACK_API_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (default POSTBACK_API_PORT)")
+    serve.add_argument(
+        "--port", type=options.port, help="port to listen on (default POSTBACK_API_PORT)"
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",
@@ -155,7 +173,22 @@ def _parser() -> _Parser:
     )
     demo_cmd.add_argument(
         "--receiver",
+        type=options.base_url,
         help="base URL of a `postback receive` elsewhere; workers elsewhere deliver",
+    )
+    demo_cmd.add_argument(
+        "--stay",
+        action=argparse.BooleanOptionalAction,
+        help="when done, keep the worker running and serve the ops page until Ctrl-C "
+        "(default: in a terminal, yes; otherwise no)",
+    )
+    demo_cmd.add_argument(
+        "--host", help="address the page is served on, with --stay (default POSTBACK_API_HOST)"
+    )
+    demo_cmd.add_argument(
+        "--port",
+        type=options.port,
+        help="port the page is served on, with --stay (default POSTBACK_API_PORT)",
     )
     demo_cmd.set_defaults(run=run_demo, needs=("database", "redis"))
 
@@ -163,9 +196,21 @@ def _parser() -> _Parser:
         "receive", help="the demo's receiver: prints every postback it gets"
     )
     receive.add_argument("--host", default=demo.RECEIVER_HOST, help="address to listen on")
-    receive.add_argument("--port", type=int, default=9000, help="port to listen on")
+    receive.add_argument("--port", type=options.port, default=9000, help="port to listen on")
     receive.set_defaults(run=run_receive, needs=())
     return parser
+
+
+def _events_file(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--file`, which was `--event` until `--event` meant an event type everywhere."""
+    new = parser.add_argument("--file", required=True, metavar="FILE", help=help)
+    parser.add_argument(
+        "--event",
+        action=options.Renamed,
+        new=new,
+        why="--event names an event type, as in `postback callbacks`",
+        help=argparse.SUPPRESS,
+    )
 
 
 _OPTIONS = {"event_type": "--event"}
@@ -174,7 +219,9 @@ _OPTIONS = {"event_type": "--event"}
 
 def _filters(parser: argparse.ArgumentParser, model: type[pydantic.BaseModel]) -> None:
     """An option for each field of a filter model: its name, help and choices are the
-    model's, as the API's query parameters are."""
+    model's, as the API's query parameters are. `main` checks their values before it
+    starts anything."""
+    parser.set_defaults(filters=model)
     for name, field in model.model_fields.items():
         option = _OPTIONS.get(name, "--" + name.replace("_", "-"))
         known = choices(model, name)
@@ -189,6 +236,39 @@ def _filters(parser: argparse.ArgumentParser, model: type[pydantic.BaseModel]) -
 
 def _filter(args: argparse.Namespace, model: type[Model]) -> Model:
     return read(model, {name: getattr(args, name) for name in model.model_fields})
+
+
+ID = "ID"
+"""The delivery id argument, as usage lines and refusals name it."""
+ID_HELP = f"delivery id, or its first {MIN_PREFIX} or more characters"
+SHOWN_MATCHES = 5
+"""Ids listed when a prefix matches more than one delivery."""
+
+
+async def _delivery_id(db: Executor, typed: str) -> uuid.UUID:
+    """The delivery `typed` names: its whole id, or the start of just one delivery's id, as
+    git takes a commit's."""
+    try:
+        prefix = IdPrefix.parse(typed)
+    except ValueError as exc:
+        raise CommandFailed(f"{ID}: {exc}") from None
+    if prefix.full is not None:
+        return prefix.full
+    found = await lookup.ids_starting(db, prefix, SHOWN_MATCHES + 1)
+    if not found:
+        raise CommandFailed(f"no delivery id starts with {typed}")
+    if len(found) > SHOWN_MATCHES:
+        listed = ", ".join(map(str, found[:SHOWN_MATCHES]))
+        raise CommandFailed(
+            f"{ID}: {typed} starts more than {SHOWN_MATCHES} delivery ids ({listed}, …); "
+            "give more of it"
+        )
+    if len(found) > 1:
+        listed = ", ".join(map(str, found))
+        raise CommandFailed(
+            f"{ID}: {typed} starts {len(found)} delivery ids ({listed}); give more of it"
+        )
+    return found[0]
 
 
 def _ledger_commands(commands: Any) -> None:
@@ -207,7 +287,7 @@ def _ledger_commands(commands: Any) -> None:
         listing.add_argument("--json", action="store_true", help="JSON for scripts")
         listing.set_defaults(run=ledger_list, dead_letters=dead)
         show = group.add_parser("show", help="one delivery with its request and attempts")
-        show.add_argument("id", help="delivery id")
+        show.add_argument("id", metavar=ID, help=ID_HELP)
         show.add_argument("--json", action="store_true", help="JSON for scripts")
         show.set_defaults(run=ledger_show)
 
@@ -215,7 +295,9 @@ def _ledger_commands(commands: Any) -> None:
     replay_cmd = dlq.add_parser(
         "replay", help="send dead letters again: one by id, or all matching filters"
     )
-    replay_cmd.add_argument("id", nargs="?", help="delivery id; omitted: all matching filters")
+    replay_cmd.add_argument(
+        "id", nargs="?", metavar=ID, help=f"{ID_HELP}; omitted: all matching filters"
+    )
     _filters(replay_cmd, Filter)
     replay_cmd.add_argument(
         "--all", action="store_true", help="with no id and no filter: replay every dead letter"
@@ -229,7 +311,7 @@ def _ledger_commands(commands: Any) -> None:
     replay_cmd.add_argument("--actor", default=_default_actor(), help="recorded as who did it")
     replay_cmd.set_defaults(run=dlq_replay, needs=("database", "redis"))
     discard = dlq.add_parser("discard", help="drop a dead letter from the list, with a note")
-    discard.add_argument("id", help="delivery id")
+    discard.add_argument("id", metavar=ID, help=ID_HELP)
     discard.add_argument("--note", required=True, help="why (kept in the record)")
     discard.add_argument("--actor", default=_default_actor(), help="recorded as who did it")
     discard.set_defaults(run=dlq_discard)
@@ -245,10 +327,14 @@ def _default_actor() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "renamed", None):
+        print(args.renamed, file=sys.stderr)
     try:
         settings = Settings()
         logs.configure(settings.log_level)
         command: Command = args.run
+        if getattr(args, "filters", None) is not None:
+            _filter(args, args.filters)  # refused before an embedded server is started
         with services(settings, args.needs) as ready:
             return command(args, ready)
     except KeyboardInterrupt:
@@ -298,18 +384,52 @@ def _database_url(settings: Settings) -> str:
 
 @_sync
 async def db_init(args: argparse.Namespace, settings: Settings) -> int:
+    url = _database_url(settings)
     try:
-        upgraded = await database.init(_database_url(settings))
+        try:
+            upgraded = await database.init(url)
+        except database.DatabaseUnavailable as exc:
+            if not database.missing(exc):
+                raise
+            await _create_database(url)
+            upgraded = await database.init(url)
     except schema.SchemaTooNew as exc:
         raise CommandFailed(str(exc)) from exc
     print(upgraded)
     return 0
 
 
+async def _create_database(url: str) -> None:
+    """The database the URL names, created: it did not exist. When its user may not create
+    it, the refusal says how to."""
+    name = database.name_of(url) or "DATABASE"
+    user = urlsplit(url).username
+    who = user or "the URL's user"
+    owner = f' OWNER "{user}"' if user else ""
+    try:
+        await database.create(url)
+    except (database.DatabaseUnavailable, asyncpg.PostgresError, ValueError) as exc:
+        raise CommandFailed(
+            f"database {name} does not exist, and {who} could not create it "
+            f"({_first_line(exc)}): create it as a user who may "
+            f'(CREATE DATABASE "{name}"{owner}), then run `postback db init` again'
+        ) from None
+    print(
+        f"created database {name}, which did not exist "
+        f"(connected to the {database.MAINTENANCE_DATABASE} database as {who})"
+    )
+
+
 @_sync
 async def callbacks_set(args: argparse.Namespace, settings: Settings) -> int:
     spec = callbacks.validate(
-        args.affiliate, args.event, args.method, args.url, args.secret, allowed=settings.allowed
+        args.affiliate,
+        args.event,
+        args.method,
+        args.url,
+        args.secret,
+        allowed=settings.allowed,
+        remove_secret=args.no_secret,
     )
     async with database.connection(_database_url(settings)) as conn:
         saved = await callbacks.save(conn, spec)
@@ -317,6 +437,8 @@ async def callbacks_set(args: argparse.Namespace, settings: Settings) -> int:
     if spec.generated:
         print(f"secret: {spec.secret}")
         print("  shown this once: give it to the affiliate, who verifies signatures with it")
+    if spec.remove_secret:
+        print("secret: removed; its requests are no longer signed")
     return 0
 
 
@@ -376,7 +498,10 @@ def _read_input(source: str) -> str:
     try:
         return Path(source).read_text()
     except OSError as exc:
-        raise CommandFailed(f"cannot read {source}: {exc.strerror or exc}") from None
+        hint = ""
+        if source in EVENT_TYPES:  # `send --event order.created`, as in `callbacks`
+            hint = f" ({source} is an event type; --file takes events, each with its type)"
+        raise CommandFailed(f"cannot read {source}: {exc.strerror or exc}{hint}") from None
     except UnicodeDecodeError:
         raise CommandFailed(f"{source} is not UTF-8 text") from None
 
@@ -400,11 +525,12 @@ def read_events(source: str) -> list[Event]:
     if not documents:
         raise CommandFailed(f"{source}: no event in the input")
     events = []
-    for where, document in documents:
+    for which, document in documents:
         try:
             events.append(parse_event(document))
         except InvalidEvent as exc:
-            raise CommandFailed(f"{where}: {exc}") from None
+            # "invalid event 2: order.amount: ...": the event and each field named once.
+            raise CommandFailed(f"invalid {which}: {exc.details}") from None
     return events
 
 
@@ -413,7 +539,7 @@ def _json_lines(text: str) -> list[tuple[str, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                documents.append((f"line {number}", read_json(line)))
+                documents.append((f"event on line {number}", read_json(line)))
             except BadJson as exc:
                 raise CommandFailed(f"line {number}: {exc}") from None
     return documents
@@ -422,7 +548,7 @@ def _json_lines(text: str) -> list[tuple[str, Any]]:
 @_sync
 async def preview_request(args: argparse.Namespace, settings: Settings) -> int:
     template = render.parse(args.url)
-    [event] = _one_event(args.event)
+    [event] = _one_event(args.file)
     request = build_request(args.method, template, event, delivery_id(event))
     if args.json:
         print(json.dumps(request.as_json(), indent=2, ensure_ascii=False))
@@ -442,17 +568,41 @@ def _one_event(source: str) -> list[Event]:
 
 @_sync
 async def send_events(args: argparse.Namespace, settings: Settings) -> int:
-    events = read_events(args.event)
-    assert settings.redis_url is not None
-    async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
-        fresh = await producer.publish_many(events)
+    events = read_events(args.file)
+    done = await _settled(settings, events)
+    # An event whose delivery settled would only be ignored by the worker: said, not sent.
+    to_send = [event for event in events if delivery_id(event) not in done]
+    fresh: list[bool] = []
+    if to_send:
+        assert settings.redis_url is not None
+        async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
+            fresh = await producer.publish_many(to_send)
     queued = sum(fresh)
     already = len(fresh) - queued
     print(
         f"enqueued {queued} event{'s' * (queued != 1)}"
         + (f", {already} already queued" if already else "")
+        + (f", {len(events) - len(to_send)} already settled" if done else "")
     )
+    for event in events:
+        found = done.get(delivery_id(event))
+        if found is not None:
+            print(console.settled(event.id, found))
     return 0
+
+
+async def _settled(settings: Settings, events: list[Event]) -> dict[uuid.UUID, lookup.Settled]:
+    """The settled deliveries of `events`. The ledger only informs: when it cannot be
+    read, the events are enqueued all the same (the worker ignores a settled one)."""
+    try:
+        async with database.connection(_database_url(settings)) as conn:
+            return await lookup.settled(conn, [delivery_id(event) for event in events])
+    except (database.DatabaseUnavailable, asyncpg.PostgresError) as exc:
+        print(
+            f"postback: warning: not checked for events already settled: {_first_line(exc)}",
+            file=sys.stderr,
+        )
+        return {}
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -464,7 +614,9 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 @_sync
 async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    return await demo.run(settings, args.receiver)
+    return await demo.run(
+        settings, args.receiver, demo.stays(args.stay), host=args.host, port=args.port
+    )
 
 
 @_sync
@@ -503,16 +655,23 @@ async def ledger_list(args: argparse.Namespace, settings: Settings) -> int:
 @_sync
 async def ledger_show(args: argparse.Namespace, settings: Settings) -> int:
     async with database.connection(_database_url(settings)) as conn:
-        found = await lookup.show_delivery(conn, parse_id(args.id))
+        found = await lookup.show_delivery(conn, await _delivery_id(conn, args.id))
     if found is None:
         raise CommandFailed(f"no delivery {args.id}")
-    print(json.dumps(found, indent=2) if args.json else console.delivery_text(found))
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    try:
+        body = post_body(parse_event(found["event"]))
+    except InvalidEvent:  # only a row edited by hand: its bodies are shown as stored
+        body = None
+    print(console.delivery_text(found, body))
     return 0
 
 
 @_sync
 async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    console.quiet_logs(settings)  # it prints what it did
+    console.quiet_logs(settings, "error")  # it prints what it did, Redis down included
     where = _filter(args, Filter)
     if args.id is not None and where != Filter():
         raise CommandFailed("give a delivery id or filters, not both")
@@ -523,12 +682,14 @@ async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     redis = open_redis(settings.redis_url, settings.queue_name)
     try:
         if args.id is not None:
-            result = await replay.replay(
-                db, redis, settings.queue_name, parse_id(args.id), args.mode, args.actor
-            )
+            did = await _delivery_id(db, args.id)
+            result = await replay.replay(db, redis, settings.queue_name, did, args.mode, args.actor)
             if result.outcome != "replayed":
-                raise CommandFailed(f"{args.id}: not replayed: {result.reason}")
-            print(f"replayed: {args.id} ({args.mode})")
+                raise CommandFailed(f"{did}: not replayed: {result.reason}")
+            if not result.queued:
+                print(_left_to_sweep(1))
+                return EXIT_LEFT_TO_SWEEP
+            print(f"replayed: {did} ({args.mode})")
             return 0
         summary = await replay.replay_matching(
             db,
@@ -545,7 +706,19 @@ async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     for problem in summary.problems:
         print(f"{problem['outcome']}: {problem['delivery_id']}: {problem['reason']}")
     print(f"replayed {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}")
-    return 1 if summary.failed else 0
+    if summary.unqueued:
+        print(_left_to_sweep(summary.unqueued))
+    if summary.failed:
+        return 1
+    return EXIT_LEFT_TO_SWEEP if summary.unqueued else 0
+
+
+def _left_to_sweep(count: int) -> str:
+    if count == 1:
+        what = "the delivery is reopened and the sweep queues it"
+    else:
+        what = f"the {count} deliveries are reopened and the sweep queues them"
+    return f"Redis is unreachable; {what} within a minute"
 
 
 @_sync
@@ -555,10 +728,11 @@ async def dlq_discard(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandFailed("--note: say why it is discarded")
     db = await database.create_pool(_database_url(settings), 1)
     try:
-        result = await replay.discard(db, parse_id(args.id), args.note, args.actor)
+        did = await _delivery_id(db, args.id)
+        result = await replay.discard(db, did, args.note, args.actor)
     finally:
         await db.close()
     if result.outcome != "discarded":
-        raise CommandFailed(f"{args.id}: not discarded: {result.reason}")
-    print(f"discarded: {args.id}")
+        raise CommandFailed(f"{did}: not discarded: {result.reason}")
+    print(f"discarded: {did}")
     return 0

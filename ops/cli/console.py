@@ -6,11 +6,15 @@ without a database. Scripts use `--json` instead and never parse these.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from ops.actions.lookup import Settled
+from ops.actions.replay import REPLAYABLE
 from worker import logs
 from worker.config import Settings
 
@@ -86,8 +90,62 @@ def deliveries_table(items: Sequence[dict[str, Any]]) -> str:
     return table(rows)
 
 
-def delivery_text(d: dict[str, Any]) -> str:
-    """One delivery as `show` prints it: what, to whom, what happened, what ops did."""
+def sent_body(stored: Any, as_sent: bytes | None) -> str:
+    """A request's body as it went: `as_sent` when it is the stored body (the ledger keeps
+    the JSON, not its bytes, and so not the order of its keys), else the stored JSON as
+    the relay writes a body."""
+    if as_sent is not None:
+        try:
+            if json.loads(as_sent) == stored:
+                return as_sent.decode()
+        except ValueError:
+            pass
+    return json.dumps(stored, separators=(",", ":"))
+
+
+def request_lines(request: dict[str, Any], body: bytes | None) -> list[str]:
+    """A request as sent, as an HTTP message: the request line, every header the relay set,
+    and after a blank line the body, if any; `body` as `sent_body` takes it."""
+    lines = [f"{request['method']} {request['url']}"]
+    lines += [f"{name}: {value}" for name, value in request["headers"].items()]
+    if request["body"] is not None:
+        lines += ["", sent_body(request["body"], body)]
+    return lines
+
+
+def response_lines(attempt: dict[str, Any]) -> list[str]:
+    """What an attempt got back: the status, the headers and an excerpt of the body. (Why
+    there was no answer is on the attempt's own line.)"""
+    if attempt["status_code"] is None:
+        return ["(no answer)"]
+    lines = [f"HTTP {attempt['status_code']}"]
+    headers = attempt.get("response_headers")
+    if headers is None:
+        lines.append("(headers not recorded)")
+    else:
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+    body = " ".join((attempt["response_excerpt"] or "").split())
+    if body:
+        lines += ["", f"{body[:EXCERPT]}{'…' * (len(body) > EXCERPT)}"]
+    return lines
+
+
+def exchange_lines(attempt: dict[str, Any], body: bytes | None) -> list[str]:
+    """One attempt's request (`> `) and response (`< `), as `curl -v` shows them."""
+    sent = (
+        ["(not recorded)"]
+        if attempt["request"] is None
+        else request_lines(attempt["request"], body)
+    )
+    return [f"> {line}".rstrip() for line in sent] + [
+        f"< {line}".rstrip() for line in response_lines(attempt)
+    ]
+
+
+def delivery_text(d: dict[str, Any], body: bytes | None = None) -> str:
+    """One delivery as `show` prints it: what, to whom, what happened (each attempt's
+    request and response in full), what ops did. `body`: the POST body its event makes,
+    as `sent_body` takes it."""
     lines = [
         f"delivery   {d['id']}",
         f"event      {d['event_id']} ({d['event_type']}), affiliate {d['affiliate_id']}, "
@@ -101,6 +159,11 @@ def delivery_text(d: dict[str, Any]) -> str:
         lines.append(f"next try   {_time(d['next_attempt_at'])} UTC")
     if d["request"] is not None:
         lines.append(f"request    {d['request']['method']} {d['request']['url']}")
+        last = d["attempts"][-1]["request"] if d["attempts"] else None
+        if last != d["request"]:  # not shown with an attempt below: shown here in full
+            lines += [
+                f"           {line}".rstrip() for line in request_lines(d["request"], body)[1:]
+            ]
     lines.append(f"attempts   {len(d['attempts'])}")
     for attempt in d["attempts"]:
         got = (
@@ -109,12 +172,10 @@ def delivery_text(d: dict[str, Any]) -> str:
             else f"{attempt['error_class']}: {attempt['error']}"
         )
         lines.append(
-            f"  #{attempt['number']}  {_time(attempt['started_at'])}  "
+            f"  #{attempt['number']}  {_time(attempt['started_at'])} UTC  "
             f"{attempt['duration_ms']:.0f} ms  {got}"
         )
-        body = " ".join((attempt["response_excerpt"] or "").split())
-        if body:
-            lines.append(f"      {body[:EXCERPT]}{'…' * (len(body) > EXCERPT)}")
+        lines += [f"      {line}" for line in exchange_lines(attempt, body)]
     for action in d["actions"]:
         what = action["action"] + (f" ({action['mode']})" if action["mode"] else "")
         note = f": {action['note']}" if action["note"] else ""
@@ -125,24 +186,44 @@ def delivery_text(d: dict[str, Any]) -> str:
     return printable("\n".join(lines))
 
 
-def quiet_logs(settings: Settings) -> None:
-    """Info log lines off, unless POSTBACK_LOG_LEVEL asks for them: for commands that tell
-    a person what they do, whose log lines would only repeat it."""
+def settled(event_id: str, found: Settled) -> str:
+    """Why an event sent again is not enqueued: its delivery is done with."""
+    line = f"{event_id}: already settled: {found.state} at {_time(found.at.isoformat())} UTC"
+    if found.reason:
+        line += f" ({found.reason})"
+    if found.state in REPLAYABLE:
+        line += f"; to send it again: postback dlq replay {found.id}"
+    return printable(line)
+
+
+def quiet_logs(settings: Settings, least: str = "warning") -> None:
+    """Info log lines off (and warnings too with `least="error"`), unless
+    POSTBACK_LOG_LEVEL asks for them: for commands that tell a person what they do, whose
+    log lines would only repeat it as raw JSON."""
     if "log_level" not in settings.model_fields_set:
-        logs.configure("warning")
+        logs.configure(least)
 
 
 class ProgressBar:
-    """`progress(done, total)` drawn on stderr: a bar redrawn in place on a terminal, a line
-    every tenth of the way otherwise (a log file should not fill with carriage returns)."""
+    """`progress(done, total)` drawn on stderr: a bar redrawn in place on a terminal;
+    otherwise a line at most once a second, and the first and the last (a log file should
+    not fill with carriage returns, nor with a line per delivery)."""
 
     WIDTH = 30
+    EVERY = 1.0
+    """Seconds between two lines outside a terminal."""
 
-    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self._shown = -1
+        self.clock = clock
+        self._shown_at: float | None = None
 
     def __call__(self, done: int, total: int) -> None:
         if self.tty:
@@ -151,9 +232,10 @@ class ProgressBar:
             end = "\n" if done == total else ""
             self.stream.write(f"\r{self.label} [{bar}] {done}/{total}{end}")
         else:
-            tenth = 10 * done // max(total, 1)
-            if tenth == self._shown:
+            now = self.clock()
+            due = self._shown_at is None or now - self._shown_at >= self.EVERY
+            if not (due or done == total):
                 return
-            self._shown = tenth
+            self._shown_at = now
             self.stream.write(f"{self.label}: {done}/{total}\n")
         self.stream.flush()

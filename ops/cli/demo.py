@@ -1,17 +1,26 @@
-"""`postback demo`: the whole pipeline on one machine, with postbacks printed as they land."""
+"""`postback demo`: the whole pipeline on one machine, with postbacks printed as they land.
+
+In a terminal (or with `--stay`) it then keeps its worker running and serves the ops page
+until Ctrl-C, so that a newcomer can practise the runbook on what it left: a dead letter
+whose callback points at a URL the receiver has moved away from.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
 from arq import Worker
+from pydantic import SecretStr
 
 from ops.cli import console
+from ops.service import app
 from producer.event import EVENT_TYPES, Event, parse_event
 from producer.publish import Producer
 from worker import callbacks, database, schema
@@ -35,9 +44,14 @@ _QUERY = (
     "&campaign={{link.query.campaign}}&path={{link.path}}&hash={{link.hash}}"
     "&at={{event.occurred_at}}&link={{link.url}}"
 )
+MOVED = "/dan/v1/"
+"""Where dan's callback points, and his receiver no longer answers (404): his dead letter
+is the one to practise on, by pointing the callback at `MOVED_TO` and replaying it."""
+MOVED_TO = "/dan/v2/"
 AFFILIATES = {
     "demo-ann": ("GET", "/ann/postback?" + _QUERY),
     "demo-bob": ("POST", "/bob/{{event.type}}?" + _QUERY),
+    "demo-dan": ("GET", MOVED + "postback?order={{order.number}}&event={{event.id}}"),
 }
 LINK = "https://shop.example/summer?ref={ref}&campaign=summer%20sale&sub_id=fb-1#promo"
 
@@ -50,6 +64,8 @@ _ORDERS = [
     ("order.updated", "demo-bob", "#1002", "199.00", "19.90", "refunded", "newsletter"),
     # No callback for this affiliate: nothing is sent, and the ledger says why.
     ("order.created", "demo-carol", "#1003", "5", "0.5", "pending", None),
+    # Sent to a URL that answers 404: a dead letter at once.
+    ("order.created", "demo-dan", "#1004", "30.00", "3.00", "pending", None),
 ]
 
 
@@ -78,6 +94,9 @@ def _events(run: str) -> list[Event]:
     return events
 
 
+STAYS = "Ctrl-C stops the demo."
+"""The last line the demo prints before it waits for Ctrl-C."""
+
 DEMO_SCHEDULE = "1s"
 """The demo's retry schedule unless POSTBACK_RETRY_SCHEDULE is set: its one failure is
 retried within seconds rather than the production minute."""
@@ -87,7 +106,8 @@ the SSRF policy opens."""
 
 
 class _Receiver:
-    """Prints each request; refuses the first try of bob's create, to show a retry."""
+    """Prints each request; refuses the first try of bob's create, to show a retry, and
+    answers 404 under dan's old path, to leave a dead letter."""
 
     def __init__(self) -> None:
         self.refused: set[str] = set()
@@ -102,6 +122,9 @@ class _Receiver:
         )
         if body:
             print(f"    body: {body}", flush=True)
+        if request.path.startswith(MOVED):
+            print(f"    answered 404: dan's postbacks moved to {MOVED_TO}", flush=True)
+            return web.Response(status=404, text=f"moved to {MOVED_TO}")
         if request.path == "/bob/order.created" and key not in self.refused:
             self.refused.add(key)
             print("    answered 503: the relay will retry; bob's update waits for it", flush=True)
@@ -126,9 +149,39 @@ async def serve(handler: Handler, host: str = RECEIVER_HOST, port: int = 0) -> A
         await runner.cleanup()
 
 
-async def run(settings: Settings, receiver: str | None = None) -> int:
+def stays(asked: bool | None) -> bool:
+    """Whether the demo stays running when done: as asked (`--stay`, `--no-stay`), else
+    when run in a terminal, where Ctrl-C ends it. Anywhere else (a test, CI, a pipe) it
+    finishes, as its callers wait for it to."""
+    if asked is not None:
+        return asked
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _page_tokens(settings: Settings) -> tuple[Settings, str]:
+    """Settings whose tokens are set, one made for this run where none is configured (the
+    page is served only with a token), and how to tell the ops token to the user."""
+    made = {
+        name: SecretStr(secrets.token_urlsafe(18))
+        for name in ("ingest_token", "ops_token")
+        if getattr(settings, name) is None
+    }
+    ops = made.get("ops_token")
+    said = "the one in POSTBACK_OPS_TOKEN" if ops is None else ops.get_secret_value()
+    return settings.model_copy(update=made), said
+
+
+async def run(
+    settings: Settings,
+    receiver: str | None = None,
+    stay: bool = False,
+    host: str | None = None,
+    port: int | None = None,
+) -> int:
     """The demo. `receiver`: the base URL of a `postback receive` elsewhere, with workers
     elsewhere delivering this queue (docker compose's demo profile); otherwise both run here.
+    `stay`: then serve the ops page on `host` and `port` (default the service's settings)
+    and keep the worker running, until SIGINT or SIGTERM.
     """
     if receiver is None and "retry_schedule" not in settings.model_fields_set:
         settings = settings.model_copy(update={"retry_schedule": DEMO_SCHEDULE})
@@ -143,6 +196,16 @@ async def run(settings: Settings, receiver: str | None = None) -> int:
     run_id = f"demo-{int(time.time() * 1000)}"
     events = _events(run_id)
     async with contextlib.AsyncExitStack() as stack:
+        if stay:
+            # Listening first: a port in use is said before the demo runs, not after.
+            page_settings, token = _page_tokens(settings)
+            page = await stack.enter_async_context(
+                app.serving(
+                    page_settings,
+                    settings.api_host if host is None else host,
+                    settings.api_port if port is None else port,
+                )
+            )
         conn = await stack.enter_async_context(database.connection(settings.database_url))
         if receiver is None:
             base = await stack.enter_async_context(serve(_Receiver().handle))
@@ -175,15 +238,25 @@ async def run(settings: Settings, receiver: str | None = None) -> int:
                 print(f"published: {event.id} {event.type} {event.affiliate_id}")
         rows = await _settled(conn, [event.id for event in events])
 
-    print("\nledger:")
-    for row in rows:
-        detail = row["reason"] or f"{row['attempts']} attempt(s)"
-        print(f"  {row['event_id']:<24} {row['affiliate_id']:<11} {row['state']:<10} {detail}")
-    unsettled = sum(row["state"] in OPEN_STATES for row in rows)
-    if unsettled:
-        print(f"{unsettled} deliveries did not settle within {WAIT_SECONDS:.0f} s")
-        return 1
-    return 0
+        print("\nledger:")
+        for row in rows:
+            detail = row["reason"] or f"{row['attempts']} attempt(s)"
+            print(f"  {row['event_id']:<24} {row['affiliate_id']:<11} {row['state']:<10} {detail}")
+        unsettled = sum(row["state"] in OPEN_STATES for row in rows)
+        if unsettled:
+            print(f"{unsettled} deliveries did not settle within {WAIT_SECONDS:.0f} s")
+        if stay:
+            print(
+                f"\nops page: {page}\nops token: {token}\n"
+                f"To practise the runbook: demo-dan's postbacks moved from {MOVED} to "
+                f"{MOVED_TO}; fix his callback, test fire it, replay his dead letter.\n"
+                f"{'The page' if receiver else 'The worker'} keeps running; {STAYS}",
+                flush=True,
+            )
+            await app.stopped()
+    if stay:
+        print("demo stopped")
+    return 1 if unsettled else 0
 
 
 async def receive(host: str, port: int) -> int:

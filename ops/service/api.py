@@ -1,4 +1,5 @@
-"""The ops API under /v1/: deliveries, dead letters and callbacks, for the page and scripts.
+"""The ops API under /v1/: the overview, deliveries, dead letters and callbacks, for the page
+and scripts.
 
 Handlers are thin: each reads its path, query and body as the models the OpenAPI document
 is generated from (ops/service/models.py, ops/actions/filters.py), calls the function the
@@ -17,7 +18,7 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from pydantic import BaseModel
 
-from ops.actions import lookup, replay, testfire
+from ops.actions import lookup, overview, replay, testfire
 from ops.actions.filters import (
     DeadLetterQuery,
     DeliveryFilter,
@@ -34,6 +35,7 @@ from ops.service.models import (
     DeliveryPath,
     DiscardBody,
     NoQuery,
+    PreviewBody,
     ReplayBody,
     TestFireBody,
 )
@@ -106,6 +108,14 @@ async def _listing(request: web.Request, where: DeliveryFilter, paging: Paging) 
     return web.json_response({"items": page.items, "next": page.next})
 
 
+@routes.get("/v1/overview")
+async def show_overview(request: web.Request) -> web.Response:
+    _no_query(request)
+    services = _services(request)
+    found = await overview.overview(services.db, services.redis, services.settings.queue_name)
+    return web.json_response(found)
+
+
 @routes.get("/v1/deliveries")
 async def list_deliveries(request: web.Request) -> web.Response:
     query = _query(request, DeliveryQuery)
@@ -133,7 +143,11 @@ def _result_response(result: replay.Result) -> web.Response:
         return error(404, "no such delivery")
     if result.outcome == "skipped":
         return error(409, f"not done: {result.reason}")
-    return web.json_response({"delivery_id": result.delivery_id, "outcome": result.outcome})
+    answer: dict[str, Any] = {"delivery_id": result.delivery_id, "outcome": result.outcome}
+    if result.outcome == "replayed":
+        # False: Redis failed after the ledger reopened it, and the sweep queues it.
+        answer["queued"] = result.queued
+    return web.json_response(answer)
 
 
 @routes.post("/v1/dead-letters/{id}/replay")
@@ -153,6 +167,12 @@ async def replay_all(request: web.Request) -> web.Response:
     _no_query(request)
     body = await _body(request, BulkReplayBody)
     services = _services(request)
+    if body.dry_run:
+        # The very selection a replay works through, counted: what a confirmation quotes.
+        ids = await lookup.matching_ids(services.db, body.filter.dead_letters())
+        return web.json_response(
+            {"matching": len(ids), "replayed": 0, "skipped": 0, "failed": 0, "problems": []}
+        )
     summary = await replay.replay_matching(
         services.db,
         services.redis,
@@ -163,6 +183,7 @@ async def replay_all(request: web.Request) -> web.Response:
     )
     return web.json_response(
         {
+            "matching": summary.replayed + summary.skipped + summary.failed,
             "replayed": summary.replayed,
             "skipped": summary.skipped,
             "failed": summary.failed,
@@ -187,22 +208,54 @@ async def list_callbacks(request: web.Request) -> web.Response:
     return web.json_response({"items": [cb.public() for cb in found]})
 
 
+def _validated(
+    request: web.Request,
+    affiliate: str,
+    event_type: str,
+    method: str,
+    url: str,
+    secret: str | None,
+    remove_secret: bool = False,
+) -> callbacks.CallbackSpec:
+    """The callback checked exactly as `postback callbacks set` checks it."""
+    try:
+        return callbacks.validate(
+            affiliate,
+            event_type,
+            method,
+            url,
+            secret,
+            allowed=_services(request).settings.allowed,
+            remove_secret=remove_secret,
+        )
+    except callbacks.CallbackError as exc:
+        raise InputError(exc.field, exc.message) from None
+
+
+@routes.post("/v1/callbacks/preview")
+async def preview_callback(request: web.Request) -> web.Response:
+    """The request a callback would send for the sample order, as it is typed: the page's
+    live preview. Checked as a PUT checks it; nothing is saved or sent."""
+    _no_query(request)
+    body = await _body(request, PreviewBody)
+    spec = _validated(request, body.affiliate_id, body.event_type, body.method, body.url, None)
+    return web.json_response(testfire.preview(spec).as_json())
+
+
 @routes.put("/v1/callbacks/{affiliate}/{event_type}")
 async def set_callback(request: web.Request) -> web.Response:
     _no_query(request)
     key = _path(request, CallbackPath)
     body = await _body(request, CallbackBody)
-    try:
-        spec = callbacks.validate(
-            key.affiliate,
-            key.event_type,
-            body.method,
-            body.url,
-            body.secret,
-            allowed=_services(request).settings.allowed,
-        )
-    except callbacks.CallbackError as exc:
-        raise InputError(exc.field, exc.message) from None
+    spec = _validated(
+        request,
+        key.affiliate,
+        key.event_type,
+        body.method,
+        body.url,
+        body.secret,
+        body.remove_secret,
+    )
     saved = await callbacks.save(_services(request).db, spec)
     # A generated secret is answered this once, for the affiliate; never again.
     shown = {"secret": spec.secret} if spec.generated else {}

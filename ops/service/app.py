@@ -1,7 +1,8 @@
 """`postback serve`: one aiohttp service for the order system and for ops.
 
 - `POST /v1/events`: ingest, with the ingest token;
-- `/v1/deliveries`, `/v1/dead-letters`, `/v1/callbacks`: the ops API, with the ops token;
+- `/v1/overview`, `/v1/deliveries`, `/v1/dead-letters`, `/v1/callbacks`: the ops API, with
+  the ops token;
 - `/healthz`, `/metrics`, `/openapi.json` and the ops page at `/`: no token (the page asks
   for the ops token and sends it with each call it makes).
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,7 +39,8 @@ log = structlog.get_logger("postback.serve")
 
 PAGE = Path(__file__).resolve().parent / "page"
 HEALTH_TIMEOUT = 3.0
-"""Seconds each health check may take before its part is called down."""
+"""Seconds each health check, and each source a `/metrics` scrape reads, may take before
+its part is called down."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -76,7 +79,9 @@ def create_app(settings: Settings, insecure: bool = False) -> web.Application:
             f"{' and '.join(missing)} not set: set them, or run `postback serve --insecure` "
             "to serve those endpoints to anyone who can reach this port"
         )
-    app = web.Application(client_max_size=ingest.MAX_BODY, middlewares=[_errors, _authorize])
+    app = web.Application(
+        client_max_size=ingest.MAX_BODY, middlewares=[_secure, _errors, _authorize]
+    )
     app[_INGEST_TOKEN] = _token(settings.ingest_token)
     app[_OPS_TOKEN] = _token(settings.ops_token)
     for name in missing:
@@ -184,6 +189,31 @@ def _unauthorized(message: str) -> web.Response:
     return response
 
 
+SECURITY_HEADERS = {
+    # The page runs only its own script and style files: markup a receiver or a producer
+    # wrote cannot run even if it ever reached the page as HTML. Its forms are sent by
+    # the script, never by the browser (whose GET would put what they hold in a URL).
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+"""Sent with every response, the API's included: one policy, nothing to forget per route."""
+
+
+@web.middleware
+async def _secure(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # what `_errors` lets through: redirects
+        exc.headers.update(SECURITY_HEADERS)
+        raise
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure as JSON that says what went wrong, never an HTML page or a traceback."""
@@ -281,7 +311,9 @@ async def _check(call: Awaitable[Any]) -> tuple[dict[str, Any], Any]:
 
 async def metrics_text(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    body = await metrics.exposition(services.redis, services.db, services.settings.queue_name)
+    body = await metrics.exposition(
+        services.redis, services.db, services.settings.queue_name, within=HEALTH_TIMEOUT
+    )
     response = web.Response(body=body)
     response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
     return response
@@ -297,18 +329,37 @@ async def page(request: web.Request) -> web.FileResponse:
 
 async def serve(settings: Settings, host: str, port: int, insecure: bool = False) -> None:
     """Run the service until SIGTERM or SIGINT, then finish the requests in flight."""
-    app = create_app(settings, insecure)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        log.info("serving", url=f"http://{host}:{port}/")
-        await stop.wait()
+    async with serving(settings, host, port, insecure) as url:
+        log.info("serving", url=url)
+        await stopped()
         log.info("stopping")
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, host: str, port: int, insecure: bool = False
+) -> AsyncIterator[str]:
+    """The service listening on `host` and `port` (0: any free port) for the block; yields
+    the page's URL, with the port it got. On the way out, requests in flight finish first."""
+    runner = web.AppRunner(create_app(settings, insecure), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        yield str(URL.build(scheme="http", host=bound_host, port=bound_port, path="/"))
     finally:
         await runner.cleanup()
+
+
+async def stopped() -> None:
+    """Return at the first SIGTERM or SIGINT (Ctrl-C), instead of being interrupted by it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signal_number in signals:
+        loop.add_signal_handler(signal_number, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signal_number in signals:
+            loop.remove_signal_handler(signal_number)

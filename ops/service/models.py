@@ -103,6 +103,10 @@ class BulkReplayBody(_Input):
     all: Annotated[
         StrictBool, Field(description="must be true when the filter is empty: replay them all")
     ] = False
+    dry_run: Annotated[
+        StrictBool,
+        Field(description="only count the dead letters that would be replayed (`matching`)"),
+    ] = False
     filter: Filter = Field(default_factory=Filter, validate_default=True)
 
     @field_validator("filter")
@@ -135,23 +139,42 @@ def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
 
+UrlTemplate = Annotated[
+    str,
+    BeforeValidator(plain_text),
+    StringConstraints(max_length=MAX_URL),
+    Field(description="the URL template"),
+]
+CallbackMethod = Annotated[Method, OneOf(METHODS), BeforeValidator(_upper)]
+
+
 class CallbackBody(_Input):
     """Checked further exactly as `postback callbacks set` checks it (worker.callbacks)."""
 
-    url: Annotated[
-        str,
-        BeforeValidator(plain_text),
-        StringConstraints(max_length=MAX_URL),
-        Field(description="the URL template"),
-    ]
-    method: Annotated[Method, OneOf(METHODS), BeforeValidator(_upper)] = "GET"
+    url: UrlTemplate
+    method: CallbackMethod = "GET"
     secret: Annotated[
         Annotated[str, BeforeValidator(plain_text), StringConstraints(max_length=MAX_ACTOR)] | None,
         Field(
             description="signing secret, or 'generate' for a new whsec_ one, answered this "
-            "once; omitted: the current one stays"
+            "once; null: the secret is removed and requests go unsigned; omitted: the "
+            "current one stays"
         ),
     ] = None
+
+    @property
+    def remove_secret(self) -> bool:
+        """`"secret": null`, as opposed to no `secret` at all."""
+        return "secret" in self.model_fields_set and self.secret is None
+
+
+class PreviewBody(_Input):
+    """A callback as it would be set, checked as a PUT checks it; saved nowhere."""
+
+    affiliate_id: Annotated[Text, Field(description="affiliate id; the sample order is theirs")]
+    event_type: Annotated[EventType, OneOf(EVENT_TYPES)]
+    url: UrlTemplate
+    method: CallbackMethod = "GET"
 
 
 class TestFireBody(_Input):
@@ -244,6 +267,13 @@ class Attempt(BaseModel):
     error_class: ErrorClass | None
     error: str | None
     response_excerpt: str | None
+    response_headers: Annotated[
+        dict[str, str] | None,
+        Field(
+            description="the answer's headers; null without an answer, and for attempts "
+            "recorded before the relay kept them"
+        ),
+    ]
     request: SentRequest | None
 
 
@@ -271,6 +301,18 @@ class ActionResult(BaseModel):
     outcome: Literal["replayed", "discarded"]
 
 
+class ReplayResult(BaseModel):
+    delivery_id: uuid.UUID
+    outcome: Literal["replayed"]
+    queued: Annotated[
+        bool,
+        Field(
+            description="its job is in Redis; false: Redis is unreachable, the delivery is "
+            "reopened and the sweep queues it within a minute"
+        ),
+    ]
+
+
 class Problem(BaseModel):
     delivery_id: str
     outcome: Literal["skipped", "failed"]
@@ -278,6 +320,7 @@ class Problem(BaseModel):
 
 
 class ReplaySummary(BaseModel):
+    matching: Annotated[int, Field(description="dead letters the filter matched")]
     replayed: int
     skipped: int
     failed: int
@@ -328,6 +371,72 @@ class TestFire(BaseModel):
     error_class: ErrorClass | None
     error: str | None
     delivered: Annotated[bool, Field(description="whether it answered 2xx")]
+    enabled: Annotated[
+        bool,
+        Field(
+            description="whether the callback is enabled: a disabled one is test fired all "
+            "the same, to check a fix before enabling it, but its real events are skipped"
+        ),
+    ]
+
+
+class OverviewHour(BaseModel):
+    start: Annotated[datetime, Field(description="the hour's start; it ends an hour later")]
+    states: Annotated[
+        dict[State, int], Field(description="deliveries taken in this hour, by their state now")
+    ]
+
+
+class AffiliateFailures(BaseModel):
+    affiliate_id: str
+    dead: Annotated[int, Field(description="dead letters among its deliveries of the window")]
+    retrying: Annotated[int, Field(description="deliveries of the window waiting for a retry")]
+
+
+class Durations(BaseModel):
+    """Of the attempts made for the deliveries of the window."""
+
+    attempts: Annotated[int, Field(description="how many the percentiles are of")]
+    of_newest: Annotated[
+        int,
+        Field(description="they are the attempts of the window's newest this many deliveries"),
+    ]
+    p50_ms: Annotated[float | None, Field(description="the median; null without attempts")]
+    p95_ms: float | None
+
+
+class QueueNow(BaseModel):
+    due: Annotated[int, Field(description="jobs due now: waiting for a worker, or running")]
+    later: Annotated[int, Field(description="jobs due later: retries, deferred deliveries")]
+
+
+class CircuitCounts(BaseModel):
+    """The workers' counts since Redis's counters started: which circuits are open now is
+    known only inside each worker."""
+
+    opened: int
+    closed: int
+    put_off: Annotated[int, Field(description="times a delivery was put off for an open one")]
+
+
+class Overview(BaseModel):
+    """The deliveries the relay took from `since` to `until` (the 24 hours to the end of
+    this one), and what is waiting now."""
+
+    since: datetime
+    until: datetime
+    hours: Annotated[list[OverviewHour], Field(min_length=24, max_length=24)]
+    states: Annotated[dict[State, int], Field(description="the window's deliveries by state")]
+    affiliates: Annotated[
+        list[AffiliateFailures],
+        Field(description="the (at most 5) affiliates with the most dead or retrying"),
+    ]
+    durations: Durations
+    retries_waiting: Annotated[int, Field(description="deliveries in state retrying, all time")]
+    dead_letters: Annotated[int, Field(description="dead letters not replayed or discarded")]
+    queue: Annotated[QueueNow | None, Field(description="null when Redis did not answer")]
+    circuits: Annotated[CircuitCounts | None, Field(description="null when Redis did not answer")]
+    redis_error: Annotated[str | None, Field(description="why Redis did not answer")]
 
 
 class Check(BaseModel):

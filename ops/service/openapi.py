@@ -69,6 +69,13 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "get",
+        "/v1/overview",
+        "The last 24 hours of deliveries by hour and state, the affiliates failing most, "
+        "attempt durations, and what waits now",
+        {200: Reply("The overview.", models.Overview)},
+    ),
+    Route(
+        "get",
         "/v1/deliveries",
         "List deliveries, newest first",
         {200: Reply("A page of deliveries.", models.DeliveryPage)},
@@ -93,7 +100,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/dead-letters/{id}/replay",
         "Replay one dead letter",
         {
-            200: Reply("Reopened and queued.", models.ActionResult),
+            200: Reply("Reopened, and queued unless Redis is down.", models.ReplayResult),
             404: _NO_DELIVERY,
             409: Reply(
                 "Not replayable: not dead or discarded, its callback is gone or off, its "
@@ -108,7 +115,12 @@ ROUTES: tuple[Route, ...] = (
         "post",
         "/v1/dead-letters/replay",
         "Replay every dead letter matching a filter",
-        {200: Reply("What was replayed, skipped, failed.", models.ReplaySummary)},
+        {
+            200: Reply(
+                "What matched, and was replayed, skipped, failed (with dry_run: what matches).",
+                models.ReplaySummary,
+            )
+        },
         body=models.BulkReplayBody,
     ),
     Route(
@@ -129,6 +141,14 @@ ROUTES: tuple[Route, ...] = (
         "List callbacks",
         {200: Reply("Callbacks.", models.Callbacks)},
         query=models.CallbackQuery,
+    ),
+    Route(
+        "post",
+        "/v1/callbacks/preview",
+        "Render a callback's request for a sample order, as `PUT` would check it; "
+        "nothing saved or sent",
+        {200: Reply("The request, unsigned.", models.SentRequest)},
+        body=models.PreviewBody,
     ),
     Route(
         "put",
@@ -186,8 +206,12 @@ ROUTES: tuple[Route, ...] = (
         "/metrics",
         "Prometheus metrics",
         {
-            200: Reply("Prometheus text format.", media_type="text/plain"),
-            503: Reply("Postgres or Redis is unreachable.", models.Error),
+            200: Reply(
+                "Prometheus text format. Answered while Postgres or Redis is down too: the "
+                "metrics of a source that could not be read are left out, and its "
+                "`postback_source_up` is 0.",
+                media_type="text/plain",
+            ),
         },
         auth=None,
     ),

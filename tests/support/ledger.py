@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 
@@ -79,3 +82,54 @@ async def make_deliveries(
     await producer.publish_many([ann, ann_update, *bobs, carol])
     await drain(settings)
     return Made(ann["id"], ann_update["id"], [bob["id"] for bob in bobs], carol["id"])
+
+
+async def add_delivery(
+    db: asyncpg.Connection,
+    affiliate: str,
+    state: str,
+    ago: timedelta,
+    durations_ms: Sequence[float] = (),
+    order: str = "#1",
+) -> str:
+    """A delivery as the ledger would hold it, written straight in: taken `ago`, now in
+    `state`, with one attempt of each duration (the last answered 500 unless delivered).
+    For what reads the ledger by time (the overview), which a worker cannot back-date.
+    Its event id."""
+    data = event_data(
+        f"{affiliate}-{state}",
+        affiliate_id=affiliate,
+        order={"number": order, "amount": "1", "commission": "0.1"},
+    )
+    row = await db.fetchrow(
+        """
+        INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
+                                occurred_at, event, state, attempts, created_at, updated_at)
+        VALUES ($1, $2, 'order.created', $3, $4, now() - $5::interval, $6, $7, $8,
+                now() - $5::interval, now() - $5::interval)
+        RETURNING id, created_at
+        """,
+        uuid.uuid4(),
+        data["id"],
+        affiliate,
+        order,
+        ago,
+        data,
+        state,
+        len(durations_ms),
+    )
+    assert row is not None
+    for number, duration in enumerate(durations_ms, 1):
+        last = number == len(durations_ms)
+        await db.execute(
+            """
+            INSERT INTO attempts (delivery_id, number, started_at, duration_ms, status_code)
+            VALUES ($1, $2, $3, $4, $5)
+            """,
+            row["id"],
+            number,
+            row["created_at"],
+            duration,
+            200 if last and state == "delivered" else 500,
+        )
+    return str(data["id"])

@@ -3,7 +3,14 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { view: "dead", next: null, query: null, selected: null, busy: false };
+const state = {
+  view: "overview", next: null, query: null, selected: null, busy: false, following: null,
+  listings: 0,
+};
+const FOLLOW_EVERY_MS = 1000;
+const FOLLOW_FOR_MS = 120000;
+// A replayed delivery is followed while it is in one of these; then it has settled.
+const OPEN_STATES = ["pending", "retrying"];
 
 function token() { return sessionStorage.getItem("postback-token") || ""; }
 function actor() { return localStorage.getItem("postback-actor") || "ops page"; }
@@ -22,7 +29,9 @@ async function call(method, path, body) {
   }
   if (!response.ok) {
     const detail = (data.errors || []).map((e) => e.field + ": " + e.message).join("; ");
-    throw new Error(detail || data.error || "HTTP " + response.status);
+    const failure = new Error(detail || data.error || "HTTP " + response.status);
+    failure.errors = data.errors || [];  // [{field, message}]: shown next to each field
+    throw failure;
   }
   return data;
 }
@@ -36,6 +45,7 @@ function say(text, isError) {
 function cell(row, text, className) {
   const td = document.createElement("td");
   td.textContent = text === null || text === undefined ? "" : String(text);
+  td.title = td.textContent; // the list cuts long cells to one line: the whole on hover
   if (className) td.className = className;
   row.appendChild(td);
   return td;
@@ -65,9 +75,31 @@ async function loadChoices() {
         select.appendChild(new Option(value));
       }
     }
+    callbackChoices(spec);
   } catch (error) {
     say("cannot read the filters' choices: " + error.message, true);
   }
+}
+
+// A list's filters in words, named as the form labels them: "affiliate ann, order #1001".
+function inWords(query) {
+  const words = [];
+  for (const [name, value] of new URLSearchParams(query)) {
+    const field = $("filters").querySelector("[name=" + name + "]");
+    const label = field && field.closest("label");
+    if (label) words.push(label.firstChild.textContent.trim().toLowerCase() + " " + value);
+  }
+  return words.join(", ");
+}
+
+// Why a list is empty: its filters, or nothing there at all.
+function empty(query) {
+  const words = inWords(query);
+  const noun = state.view === "dead" ? "dead letters" : "deliveries";
+  if (words) return "No " + noun + " match " + words + ".";
+  return state.view === "dead"
+    ? "No dead letters: nothing has failed, or every failure was replayed or discarded."
+    : "No deliveries yet: no event has been received.";
 }
 
 function filters() {
@@ -84,8 +116,12 @@ async function loadList(append) {
   const query = append && state.query ? new URLSearchParams(state.query) : filters();
   if (!append) state.query = query.toString();
   if (append && state.next) query.set("cursor", state.next);
+  const ticket = ++state.listings;
   try {
     const page = await call("GET", path + "?" + query);
+    // Only the latest listing is shown: one asked before (by a replay being followed, say)
+    // and answered after must not overwrite it.
+    if (ticket !== state.listings) return;
     const rows = $("rows");
     if (!append) rows.replaceChildren();
     for (const item of page.items) {
@@ -106,6 +142,10 @@ async function loadList(append) {
     state.next = page.next;
     $("more").hidden = !page.next;
     const count = rows.children.length;
+    if (!count) {
+      $("count").textContent = empty(state.query);
+      return;
+    }
     const noun = state.view === "dead"
       ? (count === 1 ? " dead letter" : " dead letters")
       : (count === 1 ? " delivery" : " deliveries");
@@ -125,6 +165,10 @@ async function openDelivery(id) {
     say(error.message, true);
     return;
   }
+  if (state.selected === id) showDelivery(d);
+}
+
+function showDelivery(d) {
   $("app").classList.add("with-detail");
   $("detail").hidden = false;
   $("detail-title").textContent = d.affiliate_id + " · order " + d.order_number + " · " + d.state;
@@ -182,15 +226,79 @@ async function busy(work) {
 
 async function replay(mode) {
   const id = state.selected;
+  let answer;
   try {
-    await call("POST", "/v1/dead-letters/" + id + "/replay", { mode, actor: actor() });
-    say("Replayed: the delivery is queued again.");
+    const path = "/v1/dead-letters/" + encodeURIComponent(id) + "/replay";
+    answer = await call("POST", path, { mode, actor: actor() });
   } catch (error) {
     say(error.message, true);
     return;
   }
+  const said = await replayed(answer.queued);
+  say(said);
   await loadList(false);
   await openDelivery(id);
+  follow(id, said); // not awaited: the buttons are free again meanwhile
+}
+
+// What a replay did, in words: the API's answer says whether its job is in Redis, and
+// /healthz whether a worker is alive to run it.
+async function replayed(queued) {
+  if (!queued) {
+    return "Replayed, but Redis is unreachable: the delivery is reopened, " +
+      "and the sweep queues it within a minute.";
+  }
+  const checked = await health();
+  if (checked && !checked.checks.worker.ok) {
+    return "Replayed and queued, but no worker is alive to send it: " +
+      "it goes when one starts.";
+  }
+  return "Replayed: the delivery is queued again.";
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// After a replay, the detail and the list follow the delivery until it settles, as one
+// would by opening it again and again; for two minutes at most, and only while it is the
+// delivery open.
+async function follow(id, said) {
+  const ends = Date.now() + FOLLOW_FOR_MS;
+  const mine = {};
+  state.following = mine; // a later replay's follow takes over from this one
+  const followed = () => state.selected === id && state.following === mine;
+  let seen = null;
+  for (;;) {
+    await sleep(FOLLOW_EVERY_MS);
+    if (!followed()) return;
+    let d;
+    try {
+      d = await call("GET", "/v1/deliveries/" + encodeURIComponent(id));
+    } catch (error) {
+      say(error.message, true);
+      return;
+    }
+    if (!followed()) return;
+    const now = d.state + " " + d.attempts.length;
+    if (now !== seen) {
+      seen = now;
+      showDelivery(d);
+      await loadList(false);
+    }
+    // The outcome is told unless the page has said something else since.
+    const told = $("message").textContent === said;
+    if (!OPEN_STATES.includes(d.state)) {
+      const now = " Now " + d.state + (d.reason ? ": " + d.reason : "") + ".";
+      if (told) say(said + now, d.state === "dead");
+      return;
+    }
+    if (Date.now() > ends) {
+      if (told) {
+        say(said + " Still " + d.state + " after " + FOLLOW_FOR_MS / 60000 + " minutes; " +
+          "the page stopped following it: open it again to look.");
+      }
+      return;
+    }
+  }
 }
 
 async function discard() {
@@ -210,10 +318,29 @@ async function discard() {
 }
 
 async function replayAll() {
-  const filter = Object.fromEntries([...filters()].filter(([name]) => name !== "state"));
-  const described = Object.keys(filter).length ? JSON.stringify(filter) : "no filter: every one";
-  if (!confirm("Replay all dead letters matching " + described + "?")) return;
+  const query = filters();
+  query.delete("state");
+  const filter = Object.fromEntries(query);
   const all = Object.keys(filter).length === 0;
+  let matching;
+  try {
+    // Counted by the API as the replay will select them, so the question quotes the number.
+    const body = { filter, all, dry_run: true };
+    ({ matching } = await call("POST", "/v1/dead-letters/replay", body));
+  } catch (error) {
+    say(error.message, true);
+    return;
+  }
+  const words = inWords(query);
+  if (!matching) {
+    say(empty(query));
+    return;
+  }
+  const what = matching === 1 ? "1 dead letter" : matching + " dead letters";
+  const question = words
+    ? "Replay " + what + " of " + words + "?"
+    : "Replay " + what + ": every dead letter there is?";
+  if (!confirm(question)) return;
   try {
     const s = await call("POST", "/v1/dead-letters/replay", { filter, all, actor: actor() });
     say("Replayed " + s.replayed + ", skipped " + s.skipped + ", failed " + s.failed + ".");
@@ -224,35 +351,237 @@ async function replayAll() {
   await loadList(false);
 }
 
+// --- The Callbacks tab: list, create, edit, enable, disable, remove, test fire --------------
+// Every check is the API's (the same as `postback callbacks set`); the page only puts each
+// refusal next to its field, worded as the API words it. A stored secret is never shown:
+// only whether there is one.
+
+const callbacksTab = { editing: null, previewRun: 0, previewTimer: null };
+const PREVIEW_HINT = "Type a URL template to see the request for a sample order.";
+
+function callbackPath(affiliate, eventType) {
+  return "/v1/callbacks/" + encodeURIComponent(affiliate) + "/" + encodeURIComponent(eventType);
+}
+
+function callbackName(cb) {
+  return "the " + cb.event_type + " callback of affiliate " + cb.affiliate_id;
+}
+
+// The form's choices, as the API's preview body lists them in /openapi.json.
+function callbackChoices(spec) {
+  const fields = spec.components.schemas.PreviewBody.properties;
+  const form = $("callback-form");
+  for (const name of ["event_type", "method"]) {
+    for (const value of fields[name].enum) form.elements[name].appendChild(new Option(value));
+  }
+}
+
 async function loadCallbacks() {
   try {
     const { items } = await call("GET", "/v1/callbacks");
     const rows = $("callback-rows");
-    rows.replaceChildren();
-    for (const cb of items) {
-      const row = document.createElement("tr");
-      cell(row, cb.affiliate_id);
-      cell(row, cb.event_type);
-      cell(row, cb.method);
-      cell(row, cb.enabled ? "yes" : "no");
-      cell(row, cb.has_secret ? "yes" : "no");
-      cell(row, cb.url_template, "excerpt");
-      const td = cell(row, "");
-      const fire = document.createElement("button");
-      fire.type = "button";
-      fire.textContent = "Test fire";
-      fire.addEventListener("click", () => testFire(cb));
-      td.appendChild(fire);
-      rows.appendChild(row);
-    }
-    $("count").textContent = items.length + " callback" + (items.length === 1 ? "" : "s");
+    rows.replaceChildren(...items.map(callbackRow));
+    $("count").textContent = items.length
+      ? items.length + " callback" + (items.length === 1 ? "" : "s")
+      : "No callbacks yet: set one up with the form above.";
   } catch (error) {
     say(error.message, true);
   }
 }
 
+function isEditing(affiliate, eventType) {
+  const cb = callbacksTab.editing;
+  return Boolean(cb) && cb.affiliate_id === affiliate && cb.event_type === eventType;
+}
+
+function markEditing() {
+  for (const row of $("callback-rows").children) {
+    row.classList.toggle("selected", isEditing(row.dataset.affiliate, row.dataset.event));
+  }
+}
+
+function callbackRow(cb) {
+  const row = document.createElement("tr");
+  row.dataset.affiliate = cb.affiliate_id;
+  row.dataset.event = cb.event_type;
+  row.classList.toggle("selected", isEditing(cb.affiliate_id, cb.event_type));
+  cell(row, cb.affiliate_id);
+  cell(row, cb.event_type);
+  cell(row, cb.method);
+  cell(row, cb.enabled ? "yes" : "no", cb.enabled ? "" : "off");
+  cell(row, cb.has_secret ? "set" : "none");
+  cell(row, cb.url_template, "excerpt");
+  const td = cell(row, "", "row-actions");
+  const button = (label, work) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.addEventListener("click", work);
+    td.appendChild(b);
+  };
+  button("Edit", () => editCallback(cb));
+  button(cb.enabled ? "Disable" : "Enable", () => busy(() => switchCallback(cb, !cb.enabled)));
+  button("Test fire", () => busy(() => testFire(cb)));
+  button("Remove", () => busy(() => removeCallback(cb)));
+  return row;
+}
+
+// The form for a new callback, or for editing `cb` (its affiliate and event are its key).
+function fillCallbackForm(cb) {
+  callbacksTab.editing = cb;
+  const f = $("callback-form").elements;
+  f.affiliate_id.value = cb ? cb.affiliate_id : "";
+  f.event_type.value = cb ? cb.event_type : f.event_type.options[0]?.value || "";
+  f.method.value = cb ? cb.method : "GET";
+  f.url.value = cb ? cb.url_template : "";
+  f.affiliate_id.readOnly = Boolean(cb);
+  f.event_type.disabled = Boolean(cb);
+  f.secret.value = "";
+  f.secret_action.value = "keep";
+  const hasSecret = Boolean(cb && cb.has_secret);
+  $("cb-secret-now").textContent = hasSecret ? "set" : "none";
+  f.secret_action.options[0].textContent = hasSecret ? "keep it" : "none";
+  const remove = f.secret_action.querySelector("option[value=remove]");
+  remove.hidden = remove.disabled = !hasSecret;
+  $("cb-secret-field").hidden = true;
+  $("cb-title").textContent = cb ? "Edit " + callbackName(cb) : "New callback";
+  $("cb-save").textContent = cb ? "Save changes" : "Save";
+  $("cb-secret-shown").hidden = true;
+  $("cb-secret-value").textContent = "";  // a generated secret is shown once, then gone
+  showFieldErrors([]);
+  $("cb-preview").textContent = PREVIEW_HINT;
+  $("cb-preview").classList.remove("stale");
+  markEditing();
+  if (cb) previewCallback();
+}
+
+function editCallback(cb) {
+  fillCallbackForm(cb);
+  $("callback-form").elements.url.focus();
+}
+
+// Each refusal under its field; one for no field on the form goes under the buttons.
+function showFieldErrors(errors, fallback) {
+  const form = $("callback-form");
+  const placed = new Set();
+  for (const span of form.querySelectorAll(".field-error")) {
+    const mine = errors.filter((e) => fieldOf(e) === span.dataset.field);
+    span.textContent = mine.map((e) => e.message).join("; ");
+    const input = form.elements[span.dataset.field];
+    if (input) input.classList.toggle("invalid", mine.length > 0);
+    for (const e of mine) placed.add(e);
+  }
+  const rest = errors.filter((e) => !placed.has(e)).map((e) => e.field + ": " + e.message);
+  $("cb-error").textContent = rest.join("; ") || (errors.length ? "" : fallback || "");
+}
+
+function fieldOf(error) {
+  // A PUT names the affiliate by its path parameter; the form by the callback's field.
+  return error.field === "affiliate" ? "affiliate_id" : error.field;
+}
+
+// The form as the API's preview body: the callback it would save, bar the secret.
+function callbackDraft() {
+  const f = $("callback-form").elements;
+  return {
+    affiliate_id: f.affiliate_id.value,
+    event_type: f.event_type.value,
+    method: f.method.value,
+    url: f.url.value,
+  };
+}
+
+function previewSoon() {
+  clearTimeout(callbacksTab.previewTimer);
+  callbacksTab.previewTimer = setTimeout(() => previewCallback(), 250);
+}
+
+// The request for the sample order a test fire sends, as the template is typed; an answer
+// that comes back after a later one was asked for is dropped. `always`: even with no
+// template yet, for the API to say what is missing.
+async function previewCallback(always) {
+  clearTimeout(callbacksTab.previewTimer);
+  const run = ++callbacksTab.previewRun;
+  const out = $("cb-preview");
+  const draft = callbackDraft();
+  if (!draft.url && always !== true) {
+    out.textContent = PREVIEW_HINT;
+    out.classList.remove("stale");
+    showFieldErrors([]);
+    return;
+  }
+  try {
+    const request = await call("POST", "/v1/callbacks/preview", draft);
+    if (run !== callbacksTab.previewRun) return;
+    showFieldErrors([]);
+    out.textContent = "Sample order TEST-1001: " + request.method + " " + request.url +
+      (request.body ? " (the order as a JSON body)" : "");
+    out.classList.remove("stale");
+  } catch (error) {
+    if (run !== callbacksTab.previewRun) return;
+    showFieldErrors(error.errors || [], error.message);
+    out.textContent = "No request until what is marked is fixed.";
+    out.classList.add("stale");
+  }
+}
+
+async function saveCallback() {
+  const f = $("callback-form").elements;
+  const draft = callbackDraft();
+  if (!draft.affiliate_id) {
+    await previewCallback(true);  // the API says what the affiliate must be, next to it
+    return;
+  }
+  const body = { url: draft.url, method: draft.method };
+  const secret = f.secret_action.value;
+  if (secret === "set") body.secret = f.secret.value;
+  if (secret === "generate") body.secret = "generate";
+  if (secret === "remove") body.secret = null;
+  let saved;
+  try {
+    saved = await call("PUT", callbackPath(draft.affiliate_id, draft.event_type), body);
+  } catch (error) {
+    showFieldErrors(error.errors || [], error.message);
+    return;
+  }
+  fillCallbackForm(saved);
+  say("Saved " + callbackName(saved) + ": " + saved.method + " " + saved.url_template +
+    "; secret " + (saved.has_secret ? "set" : "none") + ".");
+  if (saved.secret) {
+    $("cb-secret-value").textContent = saved.secret;  // the API answers it this once
+    $("cb-secret-shown").hidden = false;
+  }
+  await loadCallbacks();
+}
+
+async function switchCallback(cb, enabled) {
+  try {
+    const path = callbackPath(cb.affiliate_id, cb.event_type);
+    await call("POST", path + (enabled ? "/enable" : "/disable"));
+    say(enabled
+      ? "Enabled " + callbackName(cb) + "."
+      : "Disabled " + callbackName(cb) + ": its events are skipped and its dead letters " +
+        "cannot be replayed until it is enabled again.");
+  } catch (error) {
+    say(error.message, true);
+  }
+  await loadCallbacks();
+}
+
+async function removeCallback(cb) {
+  if (!confirm("Remove " + callbackName(cb) + "?")) return;
+  try {
+    await call("DELETE", callbackPath(cb.affiliate_id, cb.event_type));
+    say("Removed " + callbackName(cb) + "; its past deliveries stay recorded.");
+  } catch (error) {
+    say(error.message, true);
+  }
+  if (isEditing(cb.affiliate_id, cb.event_type)) fillCallbackForm(null);
+  await loadCallbacks();
+}
+
 async function testFire(cb) {
-  const path = "/v1/callbacks/" + encodeURIComponent(cb.affiliate_id) + "/" + cb.event_type + "/test";
+  const path = callbackPath(cb.affiliate_id, cb.event_type) + "/test";
   const out = $("fire-result");
   out.hidden = false;
   out.textContent = "Sending a sample " + cb.event_type + " to " + cb.affiliate_id + "…";
@@ -263,12 +592,30 @@ async function testFire(cb) {
         Object.entries(r.response.headers).map(([k, v]) => k + ": " + v).join("\n") +
         "\n\n" + r.response.body_excerpt
       : r.error_class + ": " + r.error;
-    out.textContent = r.request.method + " " + r.request.url + "\n" +
+    const disabled = r.enabled ? "" : "This callback is disabled: its real events are skipped " +
+      "until it is enabled. The test was sent all the same.\n\n";
+    out.textContent = disabled + r.request.method + " " + r.request.url + "\n" +
       (r.request.body ? JSON.stringify(r.request.body, null, 2) + "\n" : "") +
       "\n→ " + Math.round(r.duration_ms) + " ms, " + got;
   } catch (error) {
     out.textContent = error.message;
   }
+}
+
+function startCallbacks() {
+  const form = $("callback-form");
+  form.addEventListener("submit", (event) => { event.preventDefault(); busy(saveCallback); });
+  for (const name of ["affiliate_id", "url"]) {
+    form.elements[name].addEventListener("input", previewSoon);
+  }
+  for (const name of ["event_type", "method"]) {
+    form.elements[name].addEventListener("change", () => previewCallback());
+  }
+  form.elements.secret_action.addEventListener("change", () => {
+    $("cb-secret-field").hidden = form.elements.secret_action.value !== "set";
+  });
+  $("cb-new").addEventListener("click", () => fillCallbackForm(null));
+  fillCallbackForm(null);
 }
 
 function show(view) {
@@ -280,16 +627,19 @@ function show(view) {
     tab.classList.toggle("current", tab.dataset.view === view);
   }
   const isCallbacks = view === "callbacks";
-  $("filters").hidden = isCallbacks;
-  $("list").hidden = isCallbacks;
+  const isOverview = view === "overview";  // overview.js
+  $("filters").hidden = isCallbacks || isOverview;
+  $("list").hidden = isCallbacks || isOverview;
   $("callbacks").hidden = !isCallbacks;
+  $("overview").hidden = !isOverview;
   $("detail").hidden = true;
   $("app").classList.remove("with-detail");
   $("state-filter").hidden = view !== "deliveries";
   $("replay-all").hidden = view !== "dead";
-  if (isCallbacks) loadCallbacks(); else loadList(false);
+  if (isOverview) loadOverview(); else if (isCallbacks) loadCallbacks(); else loadList(false);
 }
 
+// The badge, from /healthz; its answer too, or null when the service did not give one.
 async function health() {
   const badge = $("health");
   try {
@@ -297,9 +647,11 @@ async function health() {
     const body = await response.json();
     badge.textContent = body.down.length ? "down: " + body.down.join(", ") : "all up";
     badge.className = body.down.length ? "down" : "ok";
+    return body;
   } catch (error) {
     badge.textContent = "service unreachable";
     badge.className = "down";
+    return null;
   }
 }
 
@@ -325,6 +677,7 @@ function start() {
   $("replay-resend").addEventListener("click", () => busy(() => replay("resend")));
   $("discard").addEventListener("click", () => busy(discard));
   $("replay-all").addEventListener("click", () => busy(replayAll));
+  startCallbacks();
   for (const tab of document.querySelectorAll(".tab")) {
     tab.addEventListener("click", () => show(tab.dataset.view));
   }
@@ -333,7 +686,7 @@ function start() {
   setInterval(health, 15000);
   if (token()) {
     $("app").hidden = false;
-    show("dead");
+    show(state.view);
   } else {
     showLogin();
   }
