@@ -38,7 +38,7 @@ from worker.schema import CURRENT
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ops", "producer", "worker")
-PAGE_FILES = ("index.html", "app.js", "overview.js", "style.css")
+PAGE_FILES = ("index.html", "app.js", "overview.js", "style.css", "favicon.svg")
 TABLES = {"schema_version", "callbacks", "deliveries", "attempts", "actions", "test_fires"}
 INGEST_TOKEN = "wheel-ingest-token-0123456789"
 OPS_TOKEN = "wheel-ops-token-0123456789ab"
@@ -225,7 +225,7 @@ def test_the_installed_postback_is_the_wheel_not_the_checkout(installed: Install
         "print(worker.schema.STEPS[worker.schema.CURRENT])\n"
         f"print(*(ops.service.app.PAGE / name for name in {PAGE_FILES!r}), sep='\\n')\n"
     ).splitlines()
-    assert len(found) == 8
+    assert len(found) == 5 + len(PAGE_FILES)
     for path in map(Path, found):
         assert path.is_relative_to(installed.site_packages), path
         assert path.is_file(), path
@@ -322,7 +322,8 @@ def test_the_demo_and_its_worker_run_from_the_wheel(
     installed.postback("db", "init", env=env)
     out = installed.postback("demo", env=env, timeout=120)
     # The demo's ledger (tests/test_cli.py checks the rest of its output): every postback
-    # delivered, bob's create on its second attempt, carol's event skipped.
+    # delivered but dan's (a 404: dead at once), bob's create on its second attempt, carol's
+    # event skipped.
     ledger = out.split("\nledger:\n", 1)[1].splitlines()
     assert [line.split()[1:4] for line in ledger] == [
         ["demo-ann", "delivered", "1"],
@@ -330,6 +331,7 @@ def test_the_demo_and_its_worker_run_from_the_wheel(
         ["demo-ann", "delivered", "1"],
         ["demo-bob", "delivered", "1"],
         ["demo-carol", "skipped", "no"],
+        ["demo-dan", "dead", "HTTP"],
     ]
     # And `postback worker` itself, on the demo's (now empty) queue.
     installed.postback("worker", "--burst", env=env)

@@ -17,7 +17,7 @@ from arq.worker import func
 from producer.connection import open_redis, redis_settings
 from producer.json_input import read_json
 from producer.queue import JOB_NAME, health_check_key, serialize, sweep_name
-from worker import cache, database, deliver, fairness
+from worker import cache, database, deliver, fairness, metrics
 from worker.config import Settings
 from worker.job import deliver_event
 from worker.sweep import sweep_job
@@ -59,9 +59,16 @@ async def _startup(ctx: dict[str, Any]) -> None:
     )
     ctx["callbacks"] = callbacks = cache.CallbackCache(settings.database_url)
     ctx["cache_listener"] = asyncio.create_task(callbacks.run(), name="callback-cache")
+    # The jobs count here, without waiting; the flusher writes it all to Redis once a second.
+    ctx["counts"] = counts = metrics.Tally()
+    ctx["metrics_flusher"] = flusher = metrics.Flusher(ctx["redis"], settings.queue_name, counts)
+    flusher.start()
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
+    # arq calls this once every job has finished (on SIGTERM too): their counts are all in.
+    if "metrics_flusher" in ctx:
+        await ctx["metrics_flusher"].close()
     if "cache_listener" in ctx:
         ctx["cache_listener"].cancel()
         # Its failures were logged as they happened; closing the rest must not wait on it.
@@ -166,6 +173,18 @@ class RelayWorker(Worker):
         super().__init__(**kwargs)
         self._redis_lost_at: float | None = None
         self._redis_wait = REDIS_FIRST_WAIT
+        self._polling = asyncio.Lock()
+
+    async def stop_polling(self, within: float) -> None:
+        """Let the poll under way finish and start no other, so that cancelling the worker
+        then cannot land inside one.
+
+        arq takes a job in a WATCH transaction; cancelled there, redis-py leaves that
+        pipeline holding its connection (a ResourceWarning when it is collected). Waits at
+        most `within` seconds: a poll stuck on a hung Redis is cancelled all the same.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._polling.acquire(), within)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         try:
@@ -180,17 +199,18 @@ class RelayWorker(Worker):
             raise
 
     async def _poll_iteration(self) -> None:
-        try:
-            self._reap_jobs_that_lost_redis()
-            await super()._poll_iteration()
-        except redis.exceptions.RedisError as exc:
-            lost = _connection_lost(exc)
-            if lost is None:
-                raise
-            await self._wait_for_redis(lost)
-        else:
-            if self._redis_lost_at is not None:
-                self._redis_back()
+        async with self._polling:
+            try:
+                self._reap_jobs_that_lost_redis()
+                await super()._poll_iteration()
+            except redis.exceptions.RedisError as exc:
+                lost = _connection_lost(exc)
+                if lost is None:
+                    raise
+                await self._wait_for_redis(lost)
+            else:
+                if self._redis_lost_at is not None:
+                    self._redis_back()
 
     def _reap_jobs_that_lost_redis(self) -> None:
         """Drop every finished job whose arq bookkeeping lost Redis, and raise the first

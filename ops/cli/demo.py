@@ -26,7 +26,7 @@ from producer.publish import Producer
 from worker import callbacks, database, schema
 from worker.config import Settings
 from worker.ledger import OPEN_STATES
-from worker.pool import create_worker
+from worker.pool import RelayWorker, create_worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -278,6 +278,8 @@ async def running(worker: Worker) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if isinstance(worker, RelayWorker):
+            await worker.stop_polling(within=STOP_WAIT_SECONDS)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
