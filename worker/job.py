@@ -67,6 +67,7 @@ class _Run:
     job_id: str
     callbacks: cache.CallbackCache
     destinations: fairness.Destinations
+    counts: metrics.Tally
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -88,6 +89,7 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         ctx["job_id"],
         ctx["callbacks"],
         ctx["destinations"],
+        ctx["counts"],
     )
     # arq deletes a job that outruns its timeout, and before the ledger has the delivery
     # nothing else knows of the event; so the job keeps a budget of its own, shorter
@@ -212,9 +214,7 @@ async def _go(
             )
         else:
             bound.info("delivery_skipped", state=taken.state, reason=close[0])
-        await metrics.count(
-            run.redis, run.settings.queue_name, event.affiliate_id, settled=taken.state
-        )
+        run.counts.count(event.affiliate_id, settled=taken.state)
         await queue.wake(run.redis, run.settings.queue_name, taken.woken)
         return taken.state
     if taken.action == "blocked":
@@ -237,9 +237,7 @@ async def _go(
     if taken.action == "deferred":
         assert defer is not None
         bound.debug("delivery_deferred", reason=defer.reason, seconds=defer.seconds)
-        await metrics.count(
-            run.redis, run.settings.queue_name, event.affiliate_id, deferred=defer.reason
-        )
+        run.counts.count(event.affiliate_id, deferred=defer.reason)
         raise await _defer(run, defer.seconds)
 
     assert isinstance(admitted, fairness.Slot)
@@ -329,9 +327,7 @@ async def _attempt(
     )
     if verdict.disable_callback:
         run.callbacks.forget()  # not waiting for its own notification to come back
-    await metrics.count(
-        run.redis,
-        run.settings.queue_name,
+    run.counts.count(
         event.affiliate_id,
         attempt=(verdict.state, outcome.duration_ms / 1000),
         settled=None if verdict.state == "retrying" else verdict.state,

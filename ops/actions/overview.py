@@ -40,7 +40,7 @@ CIRCUITS = {
     "closed": "circuit:closed",
     "put_off": "deferred:circuit_open",
 }
-"""The workers' counters (worker/metrics.py `count`) that tell of circuits."""
+"""The workers' counters (worker/metrics.py `Tally.count`) that tell of circuits."""
 
 
 @dataclass(frozen=True, slots=True)
