@@ -42,11 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--events",
         type=int,
-        help="the scenario's main count: throughput 20000, latency rate x seconds, isolation "
-        "5000 healthy, memory 100000 queued, scale 10000 per worker",
+        help="the scenario's main count: throughput 20000 per run, latency rate x seconds per "
+        "run, isolation 5000 healthy, memory 100000 queued, scale 10000 per worker",
     )
     parser.add_argument("--rate", type=float, default=300.0, help="latency: events/s (300)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="latency: duration (30)")
+    parser.add_argument(
+        "--seconds", type=float, default=30.0, help="latency: duration of each run (30)"
+    )
     parser.add_argument(
         "--memory-window", type=float, default=20.0, help="memory: seconds sampled (20)"
     )

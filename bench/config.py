@@ -21,7 +21,16 @@ class BenchConfig:
     admin_url: str
     redis_base: str
     redis_db: int
+    peer_redis_db: int = 13
+    """The Celery peer's broker: a Redis database number of its own."""
     run: str = field(default_factory=lambda: secrets.token_hex(5))
+
+    def __post_init__(self) -> None:
+        if self.peer_redis_db == self.redis_db:
+            raise ValueError(
+                f"the Celery peer needs a Redis database of its own, not {self.redis_db} too "
+                "(POSTBACK_BENCH_PEER_REDIS_DB)"
+            )
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -31,6 +40,7 @@ class BenchConfig:
             ),
             redis_base=os.environ.get("POSTBACK_BENCH_REDIS_URL", "redis://127.0.0.1:6379"),
             redis_db=int(os.environ.get("POSTBACK_BENCH_REDIS_DB", "14")),
+            peer_redis_db=int(os.environ.get("POSTBACK_BENCH_PEER_REDIS_DB", "13")),
         )
 
     @property
@@ -44,6 +54,24 @@ class BenchConfig:
     @property
     def redis_url(self) -> str:
         return f"{self.redis_base.rstrip('/')}/{self.redis_db}"
+
+    @property
+    def peer_database_name(self) -> str:
+        """The Celery peer's Postgres database, apart from the relay's."""
+        return f"postback_bench_{self.run}_peer"
+
+    @property
+    def peer_database_url(self) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + f"/{self.peer_database_name}"
+
+    @property
+    def peer_redis_url(self) -> str:
+        return f"{self.redis_base.rstrip('/')}/{self.peer_redis_db}"
+
+    @property
+    def peer_key_prefix(self) -> str:
+        """The start of every Redis key of the Celery peer: it holds the run id."""
+        return f"postback-bench:{self.run}:peer:"
 
     def queue_name(self, scenario: str) -> str:
         """A queue per scenario: one scenario's leftovers can never feed the next's worker."""

@@ -43,6 +43,21 @@ def _relay_settings(config: BenchConfig) -> str:
     )
 
 
+def _peers(config: BenchConfig) -> str:
+    """The throughput scenario's peers: the arq floor and no-op workers run the relay's own
+    settings (above); the Celery peer its own libraries, Redis database and database."""
+    try:
+        libraries = ", ".join(
+            f"{p} {metadata.version(p)}" for p in ("celery", "kombu", "requests", "psycopg")
+        )
+    except metadata.PackageNotFoundError as exc:
+        return f"Celery peer not installed ({exc.name}): pip install -e '.[bench]'"
+    return (
+        f"arq floor and no-op jobs with the relay's settings; Celery peer: {libraries}, "
+        f"Redis db {config.peer_redis_db}, database {config.peer_database_name}"
+    )
+
+
 async def _git(*args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         "git",
@@ -108,5 +123,6 @@ async def collect(
             f"{capacity:,.0f} req/s (50 concurrent aiohttp clients, 3 s; a lower bound), "
             "one port per affiliate",
         ),
+        ("peers", _peers(config)),
         ("run", f"{config.run} (database {config.database_name}, Redis db {config.redis_db})"),
     ]

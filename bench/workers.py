@@ -1,4 +1,5 @@
-"""Worker processes: the relay's own `python -m ops worker`, and the no-op ceiling worker.
+"""Worker processes: the relay's own `python -m ops worker`, and its peers: the no-op and
+floor arq workers, and the Celery peer's worker.
 
 Workers run as separate processes, as in production, so that their CPU time, memory and
 event loop are theirs alone and can be measured. Every process started here is tracked, so
@@ -62,6 +63,10 @@ class WorkerProcess:
     log_path: Path
     started: float
     """time.perf_counter() just before the process was spawned."""
+    started_wall: float = 0.0
+    """time.time() at the same moment, to compare with the receiver's arrival times."""
+    group: bool = False
+    """It leads a process group of its own (a Celery worker and its pool), killed whole."""
 
     @property
     def pid(self) -> int:
@@ -99,7 +104,11 @@ class WorkerProcess:
             await self.proc.wait()
 
     def kill(self) -> None:
-        if self.running:
+        if self.group and (self.running or self.proc.returncode != 0):
+            # The pool's processes too, even when the leader died first.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        elif self.running:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
 
@@ -130,20 +139,47 @@ class Supervisor:
         extra = [] if poll_delay is None else ["--poll-delay", str(poll_delay)]
         return await self._spawn("no-op worker", queue_name, ["-m", "bench.noop", *extra])
 
-    async def _spawn(self, label: str, queue_name: str, args: list[str]) -> WorkerProcess:
+    async def floor(self, queue_name: str, receivers: dict[str, str]) -> WorkerProcess:
+        """`python -m bench.floor`: a burst worker with the relay's settings and a job that
+        makes one GET to the receiver (`receivers`: each affiliate's base URL), no ledger."""
+        args = [f"--receiver={affiliate}={url}" for affiliate, url in receivers.items()]
+        return await self._spawn("floor worker", queue_name, ["-m", "bench.floor", *args])
+
+    async def celery(self, env: dict[str, str], concurrency: int) -> WorkerProcess:
+        """Celery's own worker for the Celery peer (bench/celery_peer.py), prefork pool of
+        `concurrency` processes, in a process group of its own. `env` names its broker,
+        queue and database. It never exits by itself: stop it when its work is done."""
+        args = [
+            *("-m", "celery", "-A", "bench.celery_peer:app", "worker"),
+            *("--pool", "prefork", "--concurrency", str(concurrency)),
+            *("--loglevel", "WARNING", "--without-mingle", "--without-gossip"),
+            "--without-heartbeat",
+        ]
+        return await self._spawn("celery worker", "", args, extra_env=env, group=True)
+
+    async def _spawn(
+        self,
+        label: str,
+        queue_name: str,
+        args: list[str],
+        extra_env: dict[str, str] | None = None,
+        group: bool = False,
+    ) -> WorkerProcess:
         log_path = self.log_dir / f"{label.replace(' ', '-')}-{len(self.started)}.log"
+        env = {**worker_env(self.config, queue_name), **(extra_env or {})}
         with log_path.open("wb") as log:
-            started = time.perf_counter()
+            started, started_wall = time.perf_counter(), time.time()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 *args,
                 cwd=PROJECT_ROOT,
-                env=worker_env(self.config, queue_name),
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                start_new_session=group,
             )
-        worker = WorkerProcess(label, proc, log_path, started)
+        worker = WorkerProcess(label, proc, log_path, started, started_wall, group)
         self.started.append(worker)
         return worker
 

@@ -15,13 +15,16 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
+import standardwebhooks
 import structlog.testing
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from ops.cli.demo import running
 from producer import Producer
 from tests.support.events import event_data, save_callback
-from tests.support.receivers import Receiver, raw_server
+from tests.support.receivers import Received, Receiver, raw_server
 from tests.support.wait import until
+from worker import sign
 from worker.cache import LISTENER_NAME, TRIGGER, CallbackCache
 from worker.config import Settings
 from worker.pool import create_worker
@@ -91,6 +94,32 @@ async def test_a_changed_template_is_used_for_the_next_event(
             await save_callback(db, "ann", "order.created", "GET", receiver.url + "/v2")
         assert await _publish(producer, db, "third") == "delivered"
     assert [request.path_qs for request in receiver.requests] == ["/v1", "/v1", "/v2"]
+
+
+async def test_a_cached_secret_signs_every_event_and_a_new_one_signs_the_next(
+    db: asyncpg.Connection, producer: Producer, receiver: Receiver, settings: Settings
+) -> None:
+    """The secret is set up for signing once, with the callback: each later event is still
+    signed afresh and verifies, and a new secret is used from the next event on."""
+    first, second = sign.generate(), sign.generate()
+    await save_callback(db, "ann", "order.created", "POST", receiver.url + "/pb", first)
+    async with worker(settings) as cache:
+        for label in ("one", "two", "three"):
+            assert await _publish(producer, db, label) == "delivered"
+        assert cache.loads == 1
+        async with _told_within_a_second(cache):
+            await save_callback(db, "ann", "order.created", "POST", receiver.url + "/pb", second)
+        assert await _publish(producer, db, "four") == "delivered"
+
+    def verifies(secret: str, request: Received) -> bool:
+        try:
+            standardwebhooks.Webhook(secret).verify(request.body, request.headers)
+        except WebhookVerificationError:
+            return False
+        return True
+
+    assert [verifies(first, r) for r in receiver.requests] == [True, True, True, False]
+    assert [verifies(second, r) for r in receiver.requests] == [False, False, False, True]
 
 
 async def test_a_callback_disabled_by_hand_is_skipped_from_the_next_event(

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import contextlib
 import io
-import logging
 import secrets
 import signal
 import sys
@@ -31,10 +30,10 @@ from producer import Producer
 from producer.queue import job_id
 from tests.support.events import event_data, events, publish, save_callback
 from tests.support.ledger import ledger, settled, states
+from tests.support.logs import relay_logs
 from tests.support.servers import database_name
 from tests.support.wait import until
 from tests.support.workers import WorkerProcess, kill_hard, worker_process, worker_settings
-from worker import logs
 from worker.config import Settings
 
 # --- a receiver that records every Idempotency-Key ---------------------------------------
@@ -423,12 +422,9 @@ def test_a_crash_logged_on_a_terminal_shows_no_local_variables(
     # A traceback renderer that prints each frame's locals would print the secret the
     # crashed delivery was signing with.
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    root = logging.getLogger()
-    before = (root.handlers[:], root.level, logging.getLogger(logs.LOGGER).level)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    try:
-        logs.configure("info")
+    with relay_logs("info"):
 
         def sign_and_crash(key: str = secret) -> None:
             raise RuntimeError("crashed while signing")
@@ -437,11 +433,6 @@ def test_a_crash_logged_on_a_terminal_shows_no_local_variables(
             sign_and_crash()
         except RuntimeError:
             structlog.get_logger("postback.worker").exception("job_crashed")
-    finally:
-        root.handlers, _, _ = before
-        root.setLevel(before[1])
-        logging.getLogger(logs.LOGGER).setLevel(before[2])
-        structlog.reset_defaults()
     written = terminal.getvalue()
     assert "job_crashed" in written
     assert "crashed while signing" in written  # the traceback is there...

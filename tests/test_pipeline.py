@@ -6,17 +6,20 @@ import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
 import structlog.testing
 from aiohttp import web
+from structlog.typing import EventDict
 
 from ops.cli.demo import running, serve
 from producer import Producer
 from producer.queue import job_id
 from tests.support.events import event_data, save_callback
-from tests.support.receivers import Receiver
+from tests.support.logs import relay_logs
+from tests.support.receivers import Flaky, Receiver
 from tests.support.servers import database_name
 from tests.support.wait import until
 from tests.support.workers import drain
@@ -135,6 +138,51 @@ async def test_affiliate_without_callback_gets_nothing_and_ledger_says_so(
     assert skipped["delivery_id"] == str(row["id"])
     assert skipped["affiliate"] == "zoe"
     assert skipped["reason"] == row["reason"]
+
+
+async def test_below_the_log_level_a_delivery_makes_no_log_call_and_above_it_says_all(
+    db: asyncpg.Connection, producer: Producer, flaky: Flaky, settings: Settings
+) -> None:
+    """At level warning, as a deployment that logs only problems runs: a delivered event
+    makes no call into the logging pipeline at all (not one that the level filter drops
+    afterwards), while a dead one still says everything it always said."""
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/ok")
+    await save_callback(db, "bob", "order.created", "GET", flaky.url + "/fail")
+    delivered, dead = event_data("quiet"), event_data("loud", affiliate_id="bob")
+    await producer.publish(delivered)
+    await producer.publish(dead)
+    reached: list[tuple[str, dict[str, Any]]] = []
+
+    def first(_logger: Any, method: str, line: EventDict) -> EventDict:
+        reached.append((method, dict(line)))
+        return line
+
+    with relay_logs("warning"):
+        # Ahead of the relay's own processors, the level filter among them.
+        structlog.configure(processors=[first, *structlog.get_config()["processors"]])
+        await drain(settings.model_copy(update={"retry_schedule": ""}))
+
+    assert (await _delivery(db, delivered["id"]))["state"] == "delivered"
+    row = await _delivery(db, dead["id"])
+    about = [(method, line) for method, line in reached if "delivery_id" in line]
+    assert [(method, line["event"]) for method, line in about] == [("warning", "delivery_dead")]
+    [(_, said)] = about
+    assert said | {"reason": None} == {
+        "event_id": dead["id"],
+        "delivery_id": str(row["id"]),
+        "affiliate": "bob",
+        "state": "dead",
+        "attempt": 1,
+        "outcome": "transient",
+        "status_code": 500,
+        "error_class": None,
+        "duration_ms": said["duration_ms"],
+        "host": "127.0.0.1",
+        "reason": None,
+        "callback_disabled": False,
+        "event": "delivery_dead",
+    }
+    assert said["reason"] == row["reason"] == "gave up after 1 attempt, last: HTTP 500"
 
 
 async def test_updated_callback_fires_only_on_updates(

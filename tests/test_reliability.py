@@ -345,6 +345,11 @@ async def _retrying(db: asyncpg.Connection, event_id: str) -> bool:
     return row is not None and row["state"] == "retrying"
 
 
+async def _attempted(db: asyncpg.Connection, event_id: str, attempts: int) -> bool:
+    row = await db.fetchrow("SELECT attempts FROM deliveries WHERE event_id = $1", event_id)
+    return row is not None and row["attempts"] >= attempts
+
+
 # -- repeats ----------------------------------------------------------------------------
 
 
@@ -692,6 +697,30 @@ async def test_a_delivery_whose_stored_event_was_edited_invalid_is_dead_not_stuc
     assert row["reason"].startswith("stored event is invalid: ")
     assert "order.amount" in row["reason"]
     assert len(receiver.hits) == 1
+
+
+async def test_a_retry_sends_the_event_as_the_ledger_holds_it(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    """A run validates the queued event once and sends it as it is when the ledger's copy is
+    the same; when the ledger's copy differs (edited by hand here), that copy is sent."""
+    async with scripted(503, 503, 200) as receiver:
+        await save_callback(
+            db, "ann", "order.created", "GET", receiver.url + "/pb/{{order.amount}}"
+        )
+        data = event_data("kept")
+        async with running_worker(settings.model_copy(update={"retry_schedule": "1s,1s"})):
+            await producer.publish(data)
+            await until(lambda: _retrying(db, data["id"]))
+            await until(lambda: _attempted(db, data["id"], 2), within=10)
+            await db.execute(
+                """UPDATE deliveries SET event = jsonb_set(event, '{order,amount}', '"12.00"')
+                   WHERE event_id = $1""",
+                data["id"],
+            )
+            await until(lambda: _count(db, "delivered", 1), within=10)
+
+    assert receiver.paths() == ["/pb/10.50", "/pb/10.50", "/pb/12.00"]
 
 
 @pytest.mark.parametrize(

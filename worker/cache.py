@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
-from worker import callbacks, database, fairness, render
+from worker import callbacks, database, fairness, render, sign
 
 CHANNEL = "postback_callbacks"
 """Notified by schema.sql's trigger on every change to `callbacks`."""
@@ -57,6 +57,10 @@ class Entry:
     destination: str | None = None
     """The template's scheme, host and port, which the per-destination cap and circuit go
     by; set whenever `template` is."""
+    signer: sign.Signer | None = None
+    """The callback's secret, set up for signing once rather than per request. None without
+    a secret, or with one that cannot sign (written by hand): its requests are then built
+    from the secret itself, which fails as it always did."""
 
 
 def _entry(callback: callbacks.Callback | None) -> Entry:
@@ -64,9 +68,19 @@ def _entry(callback: callbacks.Callback | None) -> Entry:
         return Entry(None)
     try:
         template = render.parse(callback.url_template)
-        return Entry(callback, template, destination=fairness.destination(callback.url_template))
     except render.TemplateError as exc:
         return Entry(callback, invalid=str(exc))
+    destination = fairness.destination(callback.url_template)
+    return Entry(callback, template, destination=destination, signer=_signer(callback.secret))
+
+
+def _signer(secret: str | None) -> sign.Signer | None:
+    if secret is None:
+        return None
+    try:
+        return sign.Signer(secret)
+    except ValueError:
+        return None
 
 
 class CallbackCache:

@@ -9,6 +9,7 @@ Redis loses it anyway.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,8 +36,10 @@ from worker import (
     metrics,
     render,
     retry,
+    sign,
 )
 from worker.config import Settings
+from worker.exchange import Outcome, Request
 
 log = structlog.get_logger("postback.worker")
 
@@ -68,6 +71,7 @@ class _Run:
     callbacks: cache.CallbackCache
     destinations: fairness.Destinations
     counts: metrics.Tally
+    ledger: ledger.Ledger
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -90,6 +94,7 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         ctx["callbacks"],
         ctx["destinations"],
         ctx["counts"],
+        ctx["ledger"],
     )
     # arq deletes a job that outruns its timeout, and before the ledger has the delivery
     # nothing else knows of the event; so the job keeps a budget of its own, shorter
@@ -136,12 +141,52 @@ class _Ready:
     event: Event
     callback: callbacks.Callback
     template: render.Template
+    signer: sign.Signer | None
     delivery: ledger.Taken
+
+
+@dataclass(slots=True)
+class _Said:
+    """A delivery's log lines, each with its event id, delivery id and affiliate.
+
+    The logger is bound only for a line that is written: below the log level a line costs
+    one level check, with no bound logger and no fields built (issue 18).
+    """
+
+    event: Event
+    delivery: uuid.UUID
+    destination: str | None = None
+    """Said on every line once set: the destination that put the delivery off."""
+
+    def enabled(self, level: int) -> bool:
+        """Whether a line at `level` is written: for fields that cost something to build."""
+        return bool(log.is_enabled_for(level))
+
+    def debug(self, name: str, **fields: Any) -> None:
+        self._line(logging.DEBUG, name, fields)
+
+    def info(self, name: str, **fields: Any) -> None:
+        self._line(logging.INFO, name, fields)
+
+    def warning(self, name: str, **fields: Any) -> None:
+        self._line(logging.WARNING, name, fields)
+
+    def _line(self, level: int, name: str, fields: dict[str, Any]) -> None:
+        if not log.is_enabled_for(level):
+            return
+        bound = log.bind(
+            event_id=self.event.id,
+            delivery_id=str(self.delivery),
+            affiliate=self.event.affiliate_id,
+        )
+        if self.destination is not None:
+            bound = bound.bind(destination=self.destination)
+        bound.log(level, name, **fields)
 
 
 async def _deliver(run: _Run, event: Event) -> str:
     did = deliver.delivery_id(event)
-    bound = log.bind(event_id=event.id, delivery_id=str(did), affiliate=event.affiliate_id)
+    said = _Said(event, did)
     entry = await run.callbacks.get(run.db, event.affiliate_id, event.type)
     close = _unsendable(event, entry)
     # The destination is asked before the ledger, so that a delivery put off for it costs
@@ -151,10 +196,10 @@ async def _deliver(run: _Run, event: Event) -> str:
     if close is None and entry.destination is not None:
         admitted = run.destinations.admit(entry.destination, time.monotonic(), did)
         if isinstance(admitted, fairness.Defer):
-            bound = bound.bind(destination=entry.destination)
+            said.destination = entry.destination
     slot = admitted if isinstance(admitted, fairness.Slot) else None
     try:
-        return await _go(run, bound, did, event, entry, close, admitted)
+        return await _go(run, said, did, event, entry, close, admitted)
     finally:
         # Not sent (put off, waiting, settled) or stopped before its request was done: the
         # slot goes back unused. After a request, `_attempt` gave it back with the outcome.
@@ -164,7 +209,7 @@ async def _deliver(run: _Run, event: Event) -> str:
 
 async def _go(
     run: _Run,
-    bound: structlog.stdlib.BoundLogger,
+    said: _Said,
     did: uuid.UUID,
     event: Event,
     entry: cache.Entry,
@@ -174,53 +219,60 @@ async def _go(
     """Ask the ledger, then do what it says: return, run again later, or send."""
     callback_id = None if entry.callback is None else entry.callback.id
     defer = admitted if isinstance(admitted, fairness.Defer) else None
-    taken = await ledger.take(
-        run.db,
-        did,
-        event,
-        callback_id,
-        run.job_id,
-        run.settings.job_timeout,
-        close,
-        None if defer is None else defer.seconds,
-        await _create_wait(run, event),
+    taken = await run.ledger.takes(
+        ledger.TakeCall(
+            did,
+            event,
+            callback_id,
+            run.job_id,
+            run.settings.job_timeout,
+            close,
+            None if defer is None else defer.seconds,
+            await _create_wait(run, event),
+        )
     )
-    if taken.action == "claimed" and not taken.inserted:
+    # Claimed but recorded before (by an earlier run, or by another job under the same event
+    # id): what is sent is the event as first recorded. When that is this run's event, as
+    # it nearly always is, it is not validated a second time: its JSON form reads back as
+    # the same event (tests/test_properties.py, the round trip).
+    if taken.action == "claimed" and not taken.inserted and taken.event != event.to_json():
         try:
             event = parse_event(taken.event)  # as first recorded
         except InvalidEvent as exc:
             # Only a row edited by hand, or one from a version with other rules, gets here.
             close = f"stored event is invalid: {exc.details}", True
-            taken = await ledger.take(
-                run.db, did, event, callback_id, run.job_id, run.settings.job_timeout, close
+            taken = await run.ledger.takes(
+                ledger.TakeCall(
+                    did, event, callback_id, run.job_id, run.settings.job_timeout, close
+                )
             )
     # Redis is touched only once the ledger has committed: never while holding an order lock.
     if taken.action == "settled":
         # The same event id again after it settled: at most one postback per event.
-        bound.info("delivery_repeat_ignored", state=taken.state)
+        said.info("delivery_repeat_ignored", state=taken.state)
         return taken.state
     if taken.action == "early":
         # Run early (re-enqueued by the sweep, or woken): the schedule still holds.
         raise await _defer(run, taken.wait)
     if taken.action == "elsewhere":
         # Another job is sending it right now (an event enqueued under a second job id).
-        bound.info("delivery_in_flight_elsewhere", job_id=taken.claimed_by)
+        said.info("delivery_in_flight_elsewhere", job_id=taken.claimed_by)
         return taken.state
     if taken.action == "closed":
         assert close is not None
         if taken.state == "dead":
-            bound.warning(
+            said.warning(
                 "delivery_dead", state=taken.state, reason=close[0], attempts=taken.attempts
             )
         else:
-            bound.info("delivery_skipped", state=taken.state, reason=close[0])
+            said.info("delivery_skipped", state=taken.state, reason=close[0])
         run.counts.count(event.affiliate_id, settled=taken.state)
         await queue.wake(run.redis, run.settings.queue_name, taken.woken)
         return taken.state
     if taken.action == "blocked":
         assert taken.blocker is not None
         if taken.blocker.id != taken.blocked_by:  # said once per delivery waited for
-            bound.info(
+            said.info(
                 "delivery_waiting",
                 waiting_for=str(taken.blocker.id),
                 waiting_for_event=taken.blocker.event_id,
@@ -228,23 +280,23 @@ async def _go(
         raise await _defer(run, BLOCKED_RECHECK_SECONDS)
     if taken.action == "awaiting":
         if taken.inserted:
-            bound.info(
+            said.info(
                 "delivery_waiting", waiting_for_event="order.created", seconds=round(taken.wait)
             )
         raise await _defer(run, _create_recheck(taken.wait, run.settings.create_wait))
     if taken.gave_up_waiting:
-        bound.warning("delivery_without_create", waited_s=run.settings.create_wait)
+        said.warning("delivery_without_create", waited_s=run.settings.create_wait)
     if taken.action == "deferred":
         assert defer is not None
-        bound.debug("delivery_deferred", reason=defer.reason, seconds=defer.seconds)
+        said.debug("delivery_deferred", reason=defer.reason, seconds=defer.seconds)
         run.counts.count(event.affiliate_id, deferred=defer.reason)
         raise await _defer(run, defer.seconds)
 
     assert isinstance(admitted, fairness.Slot)
     assert entry.callback is not None
     assert entry.template is not None
-    ready = _Ready(event, entry.callback, entry.template, taken)
-    return await _attempt(run, bound, did, ready, admitted)
+    ready = _Ready(event, entry.callback, entry.template, entry.signer, taken)
+    return await _attempt(run, said, did, ready, admitted)
 
 
 async def _create_wait(run: _Run, event: Event) -> float | None:
@@ -291,19 +343,19 @@ def _unsendable(event: Event, entry: cache.Entry) -> tuple[str, bool] | None:
 
 async def _attempt(
     run: _Run,
-    bound: structlog.stdlib.BoundLogger,
+    said: _Said,
     did: uuid.UUID,
     ready: _Ready,
     slot: fairness.Slot,
 ) -> str:
     callback, event = ready.callback, ready.event
     number = ready.delivery.attempts + 1
+    # Set up once with the callback; a secret that cannot sign fails here as it always did.
+    secret = callback.secret if ready.signer is None else ready.signer
     if ready.delivery.resend is not None:
-        request = deliver.resend_request(ready.delivery.resend, event, callback.secret)
+        request = deliver.resend_request(ready.delivery.resend, event, secret)
     else:
-        request = deliver.build_request(
-            callback.method, ready.template, event, did, callback.secret
-        )
+        request = deliver.build_request(callback.method, ready.template, event, did, secret)
     started_at = datetime.now(UTC)
     try:
         outcome = await deliver.attempt(run.http, request)
@@ -315,15 +367,15 @@ async def _attempt(
     circuit = run.destinations.release(slot, outcome, time.monotonic())
     if circuit is not None:
         # Said by the request that changed it: the next ones to that destination wait.
-        (bound.warning if circuit == "opened" else bound.info)(
+        (said.warning if circuit == "opened" else said.info)(
             f"circuit_{circuit}", destination=slot.origin
         )
     before = ready.delivery.retry_base
     verdict = retry.decide(
         outcome, number - before, run.settings.schedule, started_at, before=before
     )
-    woken = await ledger.record_attempt(
-        run.db, event, did, callback.id, request, started_at, outcome, verdict
+    woken = await run.ledger.records(
+        ledger.RecordCall(event, did, callback.id, request, started_at, outcome, verdict)
     )
     if verdict.disable_callback:
         run.callbacks.forget()  # not waiting for its own notification to come back
@@ -333,6 +385,21 @@ async def _attempt(
         settled=None if verdict.state == "retrying" else verdict.state,
         circuit=circuit,
     )
+    _said_after(said, number, request, outcome, verdict)
+    if verdict.state == "retrying":
+        assert verdict.delay is not None
+        raise await _defer(run, verdict.delay)
+    # Deliveries that were waiting for this one run now.
+    await queue.wake(run.redis, run.settings.queue_name, woken)
+    return verdict.state
+
+
+def _said_after(
+    said: _Said, number: int, request: Request, outcome: Outcome, verdict: retry.Verdict
+) -> None:
+    """The line an attempt ends with; its fields are only built when it is written."""
+    if not said.enabled(logging.WARNING if verdict.state == "dead" else logging.INFO):
+        return
     fields: dict[str, Any] = {
         "state": verdict.state,
         "attempt": number,
@@ -345,22 +412,18 @@ async def _attempt(
     }
     if verdict.state == "retrying":
         assert verdict.delay is not None
-        bound.info(
+        said.info(
             "delivery_retrying", **fields, reason=verdict.reason, retry_in_s=round(verdict.delay, 3)
         )
-        raise await _defer(run, verdict.delay)
-    if verdict.state == "dead":
-        bound.warning(
+    elif verdict.state == "dead":
+        said.warning(
             "delivery_dead",
             **fields,
             reason=verdict.reason,
             callback_disabled=verdict.disable_callback,
         )
     else:
-        bound.info("delivery_delivered", **fields)
-    # Deliveries that were waiting for this one run now.
-    await queue.wake(run.redis, run.settings.queue_name, woken)
-    return verdict.state
+        said.info("delivery_delivered", **fields)
 
 
 async def _defer(run: _Run, seconds: float) -> Retry:

@@ -9,15 +9,18 @@ over.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, Literal
 
 import asyncpg
 
 from producer.event import Event
-from worker.database import Executor
+from worker.database import Executor, transient
 from worker.exchange import Outcome, Request
+from worker.group import Group
 from worker.retry import Verdict
 
 State = Literal["pending", "retrying", "delivered", "dead", "skipped", "discarded"]
@@ -71,6 +74,92 @@ class Taken:
     """An update goes without its order's create: the wait for it is over (said once)."""
 
 
+@dataclass(frozen=True, slots=True)
+class TakeCall:
+    """The arguments of one `take`."""
+
+    delivery: uuid.UUID
+    event: Event
+    callback_id: int | None
+    job_id: str
+    claim_timeout: float
+    close: tuple[str, bool] | None = None
+    defer: float | None = None
+    create_wait: float | None = None
+
+    def arguments(self) -> tuple[Any, ...]:
+        """`postback_take`'s arguments, in order."""
+        reason, dead = (None, False) if self.close is None else self.close
+        event = self.event
+        return (
+            self.delivery,
+            event.id,
+            event.type,
+            event.affiliate_id,
+            event.order.number,
+            event.occurred_at,
+            self.callback_id,
+            event.to_json(),
+            self.job_id,
+            self.claim_timeout,
+            reason,
+            dead,
+            self.defer,
+            self.create_wait,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordCall:
+    """The arguments of one `record_attempt`."""
+
+    event: Event
+    delivery: uuid.UUID
+    callback_id: int
+    request: Request
+    started_at: datetime
+    outcome: Outcome
+    verdict: Verdict
+
+    def arguments(self) -> tuple[Any, ...]:
+        """`postback_record`'s arguments, in order."""
+        outcome, verdict = self.outcome, self.verdict
+        return (
+            self.delivery,
+            self.event.affiliate_id,
+            self.event.order.number,
+            self.callback_id,
+            verdict.state,
+            verdict.reason,
+            outcome.failure_class,
+            verdict.delay,
+            self.request.as_json(),
+            self.started_at,
+            outcome.duration_ms,
+            outcome.status,
+            outcome.error_class,
+            outcome.error,
+            outcome.excerpt,
+            verdict.disable_callback,
+            None if outcome.status is None else dict(outcome.headers),
+        )
+
+
+_TAKE = "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+_TAKE_MANY = (
+    "SELECT * FROM postback_take_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    " ORDER BY i"
+)
+_RECORD = (
+    "SELECT postback_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16, $17)"
+)
+_RECORD_MANY = (
+    "SELECT woken FROM postback_record_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+    " $12, $13, $14, $15, $16, $17) ORDER BY i"
+)
+
+
 async def take(
     db: Executor,
     delivery: uuid.UUID,
@@ -92,25 +181,23 @@ async def take(
     `create_wait`, for an update whose affiliate has an order.created callback: how long
     the order's updates wait for a create the ledger has not seen yet.
     """
-    reason, dead = (None, False) if close is None else close
-    row = await db.fetchrow(
-        "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        delivery,
-        event.id,
-        event.type,
-        event.affiliate_id,
-        event.order.number,
-        event.occurred_at,
-        callback_id,
-        event.to_json(),
-        job_id,
-        claim_timeout,
-        reason,
-        dead,
-        defer,
-        create_wait,
-    )
+    call = TakeCall(delivery, event, callback_id, job_id, claim_timeout, close, defer, create_wait)
+    return await _take_one(db, call)
+
+
+async def _take_one(db: Executor, call: TakeCall) -> Taken:
+    row = await db.fetchrow(_TAKE, *call.arguments())
     assert row is not None
+    return _taken(row)
+
+
+async def take_many(db: Executor, calls: list[TakeCall]) -> list[Taken]:
+    """`take` for each call, in their order, in one statement and one transaction."""
+    rows = await db.fetch(_TAKE_MANY, *_columns(call.arguments() for call in calls))
+    return [_taken(row) for row in rows]
+
+
+def _taken(row: asyncpg.Record) -> Taken:
     blocker_id = row["blocker_id"]
     return Taken(
         row["action"],
@@ -127,6 +214,11 @@ async def take(
         row["woken"],
         row["gave_up_waiting"],
     )
+
+
+def _columns(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
+    """Calls' arguments as one array per parameter, as the `_many` functions take them."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 async def release(db: Executor, delivery: uuid.UUID, job_id: str) -> None:
@@ -155,28 +247,46 @@ async def record_attempt(
 
     Returns the event ids of deliveries that were waiting for this one, when it settles.
     """
-    woken: list[str] = await db.fetchval(
-        "SELECT postback_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-        " $15, $16, $17)",
-        delivery,
-        event.affiliate_id,
-        event.order.number,
-        callback_id,
-        verdict.state,
-        verdict.reason,
-        outcome.failure_class,
-        verdict.delay,
-        request.as_json(),
-        started_at,
-        outcome.duration_ms,
-        outcome.status,
-        outcome.error_class,
-        outcome.error,
-        outcome.excerpt,
-        verdict.disable_callback,
-        None if outcome.status is None else dict(outcome.headers),
-    )
+    call = RecordCall(event, delivery, callback_id, request, started_at, outcome, verdict)
+    return await _record_one(db, call)
+
+
+async def _record_one(db: Executor, call: RecordCall) -> list[str]:
+    woken: list[str] = await db.fetchval(_RECORD, *call.arguments())
     return woken
+
+
+async def record_many(db: Executor, calls: list[RecordCall]) -> list[list[str]]:
+    """`record_attempt` for each call, in their order, in one statement and one transaction."""
+    rows = await db.fetch(_RECORD_MANY, *_columns(call.arguments() for call in calls))
+    return [row["woken"] for row in rows]
+
+
+def _alone(exc: Exception) -> bool:
+    """Whether the calls of a failed statement are each worth sending alone: not when the
+    database is down or the statement was cut, which would fail them all the same."""
+    return not transient(exc)
+
+
+class Ledger:
+    """One worker process's way to the two statements every delivery makes: its jobs'
+    concurrent takes, and their records, each gathered into one statement while the one
+    before is in flight (`worker.group`). A lone call goes at once."""
+
+    def __init__(self, db: asyncpg.Pool) -> None:
+        self.takes: Group[TakeCall, Taken] = Group(
+            partial(_take_one, db), partial(take_many, db), _alone
+        )
+        """`take`, sent with the takes of other jobs that come meanwhile."""
+        self.records: Group[RecordCall, list[str]] = Group(
+            partial(_record_one, db), partial(record_many, db), _alone
+        )
+        """`record_attempt`, sent with the records of other jobs that come meanwhile."""
+
+    async def close(self) -> None:
+        """Wait for the calls handed over to be sent: before the pool closes."""
+        await self.takes.close()
+        await self.records.close()
 
 
 async def due_without_claim(

@@ -17,7 +17,7 @@ from arq.worker import func
 from producer.connection import open_redis, redis_settings
 from producer.json_input import read_json
 from producer.queue import JOB_NAME, health_check_key, serialize, sweep_name
-from worker import cache, database, deliver, fairness, metrics
+from worker import cache, database, deliver, fairness, ledger, metrics
 from worker.config import Settings
 from worker.job import deliver_event
 from worker.sweep import sweep_job
@@ -47,7 +47,9 @@ log = structlog.get_logger("postback.worker")
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     assert settings.database_url is not None
-    ctx["db"] = await database.create_pool(settings.database_url, settings.db_pool_size)
+    ctx["db"] = db = await database.create_pool(settings.database_url, settings.db_pool_size)
+    # The jobs' ledger statements, gathered while one is in flight (worker/group.py).
+    ctx["ledger"] = ledger.Ledger(db)
     ctx["http"] = deliver.session(
         settings.connect_timeout, settings.request_timeout, settings.allowed
     )
@@ -76,6 +78,17 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
             await ctx["cache_listener"]
     if "http" in ctx:
         await ctx["http"].close()
+    if "ledger" in ctx:
+        shared: ledger.Ledger = ctx["ledger"]
+        await shared.close()
+        # How well the jobs shared their statements (worker/group.py): calls per statement.
+        log.info(
+            "ledger_statements",
+            takes=shared.takes.calls,
+            take_statements=shared.takes.statements,
+            records=shared.records.calls,
+            record_statements=shared.records.statements,
+        )
     if "db" in ctx:
         await ctx["db"].close()
 

@@ -6,6 +6,7 @@ does the waiting. Kept free of I/O so every branch is tested without a server.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -35,8 +36,12 @@ _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _TOO_MANY = 429
 
 
+@functools.lru_cache(maxsize=16)
 def parse_schedule(text: str) -> tuple[float, ...]:
-    """`"1m,5m,30m"` as seconds. Units: ms, s, m, h, d. An empty schedule means no retries."""
+    """`"1m,5m,30m"` as seconds. Units: ms, s, m, h, d. An empty schedule means no retries.
+
+    Kept per text: every attempt's verdict reads the worker's schedule (`Settings.schedule`),
+    which is the same text each time."""
     if not text.strip():
         return ()
     steps: list[float] = []
