@@ -18,7 +18,7 @@ import redis.asyncio
 
 from bench import celery_peer
 from bench.config import BenchConfig
-from bench.setup import DELETE_CHUNK
+from bench.setup import DELETE_CHUNK, admin
 from producer import Event
 
 
@@ -36,16 +36,8 @@ def worker_env(config: BenchConfig) -> dict[str, str]:
     }
 
 
-async def _admin(config: BenchConfig, sql: str) -> None:
-    conn = await asyncpg.connect(config.admin_url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 async def create_database(config: BenchConfig) -> None:
-    await _admin(config, f'CREATE DATABASE "{config.peer_database_name}"')
+    await admin(config, f'CREATE DATABASE "{config.peer_database_name}"')
     conn = await asyncpg.connect(config.peer_database_url)
     try:
         await conn.execute(celery_peer.SCHEMA)
@@ -54,7 +46,7 @@ async def create_database(config: BenchConfig) -> None:
 
 
 async def drop_database(config: BenchConfig) -> None:
-    await _admin(config, f'DROP DATABASE IF EXISTS "{config.peer_database_name}" WITH (FORCE)')
+    await admin(config, f'DROP DATABASE IF EXISTS "{config.peer_database_name}" WITH (FORCE)')
 
 
 async def attempts(config: BenchConfig) -> tuple[int, int]:

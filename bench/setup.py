@@ -28,7 +28,8 @@ TEMPLATE_QUERY = (
 )
 
 
-async def _admin(config: BenchConfig, sql: str) -> None:
+async def admin(config: BenchConfig, sql: str) -> None:
+    """One statement on the admin connection: creating and dropping the run's databases."""
     conn = await asyncpg.connect(config.admin_url)
     try:
         await conn.execute(sql)
@@ -38,13 +39,13 @@ async def _admin(config: BenchConfig, sql: str) -> None:
 
 async def create_database(config: BenchConfig) -> None:
     """A new, empty database with the relay's schema, applied by the relay itself."""
-    await _admin(config, f'CREATE DATABASE "{config.database_name}"')
+    await admin(config, f'CREATE DATABASE "{config.database_name}"')
     await database.init(config.database_url)
 
 
 async def drop_database(config: BenchConfig) -> None:
     """FORCE: a worker the bench could not stop must not keep the database alive."""
-    await _admin(config, f'DROP DATABASE IF EXISTS "{config.database_name}" WITH (FORCE)')
+    await admin(config, f'DROP DATABASE IF EXISTS "{config.database_name}" WITH (FORCE)')
 
 
 async def empty_ledger(conn: asyncpg.Connection) -> None:
