@@ -296,10 +296,12 @@ BEGIN
             WHERE c.affiliate_id = d.affiliate_id AND c.order_number = d.order_number;
             IF NOT has_create THEN
                 wait_until := first_taken + make_interval(secs => p_create_wait);
-                IF wait_until > now() THEN
+                -- The clock, not the transaction's start: the order's first delivery may
+                -- be this one, written a moment ago (created_at is the row's own time).
+                IF wait_until > clock_timestamp() THEN
                     UPDATE deliveries SET blocked_by = NULL, create_wait_until = wait_until
                     WHERE id = p_id;
-                    wait := extract(epoch FROM wait_until - now())::float8;
+                    wait := extract(epoch FROM wait_until - clock_timestamp())::float8;
                     action := 'awaiting';
                     RETURN;
                 END IF;
