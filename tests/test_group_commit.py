@@ -10,6 +10,7 @@ test with four worker processes on the same orders is in test_ordering.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -275,17 +276,9 @@ async def test_takes_in_one_statement_do_exactly_what_they_do_one_by_one(
     assert together[9][10] == [calls[8].event.id]  # the closed create woke its update
 
 
-def _arguments(call: ledger.TakeCall) -> tuple[Any, ...]:
-    return (
-        call.delivery,
-        call.event,
-        call.callback_id,
-        call.job_id,
-        call.claim_timeout,
-        call.close,
-        call.defer,
-        call.create_wait,
-    )
+def _arguments(call: ledger.TakeCall | ledger.RecordCall) -> list[Any]:
+    """A call's fields, in the order `take` (`record_attempt`) takes them after `db`."""
+    return [getattr(call, field.name) for field in dataclasses.fields(call)]
 
 
 def _record(
@@ -351,7 +344,7 @@ async def test_records_in_one_statement_do_exactly_what_they_do_one_by_one(
         if together:
             woken = await ledger.record_many(db, calls)
         else:
-            woken = [await ledger.record_attempt(db, *_record_arguments(c)) for c in calls]
+            woken = [await ledger.record_attempt(db, *_arguments(c)) for c in calls]
         results.append((woken, await _records_ledger(db)))
     assert results[1] == results[0]
     woken, (deliveries, _attempts, enabled) = results[1]
@@ -359,18 +352,6 @@ async def test_records_in_one_statement_do_exactly_what_they_do_one_by_one(
     # By event id: c-g (to bob), c-r, c-s, u-r.
     assert [row[1] for row in deliveries] == ["dead", "delivered", "retrying", "pending"]
     assert enabled == (("ann", True), ("bob", False))
-
-
-def _record_arguments(call: ledger.RecordCall) -> tuple[Any, ...]:
-    return (
-        call.event,
-        call.delivery,
-        call.callback_id,
-        call.request,
-        call.started_at,
-        call.outcome,
-        call.verdict,
-    )
 
 
 async def _lock_waits(db: asyncpg.Connection, pid: int) -> bool:
