@@ -11,7 +11,7 @@ CREATE TABLE schema_version (
     version integer NOT NULL,
     one_row boolean PRIMARY KEY DEFAULT true CHECK (one_row)  -- so never a second row
 );
-INSERT INTO schema_version (version) VALUES (10);  -- the number of the last upgrade step
+INSERT INTO schema_version (version) VALUES (11);  -- the number of the last upgrade step
 
 CREATE TABLE callbacks (
     id            bigserial PRIMARY KEY,
@@ -23,6 +23,10 @@ CREATE TABLE callbacks (
     enabled       boolean     NOT NULL DEFAULT true,
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- the order statuses it fires for; NULL: every event, whatever its status
+    statuses      text[]      CHECK (cardinality(statuses) > 0),
+    -- how long after an event was accepted its delivery becomes due
+    delay_seconds integer     NOT NULL DEFAULT 0 CHECK (delay_seconds BETWEEN 0 AND 86400),
     UNIQUE (affiliate_id, event_type)
 );
 
@@ -194,8 +198,9 @@ $$;
 --   elsewhere  another job claimed it less than `p_claim_timeout` seconds ago;
 --   closed     `p_close_reason` was given: settled `skipped` if never tried (or `dead` if
 --              tried, or if `p_close_dead`), with `woken` the deliveries that waited for it;
---   blocked    an earlier open delivery of the same order goes first: `blocker_*`, and
---              `blocked_by` is the one it waited for before this call;
+--   blocked    an earlier open delivery of the same order goes first: `blocker_*` (with
+--              `blocker_wait`, the seconds until that one is due), and `blocked_by` is
+--              the one it waited for before this call;
 --   awaiting   `p_create_wait` was given (an update whose affiliate has an order.created
 --              callback) and the ledger has no create of its order yet: it waits until
 --              `p_create_wait` seconds after the first of its order's deliveries was taken
@@ -204,19 +209,23 @@ $$;
 --   deferred   it could go, but `p_defer` was given (its destination is busy or down):
 --              due again in `p_defer` seconds, waiting for no earlier delivery;
 --   claimed    claimed for `p_job`: send it.
+-- A delivery created with `p_due_at` later than now (its callback's delay) is due then, with
+-- `p_due_reason` as its reason until it is tried: `early` until that time.
 -- `gave_up_waiting` is true when this call let an update go without its create because the
 -- wait was over (said once: `order_note` records it on the delivery).
 -- Creates go before updates, then by occurred_at, then by arrival.
--- Workers from before `p_create_wait` call it with 13 arguments, and so never wait.
+-- Workers from before `p_create_wait` call it with 13 arguments, and so never wait; those
+-- from before `p_due_at` with 14, and so never delay.
 CREATE FUNCTION postback_take(
     p_id uuid, p_event_id text, p_event_type text, p_affiliate_id text, p_order_number text,
     p_occurred_at timestamptz, p_callback_id bigint, p_event jsonb, p_job text,
     p_claim_timeout float8, p_close_reason text, p_close_dead boolean, p_defer float8,
-    p_create_wait float8 DEFAULT NULL,
+    p_create_wait float8 DEFAULT NULL, p_due_at timestamptz DEFAULT NULL,
+    p_due_reason text DEFAULT NULL,
     OUT action text, OUT inserted boolean, OUT event jsonb, OUT state text,
     OUT attempts integer, OUT wait float8, OUT claimed_by text, OUT blocked_by uuid,
     OUT retry_base integer, OUT resend jsonb, OUT blocker_id uuid, OUT blocker_event_id text,
-    OUT woken text[], OUT gave_up_waiting boolean)
+    OUT woken text[], OUT gave_up_waiting boolean, OUT blocker_wait float8)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -227,9 +236,10 @@ DECLARE
 BEGIN
     PERFORM postback_lock_order(p_affiliate_id, p_order_number);
     INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
-                            occurred_at, callback_id, event, state, next_attempt_at)
+                            occurred_at, callback_id, event, state, next_attempt_at, reason)
     VALUES (p_id, p_event_id, p_event_type, p_affiliate_id, p_order_number,
-            p_occurred_at, p_callback_id, p_event, 'pending', now())
+            p_occurred_at, p_callback_id, p_event, 'pending', greatest(now(), p_due_at),
+            CASE WHEN p_due_at > now() THEN p_due_reason END)
     ON CONFLICT (id) DO NOTHING
     RETURNING * INTO d;
     inserted := FOUND;
@@ -271,7 +281,8 @@ BEGIN
         woken := postback_waiting_for(p_id);
         action := 'closed';
     ELSE
-        SELECT p.id, p.event_id INTO blocker_id, blocker_event_id
+        SELECT p.id, p.event_id, extract(epoch FROM p.next_attempt_at - now())::float8
+        INTO blocker_id, blocker_event_id, blocker_wait
         FROM deliveries p
         WHERE p.affiliate_id = d.affiliate_id AND p.order_number = d.order_number
           AND p.state IN ('pending', 'retrying')
@@ -379,11 +390,13 @@ CREATE FUNCTION postback_take_many(
     p_id uuid[], p_event_id text[], p_event_type text[], p_affiliate_id text[],
     p_order_number text[], p_occurred_at timestamptz[], p_callback_id bigint[],
     p_event jsonb[], p_job text[], p_claim_timeout float8[], p_close_reason text[],
-    p_close_dead boolean[], p_defer float8[], p_create_wait float8[])
+    p_close_dead boolean[], p_defer float8[], p_create_wait float8[],
+    p_due_at timestamptz[] DEFAULT NULL, p_due_reason text[] DEFAULT NULL)
 RETURNS TABLE (
     i integer, action text, inserted boolean, event jsonb, state text, attempts integer,
     wait float8, claimed_by text, blocked_by uuid, retry_base integer, resend jsonb,
-    blocker_id uuid, blocker_event_id text, woken text[], gave_up_waiting boolean)
+    blocker_id uuid, blocker_event_id text, woken text[], gave_up_waiting boolean,
+    blocker_wait float8)
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM postback_lock_orders(p_affiliate_id, p_order_number);
@@ -391,7 +404,8 @@ BEGIN
         RETURN QUERY SELECT k, t.* FROM postback_take(
             p_id[k], p_event_id[k], p_event_type[k], p_affiliate_id[k], p_order_number[k],
             p_occurred_at[k], p_callback_id[k], p_event[k], p_job[k], p_claim_timeout[k],
-            p_close_reason[k], p_close_dead[k], p_defer[k], p_create_wait[k]) AS t;
+            p_close_reason[k], p_close_dead[k], p_defer[k], p_create_wait[k], p_due_at[k],
+            p_due_reason[k]) AS t;
     END LOOP;
 END
 $$;

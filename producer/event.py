@@ -83,10 +83,20 @@ class Link(_Strict):
     sub_id: Annotated[str, Field(max_length=256)] | None = None
 
 
+STORE_WIDE = "*"
+"""The affiliate id of a store-wide callback, so never an event's affiliate."""
+
+
+def _an_affiliate(value: str) -> str:
+    if value == STORE_WIDE:
+        raise ValueError(f"'{STORE_WIDE}' names the store-wide callback, not an affiliate")
+    return value
+
+
 class Event(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=128)]
     type: EventType
-    affiliate_id: Annotated[str, Field(min_length=1, max_length=64)]
+    affiliate_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_an_affiliate)]
     occurred_at: Annotated[AwareDatetime, AfterValidator(_whole_minute_offset)] | None = None
     order: Order
     link: Link

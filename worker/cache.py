@@ -96,12 +96,14 @@ class CallbackCache:
         """Callbacks read from Postgres: what the cache saves shows here."""
 
     async def get(self, db: database.Executor, affiliate_id: str, event_type: str) -> Entry:
+        """The callback the affiliate's events of `event_type` go to: its own, else the
+        store-wide one (`callbacks.find`), kept per affiliate."""
         key = (affiliate_id, event_type)
         cached = self._entries.get(key)
         if cached is not None:
             return cached
         generation = self._generation
-        entry = _entry(await callbacks.get(db, affiliate_id, event_type))
+        entry = _entry(await callbacks.find(db, affiliate_id, event_type))
         self.loads += 1
         if self._listening and generation == self._generation:
             self._entries[key] = entry

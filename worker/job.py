@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -31,6 +31,7 @@ from worker import (
     callbacks,
     database,
     deliver,
+    duration,
     fairness,
     ledger,
     metrics,
@@ -50,9 +51,11 @@ CRASH_RETRY_SECONDS = 60
 """Wait before re-running a job that raised something nobody foresaw."""
 
 BLOCKED_RECHECK_SECONDS = 15
-"""How often a delivery waiting for an earlier one of its order looks again. The earlier one
-wakes it as soon as it settles; this bounds the wait when that wake-up comes while the
-waiting job is between runs and misses it."""
+"""How long after the earlier delivery of its order is due a delivery waiting for it looks
+again. The earlier one wakes it as soon as it settles; this bounds the wait when that
+wake-up comes while the waiting job is between runs and misses it. Counted from when the
+earlier one is due, so an update of a create delayed (or retrying) for hours does not look
+every 15 s meanwhile."""
 
 CREATE_RECHECK_SECONDS = 1.0
 """The first wait of an update waiting for its order's create before it looks again; each
@@ -72,6 +75,8 @@ class _Run:
     destinations: fairness.Destinations
     counts: metrics.Tally
     ledger: ledger.Ledger
+    accepted_at: datetime
+    """When the event was enqueued: a callback's delay counts from then."""
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -95,6 +100,7 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         ctx["destinations"],
         ctx["counts"],
         ctx["ledger"],
+        ctx["enqueue_time"],
     )
     # arq deletes a job that outruns its timeout, and before the ledger has the delivery
     # nothing else knows of the event; so the job keeps a budget of its own, shorter
@@ -229,6 +235,7 @@ async def _go(
             close,
             None if defer is None else defer.seconds,
             await _create_wait(run, event),
+            _due(run, entry) if close is None else None,
         )
     )
     # Claimed but recorded before (by an earlier run, or by another job under the same event
@@ -277,7 +284,7 @@ async def _go(
                 waiting_for=str(taken.blocker.id),
                 waiting_for_event=taken.blocker.event_id,
             )
-        raise await _defer(run, BLOCKED_RECHECK_SECONDS)
+        raise await _defer(run, taken.blocker.wait + BLOCKED_RECHECK_SECONDS)
     if taken.action == "awaiting":
         if taken.inserted:
             said.info(
@@ -309,6 +316,17 @@ async def _create_wait(run: _Run, event: Event) -> float | None:
     return run.settings.create_wait if create is not None and create.enabled else None
 
 
+def _due(run: _Run, entry: cache.Entry) -> tuple[datetime, str] | None:
+    """When the delivery becomes due if its callback delays it: that long after the event
+    was accepted, whenever this job first runs. Given only for a delivery that can be sent;
+    one that is skipped settles at once."""
+    callback = entry.callback
+    if callback is None or not callback.delay_seconds:
+        return None
+    due_at = run.accepted_at + timedelta(seconds=callback.delay_seconds)
+    return due_at, f"delayed {duration.spell(callback.delay_seconds)} by its callback"
+
+
 def _create_recheck(left: float, limit: float) -> float:
     """When an update waiting for its create looks again: when the wait is over, and before
     that after as long as it has waited so far (at least `CREATE_RECHECK_SECONDS`).
@@ -336,6 +354,9 @@ def _unsendable(event: Event, entry: cache.Entry) -> tuple[str, bool] | None:
         return f"no {event.type} callback configured for affiliate {event.affiliate_id}", False
     if not callback.enabled:
         return "callback disabled", False
+    refusal = callback.refusal(event.order.status)
+    if refusal is not None:
+        return refusal, False
     if entry.template is None:
         return f"stored template is invalid: {entry.invalid}", True
     return None

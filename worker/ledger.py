@@ -41,6 +41,8 @@ class Blocker:
 
     id: uuid.UUID
     event_id: str
+    wait: float = 0.0
+    """Seconds until it is due: it cannot settle, and wake the one it blocks, before then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +88,14 @@ class TakeCall:
     close: tuple[str, bool] | None = None
     defer: float | None = None
     create_wait: float | None = None
+    due: tuple[datetime, str] | None = None
+    """When a new delivery becomes due, if later than now, and the reason it waits till
+    then (its callback's delay)."""
 
     def arguments(self) -> tuple[Any, ...]:
         """`postback_take`'s arguments, in order."""
         reason, dead = (None, False) if self.close is None else self.close
+        due_at, due_reason = (None, None) if self.due is None else self.due
         event = self.event
         return (
             self.delivery,
@@ -106,6 +112,8 @@ class TakeCall:
             dead,
             self.defer,
             self.create_wait,
+            due_at,
+            due_reason,
         )
 
 
@@ -145,10 +153,13 @@ class RecordCall:
         )
 
 
-_TAKE = "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+_TAKE = (
+    "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16)"
+)
 _TAKE_MANY = (
-    "SELECT * FROM postback_take_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-    " ORDER BY i"
+    "SELECT * FROM postback_take_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+    " $14, $15, $16) ORDER BY i"
 )
 _RECORD = (
     "SELECT postback_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
@@ -170,6 +181,7 @@ async def take(
     close: tuple[str, bool] | None = None,
     defer: float | None = None,
     create_wait: float | None = None,
+    due: tuple[datetime, str] | None = None,
 ) -> Taken:
     """Open (or find) the delivery and, under its order's lock, claim it for `job_id` when
     it can be sent now; one round trip.
@@ -179,9 +191,12 @@ async def take(
     many seconds instead of claiming it (its destination said not now). A claim younger
     than `claim_timeout` seconds is another job's; an older one is stale and taken over.
     `create_wait`, for an update whose affiliate has an order.created callback: how long
-    the order's updates wait for a create the ledger has not seen yet.
+    the order's updates wait for a create the ledger has not seen yet. `due`: when a
+    delivery this call creates becomes due, and why (its callback's delay).
     """
-    call = TakeCall(delivery, event, callback_id, job_id, claim_timeout, close, defer, create_wait)
+    call = TakeCall(
+        delivery, event, callback_id, job_id, claim_timeout, close, defer, create_wait, due
+    )
     return await _take_one(db, call)
 
 
@@ -210,7 +225,9 @@ def _taken(row: asyncpg.Record) -> Taken:
         row["blocked_by"],
         row["retry_base"],
         row["resend"],
-        None if blocker_id is None else Blocker(blocker_id, row["blocker_event_id"]),
+        None
+        if blocker_id is None
+        else Blocker(blocker_id, row["blocker_event_id"], max(0.0, row["blocker_wait"] or 0.0)),
         row["woken"],
         row["gave_up_waiting"],
     )

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import random
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
+from worker import duration
 from worker.exchange import NO_ANSWER, Outcome
 
 DEFAULT_SCHEDULE = "1m,5m,30m,2h,6h,12h,24h"
@@ -26,9 +26,6 @@ JITTER = 0.2
 
 RETRY_AFTER_CAP = 86_400.0
 """Longest wait a receiver's Retry-After can impose: it cannot park a delivery for weeks."""
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_STEP = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 # Status codes that say "not now" rather than "never" (docs/design.md, "Retries").
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
@@ -46,14 +43,13 @@ def parse_schedule(text: str) -> tuple[float, ...]:
         return ()
     steps: list[float] = []
     for raw in text.split(","):
-        item = raw.strip()
-        match = _STEP.fullmatch(item)
-        if match is None:
+        try:
+            steps.append(duration.parse(raw))
+        except ValueError:
             raise ValueError(
-                f"{item!r} is not a duration; write steps like 30s, 1m, 2h or 250ms, "
+                f"{raw.strip()!r} is not a duration; write steps like 30s, 1m, 2h or 250ms, "
                 "separated by commas"
-            )
-        steps.append(float(match[1]) * _UNITS[match[2]])
+            ) from None
     return tuple(steps)
 
 

@@ -89,12 +89,13 @@ async def replay(
             return Result(did, "not_found", "no such delivery")
         if row["state"] not in REPLAYABLE:
             return Result(did, "skipped", f"it is {row['state']}, neither dead nor discarded")
-        callback = await callbacks.get(conn, row["affiliate_id"], row["event_type"])
+        callback = await callbacks.find(conn, row["affiliate_id"], row["event_type"])
         if callback is None:
             return Result(
                 did,
                 "skipped",
-                f"no {row['event_type']} callback for affiliate {row['affiliate_id']}",
+                f"no {row['event_type']} callback for affiliate {row['affiliate_id']}, "
+                "nor a store-wide one",
             )
         if not callback.enabled:
             return Result(did, "skipped", "its callback is disabled")

@@ -10,32 +10,39 @@ sample request for a callback not saved yet, and sends it nowhere.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import asyncpg
 
-from producer.event import Event, EventType, parse_event
+from producer.event import STORE_WIDE, Event, EventType, parse_event
 from worker import deliver, render
 from worker.callbacks import Callback, CallbackSpec
 from worker.exchange import Request
 
+SAMPLE_AFFILIATE = "sample-affiliate"
+"""The affiliate of a store-wide callback's sample order, which must be someone's."""
 
-def sample_event(affiliate_id: str, event_type: EventType) -> Event:
-    """A made-up order for the affiliate and event type, every field filled."""
+
+def sample_event(
+    affiliate_id: str, event_type: EventType, statuses: Sequence[str] | None = None
+) -> Event:
+    """A made-up order for the affiliate and event type, every field filled; its status is
+    the first the callback fires for, when it names some, so the sample is one it sends."""
     return parse_event(
         {
             "id": f"test-{uuid.uuid4()}",
             "type": event_type,
-            "affiliate_id": affiliate_id,
+            "affiliate_id": SAMPLE_AFFILIATE if affiliate_id == STORE_WIDE else affiliate_id,
             "occurred_at": datetime.now(UTC).isoformat(),
             "order": {
                 "number": "TEST-1001",
                 "amount": "100.00",
                 "commission": "10.00",
                 "currency": "EUR",
-                "status": "pending",
+                "status": statuses[0] if statuses else "pending",
             },
             "link": {
                 "url": "https://shop.example/landing/summer?campaign=test&ref=sample#top",
@@ -56,7 +63,7 @@ def _test_request(
 def preview(spec: CallbackSpec) -> Request:
     """The request a callback as given would send for the sample event, unsigned, sent
     nowhere: what a person setting a callback up sees as they type its template."""
-    event = sample_event(spec.affiliate_id, spec.event_type)
+    event = sample_event(spec.affiliate_id, spec.event_type, spec.statuses)
     return _test_request(spec.method, spec.template, event, None)
 
 
@@ -73,8 +80,10 @@ async def fire(
 ) -> dict[str, Any]:
     """Send one request to the callback and record it; returns what was sent and got."""
     if event is None:
-        event = sample_event(callback.affiliate_id, callback.event_type)
-    elif (event.affiliate_id, event.type) != (callback.affiliate_id, callback.event_type):
+        event = sample_event(callback.affiliate_id, callback.event_type, callback.statuses)
+    elif event.type != callback.event_type or (
+        event.affiliate_id != callback.affiliate_id and not callback.store_wide
+    ):
         raise EventMismatch(
             f"the event is {event.type} for affiliate {event.affiliate_id}, but the callback "
             f"is {callback.event_type} for affiliate {callback.affiliate_id}"

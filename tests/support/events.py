@@ -59,8 +59,20 @@ async def save_callback(
     method: str,
     url: str,
     secret: str | None = None,
-) -> None:
+    *,
+    statuses: str | None = None,
+    delay: str | None = None,
+) -> callbacks.Callback:
     """Configure a callback as `postback callbacks set` does, validation included."""
     allowed = address.parse_networks(ALLOW_NETWORKS)
-    spec = callbacks.validate(affiliate, event_type, method, url, secret, allowed=allowed)
-    await callbacks.save(conn, spec)
+    spec = callbacks.validate(
+        affiliate,
+        event_type,
+        method,
+        url,
+        secret,
+        allowed=allowed,
+        statuses=statuses,
+        delay=delay,
+    )
+    return await callbacks.save(conn, spec)
