@@ -32,9 +32,9 @@ from pydantic import (
 from pydantic_core import CoreSchema, ErrorDetails, core_schema
 
 from producer.event import EVENT_TYPES, EventType, FieldError, error_message
+from worker import duration
 from worker.exchange import FAILURE_CLASSES, FailureClass
 from worker.ledger import STATES, State
-from worker.retry import parse_schedule
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -154,15 +154,14 @@ def _when(value: object, info: ValidationInfo) -> datetime | None:
     plain_text(value)
     now: datetime = (info.context or {}).get("now") or datetime.now(UTC)
     try:
-        steps = parse_schedule(value)
+        ago = duration.parse(value)
     except ValueError:
         pass
     else:
-        if len(steps) == 1:
-            try:
-                return _in_range(now - timedelta(seconds=steps[0]))
-            except OverflowError:
-                raise ValueError("is further back than any time Postgres holds") from None
+        try:
+            return _in_range(now - timedelta(seconds=ago))
+        except OverflowError:
+            raise ValueError("is further back than any time Postgres holds") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
