@@ -449,7 +449,10 @@ async def test_the_ledger_shows_a_put_off_delivery_unclaimed_and_when_it_goes(
     # The order's update waits for its create rather than for the destination.
     later = await ledger.take(db, delivery_id(update), update, None, "job-b", 60, defer=30.0)
     assert later.action == "blocked"
-    assert later.blocker == ledger.Blocker(delivery_id(create), create.id)
+    assert later.blocker is not None
+    assert (later.blocker.id, later.blocker.event_id) == (delivery_id(create), create.id)
+    # ...and looks again once that one is due, not before.
+    assert 29 < later.blocker.wait <= 30
 
 
 def _put_off(places: fairness.Destinations, now: float, count: int) -> list[float]:
