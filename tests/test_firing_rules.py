@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 from producer import Producer
 from producer.event import InvalidEvent, parse_event
@@ -218,17 +219,21 @@ async def test_a_delayed_callback_fires_that_long_after_the_event_was_accepted(
 ) -> None:
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/late", delay="2s")
     data = event_data("delayed")
-    async with running_worker(settings):
-        accepted = time.time()
-        await producer.publish(data)
-        # Ops see it waiting, with its due time and why.
-        await until(lambda: _exists(db, data["id"]))
-        row = await _delivery(db, data["id"])
-        assert (row["state"], row["attempts"]) == ("pending", 0)
-        assert row["reason"] == "delayed 2s by its callback"
-        due = row["next_attempt_at"].timestamp()
-        assert accepted + 1.5 < due < time.time() + 2.0
-        await until(lambda: len(receiver.requests) == 1, within=10)
+    with structlog.testing.capture_logs() as logs:
+        async with running_worker(settings):
+            accepted = time.time()
+            await producer.publish(data)
+            # Ops see it waiting, with its due time and why.
+            await until(lambda: _exists(db, data["id"]))
+            row = await _delivery(db, data["id"])
+            assert (row["state"], row["attempts"]) == ("pending", 0)
+            assert row["reason"] == "delayed 2s by its callback"
+            due = row["next_attempt_at"].timestamp()
+            assert accepted + 1.5 < due < time.time() + 2.0
+            await until(lambda: len(receiver.requests) == 1, within=10)
+    [said] = [line for line in logs if line["event"] == "delivery_delayed"]
+    assert said["event_id"] == data["id"]
+    assert 1.0 < said["due_in_s"] <= 2.0
     [got] = receiver.requests
     assert got.at >= due
     assert got.at - accepted >= 2.0

@@ -259,7 +259,9 @@ async def _go(
         said.info("delivery_repeat_ignored", state=taken.state)
         return taken.state
     if taken.action == "early":
-        # Run early (re-enqueued by the sweep, or woken): the schedule still holds.
+        if taken.inserted:  # new, and its callback puts it off: said once
+            said.info("delivery_delayed", due_in_s=round(taken.wait, 3))
+        # Otherwise run early (re-enqueued by the sweep, or woken): the schedule still holds.
         raise await _defer(run, taken.wait)
     if taken.action == "elsewhere":
         # Another job is sending it right now (an event enqueued under a second job id).
