@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import io
 import json
+import re
 import socket
 import subprocess
 import time
@@ -41,7 +42,7 @@ from tests.support.cli import (
     succeeded,
 )
 from tests.support.events import event_data, save_callback
-from tests.support.ledger import make_deliveries
+from tests.support.ledger import DELAYED_REASON, make_deliveries, make_store_wide_and_delayed
 from tests.support.ports import free_port
 from tests.support.receivers import ALLOW_NETWORKS, Flaky, Receiver
 from tests.support.schemas import released
@@ -360,6 +361,78 @@ async def test_callbacks_set_refuses_a_bad_callback(
     assert await callback_rows(db) == []
 
 
+async def test_callbacks_set_takes_statuses_a_delay_and_the_store_wide_affiliate(
+    db: asyncpg.Connection, postback: Postback
+) -> None:
+    ann = ["--affiliate", "ann", "--event", "order.updated", "--url", "https://t.example/pb"]
+    store = ["--affiliate", "*", "--event", "order.created", "--url", "https://store.example/pb"]
+
+    saved = postback("callbacks", "set", *ann, "--statuses", "approved, refunded", "--delay", "5m")
+    saved_store = postback("callbacks", "set", *store, "--delay", "90s")
+
+    assert succeeded(saved) == (
+        "saved: ann order.updated GET https://t.example/pb (statuses approved,refunded; delay 5m)\n"
+    )
+    assert succeeded(saved_store) == (
+        "saved: * (store-wide) order.created GET https://store.example/pb (delay 90s)\n"
+    )
+    rows = await db.fetch("SELECT affiliate_id, statuses, delay_seconds FROM callbacks")
+    assert sorted(tuple(row) for row in rows) == [
+        ("*", None, 90),
+        ("ann", ["approved", "refunded"], 300),
+    ]
+    lines = succeeded(postback("callbacks", "list")).splitlines()
+    assert lines[0].split()[5:7] == ["STATUSES", "DELAY"]
+    assert sorted(line.split() for line in lines[1:]) == [
+        ["*", "(store-wide)", "order.created", "GET", "yes", "no", "all", "90s",
+         "https://store.example/pb"],
+        ["ann", "order.updated", "GET", "yes", "no", "approved,refunded", "5m",
+         "https://t.example/pb"],
+    ]  # fmt: skip
+    as_json = json.loads(succeeded(postback("callbacks", "list", "--json")))
+    assert sorted(({key: cb[key] for key in CONDITIONS} for cb in as_json), key=str) == [
+        {"store_wide": False, "statuses": ["approved", "refunded"], "delay": "5m",
+         "delay_seconds": 300},
+        {"store_wide": True, "statuses": None, "delay": "90s", "delay_seconds": 90},
+    ]  # fmt: skip
+    # `set` replaces the callback whole: without them, every status, at once.
+    assert succeeded(postback("callbacks", "set", *ann)) == (
+        "saved: ann order.updated GET https://t.example/pb\n"
+    )
+    row = await db.fetchrow(
+        "SELECT statuses, delay_seconds FROM callbacks WHERE affiliate_id = 'ann'"
+    )
+    assert row is not None
+    assert tuple(row) == (None, 0)
+    switched = postback("callbacks", "disable", "--affiliate", "*", "--event", "order.created")
+    assert succeeded(switched) == "disabled: * order.created\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--delay", "25h", "delay '25h' is out of range; it may be 0 to 24h (86400 s)"),
+        ("--delay", "5x", "delay '5x' is not a duration; write it like 90s, 5m or 2h"),
+        (
+            "--statuses",
+            "approved,,x",
+            "statuses must be order statuses separated by commas, e.g. approved,refunded; "
+            "got an empty one",
+        ),
+        ("--statuses", "a,a", "status 'a' is listed twice"),
+    ],
+)
+async def test_callbacks_set_refuses_bad_statuses_or_delay_in_one_line(
+    db: asyncpg.Connection, postback: Postback, option: str, value: str, message: str
+) -> None:
+    args = ["--affiliate", "ann", "--event", "order.created", "--url", "https://t.example/pb"]
+
+    line = refusal(postback("callbacks", "set", *args, option, value))
+
+    assert line == f"postback: error: {message}"  # as the API words it (test_service.py)
+    assert await callback_rows(db) == []
+
+
 # --- callbacks list --------------------------------------------------------------------
 
 
@@ -391,6 +464,10 @@ BOB_LISTED = {
 }
 
 
+CONDITIONS = {"store_wide": False, "statuses": None, "delay": "0s", "delay_seconds": 0}
+"""What `--json` lists of a callback set without --statuses or --delay, for one affiliate."""
+
+
 def table(stdout: str) -> list[list[str]]:
     """The table's cells, row by row (no cell contains a space)."""
     return [line.split() for line in stdout.splitlines()]
@@ -408,9 +485,9 @@ def test_callbacks_list_prints_a_table_without_secrets(postback: Postback) -> No
     stdout = succeeded(postback("callbacks", "list"))
 
     assert table(stdout) == [
-        ["AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "URL"],
-        ["ann", "order.created", "GET", "yes", "yes", ANN_URL],
-        ["bob", "order.updated", "POST", "yes", "no", BOB_URL],
+        ["AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "STATUSES", "DELAY", "URL"],
+        ["ann", "order.created", "GET", "yes", "yes", "all", "none", ANN_URL],
+        ["bob", "order.updated", "POST", "yes", "no", "all", "none", BOB_URL],
     ]
     assert SECRET not in stdout
 
@@ -421,7 +498,8 @@ def test_callbacks_list_json_has_every_field_but_the_secret(postback: Postback) 
 
     assert listed(stdout) == [ANN_LISTED, BOB_LISTED]
     for item in json.loads(stdout):
-        assert set(item) == {*ANN_LISTED, "id", "created_at", "updated_at"}
+        assert set(item) == {*ANN_LISTED, "id", "created_at", "updated_at", *CONDITIONS}
+        assert {key: item[key] for key in CONDITIONS} == CONDITIONS
         assert isinstance(item["id"], int)
         datetime.fromisoformat(item["created_at"])
         datetime.fromisoformat(item["updated_at"])
@@ -434,7 +512,9 @@ def test_callbacks_list_filters_by_affiliate(postback: Postback) -> None:
     as_table = succeeded(postback("callbacks", "list", "--affiliate", "ann"))
     as_json = succeeded(postback("callbacks", "list", "--affiliate", "bob", "--json"))
 
-    assert table(as_table)[1:] == [["ann", "order.created", "GET", "yes", "yes", ANN_URL]]
+    assert table(as_table)[1:] == [
+        ["ann", "order.created", "GET", "yes", "yes", "all", "none", ANN_URL]
+    ]
     assert listed(as_json) == [BOB_LISTED]
 
 
@@ -992,9 +1072,11 @@ async def test_dlq_list_shows_a_table_and_json(
         "STATE",
         "TRIES",
         "LAST",
+        "CALLBACK",
         "REASON",
     ]
     assert len(lines) == 3
+    assert all(" own " in line for line in lines[1:])
     assert all(" bob " in line and " dead " in line and " 500 " in line for line in lines[1:])
     listed = json.loads(succeeded(postback("dlq", "list", "--json", "--order", "#1002")))
     [item] = listed["items"]
@@ -1089,6 +1171,45 @@ async def test_deliveries_show_prints_the_request_exactly_as_sent(
     assert SECRET not in shown
 
 
+async def test_deliveries_say_which_callback_and_when_a_delayed_one_is_due(
+    postback: Postback,
+    db: asyncpg.Connection,
+    flaky: Flaky,
+    settings: Settings,
+    producer: Producer,
+) -> None:
+    made = await make_store_wide_and_delayed(db, producer, flaky, settings)
+    due = f"due {made.due:%Y-%m-%d %H:%M:%S} UTC ({DELAYED_REASON})"
+
+    lines = succeeded(postback("deliveries", "list")).splitlines()
+
+    assert lines[0].split()[-2:] == ["CALLBACK", "REASON"]
+    [zed] = [line for line in lines if " zed " in line]
+    assert re.search(r" delivered .* 200 +store-wide$", zed), zed
+    [ann] = [line for line in lines if " ann " in line]
+    assert re.search(r" pending +0 +- +own +" + re.escape(due) + "$", ann), ann
+    shown = succeeded(postback("deliveries", "show", made.store_wide)).splitlines()
+    assert f"callback   #{made.store_callback} (store-wide)" in shown
+    shown = succeeded(postback("deliveries", "show", made.delayed)).splitlines()
+    assert f"state      pending: {due}" in shown
+    assert f"callback   #{made.delayed_callback} (own)" in shown
+    assert not [line for line in shown if line.startswith("next try")]  # said once, above
+    as_json = json.loads(succeeded(postback("deliveries", "show", made.store_wide, "--json")))
+    assert (as_json["callback_id"], as_json["callback_store_wide"]) == (made.store_callback, True)
+
+    # The store-wide callback removed, its deliveries still name it.
+    succeeded(postback("callbacks", "remove", "--affiliate", "*", "--event", "order.created"))
+    as_json = json.loads(succeeded(postback("deliveries", "list", "--json")))
+    [zed_item] = [item for item in as_json["items"] if item["affiliate_id"] == "zed"]
+    assert (zed_item["callback_id"], zed_item["callback_store_wide"]) == (made.store_callback, None)
+    [zed] = [
+        line for line in succeeded(postback("deliveries", "list")).splitlines() if " zed " in line
+    ]
+    assert zed.endswith(" removed"), zed
+    shown = succeeded(postback("deliveries", "show", made.store_wide)).splitlines()
+    assert f"callback   #{made.store_callback} (removed since)" in shown
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
@@ -1175,7 +1296,8 @@ async def test_dlq_discard_and_replay_take_the_start_of_an_id(
     # Replayed by its prefix, the delivery is named in full (here skipped: ann has no
     # callback).
     assert refusal(postback("dlq", "replay", "abcdef01-a")) == (
-        f"postback: error: {first}: not replayed: no order.created callback for affiliate ann"
+        f"postback: error: {first}: not replayed: no order.created callback for affiliate ann, "
+        "nor a store-wide one"
     )
 
 

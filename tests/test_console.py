@@ -59,6 +59,8 @@ def delivery(**changes: Any) -> dict[str, Any]:
         "created_at": "2026-11-21T09:00:00+00:00",
         "occurred_at": "2026-11-21T08:59:00+00:00",
         "next_attempt_at": None,
+        "callback_id": 12,
+        "callback_store_wide": False,
         "request": request(),
         "attempts": [attempt()],
         "actions": [],
@@ -171,3 +173,20 @@ def test_show_prints_the_request_in_full_when_no_attempt_shows_it() -> None:
 def test_a_receivers_headers_cannot_drive_the_terminal() -> None:
     loud = attempt(response_headers={"X-Title": "\x1b]0;pwned\x07"})
     assert "\x1b" not in console.delivery_text(delivery(attempts=[loud]))
+
+
+@pytest.mark.parametrize(
+    ("callback_id", "store_wide", "word", "line"),
+    [
+        (12, False, "own", "callback   #12 (own)"),
+        (12, True, "store-wide", "callback   #12 (store-wide)"),
+        (12, None, "removed", "callback   #12 (removed since)"),
+        (None, None, "-", "callback   none"),
+    ],
+)
+def test_a_delivery_says_which_callback_it_went_to(
+    callback_id: int | None, store_wide: bool | None, word: str, line: str
+) -> None:
+    d = delivery(callback_id=callback_id, callback_store_wide=store_wide)
+    assert console.callback_used(d) == word
+    assert line in console.delivery_text(d).splitlines()

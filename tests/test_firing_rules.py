@@ -16,6 +16,7 @@ from producer import Producer
 from producer.event import InvalidEvent, parse_event
 from producer.queue import job_id
 from tests.support.events import event_data, save_callback
+from tests.support.ledger import delivery
 from tests.support.receivers import Receiver
 from tests.support.wait import until
 from tests.support.workers import drain, running_worker
@@ -23,12 +24,6 @@ from worker import callbacks, duration
 from worker.config import Settings
 from worker.deliver import delivery_id
 from worker.job import BLOCKED_RECHECK_SECONDS
-
-
-async def _delivery(db: asyncpg.Connection, event_id: str) -> asyncpg.Record:
-    row = await db.fetchrow("SELECT * FROM deliveries WHERE event_id = $1", event_id)
-    assert row is not None, f"no delivery recorded for {event_id}"
-    return row
 
 
 def _order(number: str, status: str | None) -> dict[str, Any]:
@@ -66,13 +61,13 @@ async def test_a_callback_fires_only_for_the_statuses_it_lists(
         "/pb?o=%23refunded&s=refunded",
     ]
     for status in ("approved", "refunded"):
-        row = await _delivery(db, sent[status]["id"])
+        row = await delivery(db, sent[status]["id"])
         assert (row["state"], row["reason"], row["attempts"]) == ("delivered", None, 1)
     for status in ("pending", "Approved"):  # statuses match exactly, case included
-        row = await _delivery(db, sent[status]["id"])
+        row = await delivery(db, sent[status]["id"])
         assert (row["state"], row["attempts"]) == ("skipped", 0)
         assert row["reason"] == f"status {status} not in approved, refunded"
-    row = await _delivery(db, no_status["id"])
+    row = await delivery(db, no_status["id"])
     assert (row["state"], row["reason"]) == ("skipped", "status (none) not in approved, refunded")
 
 
@@ -100,8 +95,8 @@ async def test_an_update_whose_status_is_not_listed_does_not_hold_up_the_next(
     await drain(settings)
 
     assert [got.path_qs for got in receiver.requests] == ["/u?s=paid"]
-    assert (await _delivery(db, first["id"]))["state"] == "skipped"
-    assert (await _delivery(db, second["id"]))["state"] == "delivered"
+    assert (await delivery(db, first["id"]))["state"] == "skipped"
+    assert (await delivery(db, second["id"]))["state"] == "delivered"
 
 
 # --- store-wide callbacks -----------------------------------------------------------------
@@ -130,16 +125,16 @@ async def test_a_store_wide_callback_serves_every_affiliate_without_one_of_its_o
         "/store?aff=bob",
         "/store?aff=carol",
     ]
-    ann = await _delivery(db, events["ann"]["id"])
+    ann = await delivery(db, events["ann"]["id"])
     assert (ann["state"], ann["callback_id"]) == ("delivered", own.id)
     for affiliate in ("bob", "carol"):
-        row = await _delivery(db, events[affiliate]["id"])
+        row = await delivery(db, events[affiliate]["id"])
         assert (row["state"], row["callback_id"]) == ("delivered", store.id)
         # The delivery id, and so the Idempotency-Key, is the affiliate's as ever.
         assert row["id"] == delivery_id(parse_event(events[affiliate]))
     # An affiliate's own callback wins even when disabled: its postbacks are stopped, not
     # handed to the store's.
-    dave = await _delivery(db, events["dave"]["id"])
+    dave = await delivery(db, events["dave"]["id"])
     assert (dave["state"], dave["reason"], dave["callback_id"]) == (
         "skipped",
         "callback disabled",
@@ -172,7 +167,7 @@ async def test_a_running_worker_follows_store_wide_and_own_callbacks_as_they_cha
 
         await until(settled)
     assert [got.path_qs for got in receiver.requests] == ["/store", "/bob"]
-    row = await _delivery(db, third["id"])
+    row = await delivery(db, third["id"])
     assert row["reason"] == "no order.created callback configured for affiliate carol"
 
 
@@ -225,7 +220,7 @@ async def test_a_delayed_callback_fires_that_long_after_the_event_was_accepted(
             await producer.publish(data)
             # Ops see it waiting, with its due time and why.
             await until(lambda: _exists(db, data["id"]))
-            row = await _delivery(db, data["id"])
+            row = await delivery(db, data["id"])
             assert (row["state"], row["attempts"]) == ("pending", 0)
             assert row["reason"] == "delayed 2s by its callback"
             due = row["next_attempt_at"].timestamp()
@@ -237,7 +232,7 @@ async def test_a_delayed_callback_fires_that_long_after_the_event_was_accepted(
     [got] = receiver.requests
     assert got.at >= due
     assert got.at - accepted >= 2.0
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["reason"], row["attempts"]) == ("delivered", None, 1)
 
 
@@ -257,7 +252,7 @@ async def test_an_update_of_a_delayed_create_waits_for_it(
         await producer.publish(update)
         await until(lambda: len(receiver.requests) == 2, within=30)
     assert [got.path_qs for got in receiver.requests] == ["/created", "/updated"]
-    row = await _delivery(db, update["id"])
+    row = await delivery(db, update["id"])
     assert (row["state"], row["order_note"]) == ("delivered", None)
 
 
@@ -280,7 +275,7 @@ async def test_an_update_held_by_a_delayed_create_is_not_run_again_until_the_cre
             return row is not None and row["blocked_by"] is not None
 
         await until(blocked)
-        create_due = (await _delivery(db, create["id"]))["next_attempt_at"].timestamp()
+        create_due = (await delivery(db, create["id"]))["next_attempt_at"].timestamp()
 
         async def next_run() -> float | None:
             score = await producer.redis.zscore(settings.queue_name, job_id(update["id"]))
@@ -304,7 +299,7 @@ async def test_a_delay_counts_from_acceptance_even_when_the_worker_comes_later(
     await drain(settings)
     [got] = receiver.requests
     assert got.at - started < 1.0
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert row["state"] == "delivered"
 
 
@@ -391,6 +386,7 @@ def test_a_delay_is_read_in_whole_seconds(typed: str | None, seconds: int) -> No
         ("25h", "delay '25h' is out of range; it may be 0 to 24h (86400 s)"),
         (86401, "delay 86401 is out of range; it may be 0 to 24h (86400 s)"),
         (-1, "delay -1 is out of range; it may be 0 to 24h (86400 s)"),
+        (10**400, f"delay {10**400!r} is out of range; it may be 0 to 24h (86400 s)"),
         ("250ms", "delay '250ms' is not a whole number of seconds"),
     ],
 )

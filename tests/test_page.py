@@ -24,7 +24,12 @@ from tests import prerequisites
 from tests.support.cli import postback_env
 from tests.support.demo import staying_demo
 from tests.support.events import event_data, save_callback
-from tests.support.ledger import add_delivery, make_deliveries
+from tests.support.ledger import (
+    DELAYED_REASON,
+    add_delivery,
+    make_deliveries,
+    make_store_wide_and_delayed,
+)
 from tests.support.receivers import Flaky
 from tests.support.service import OPS_TOKEN, Api, running_service, with_tokens
 from tests.support.wait import until
@@ -330,7 +335,7 @@ async def test_a_replay_that_dies_again_says_both_counts_and_redis_down_is_told(
     await expect(page.locator("#attempts tr")).to_have_count(6)
     row = rows.filter(has_text="#1001")
     await expect(row.locator("td:nth-child(6)")).to_have_text("6")
-    await expect(row.locator("td:nth-child(8)")).to_have_text(again)
+    await expect(row.locator("td:nth-child(9)")).to_have_text(again)
     await page.close()
 
     gone = with_tokens(settings).model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
@@ -440,7 +445,7 @@ async def test_opening_the_detail_moves_no_row_and_placeholders_fit(
         )
         assert "#1002" in under, width
         reason = "gave up after 3 attempts, last: HTTP 500"  # cut, and whole on hover
-        cut = rows.filter(has_text="#1002").locator("td:nth-child(8)")
+        cut = rows.filter(has_text="#1002").locator("td:nth-child(9)")
         await expect(cut).to_have_attribute("title", reason)
         # Every column of the list in view: cut cells, no scrolling sideways.
         assert await page.evaluate(
@@ -591,7 +596,9 @@ async def test_the_callbacks_tab_sets_edits_switches_and_removes_a_callback(
     await expect(rows).to_have_count(1)
     cells = rows.first.locator("td")
     await expect(cells.nth(4)).to_have_text("set")
-    await expect(cells.nth(5)).to_have_text(template)
+    await expect(cells.nth(5)).to_have_text("all")  # statuses
+    await expect(cells.nth(6)).to_have_text("none")  # delay
+    await expect(cells.nth(7)).to_have_text(template)
     assert (await ann_callback(db)).secret == generated
 
     # Edit: method, template and secret; the stored secret is never shown back.
@@ -669,6 +676,114 @@ async def test_the_callbacks_tab_sets_edits_switches_and_removes_a_callback(
     )
     assert asked == ["Remove the order.created callback of affiliate ann?"] * 2
     assert await callbacks.get(db, "ann", "order.created") is None
+    await page.close()
+
+
+async def test_the_callbacks_tab_sets_statuses_a_delay_and_a_store_wide_callback(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, browser: Browser
+) -> None:
+    page = await open_page(browser, api, "callbacks")
+    form = page.locator("#callback-form")
+    preview = page.locator("#cb-preview")
+    statuses = form.locator("input[name=statuses]")
+    delay = form.locator("input[name=delay]")
+    statuses_error = form.locator(".field-error[data-field=statuses]")
+    delay_error = form.locator(".field-error[data-field=delay]")
+    rows = page.locator("#callback-rows tr")
+    template = flaky.url + "/pb?s={{order.status}}&a={{affiliate.id}}"
+
+    await form.locator("input[name=affiliate_id]").fill("*")
+    await form.locator("input[name=url]").fill(template)
+    await expect(preview).to_have_text(
+        f"Sample order TEST-1001: GET {flaky.url}/pb?s=pending&a=sample-affiliate"
+    )
+    # Each refusal under its field as it is typed, worded as `postback callbacks set` does.
+    await statuses.fill("approved,,x")
+    await expect(statuses_error).to_have_text(
+        "statuses must be order statuses separated by commas, e.g. approved,refunded; "
+        "got an empty one"
+    )
+    await expect(statuses).to_have_class(re.compile("invalid"))
+    await expect(preview).to_have_text("No request until what is marked is fixed.")
+    await statuses.fill("refunded, approved")
+    await expect(statuses_error).to_be_empty()
+    await expect(preview).to_have_text(
+        f"Sample order TEST-1001: GET {flaky.url}/pb?s=refunded&a=sample-affiliate"
+    )
+    await delay.fill("25h")
+    await expect(delay_error).to_have_text(
+        "delay '25h' is out of range; it may be 0 to 24h (86400 s)"
+    )
+    await page.click("#cb-save")  # refused by the PUT too, under the field
+    await expect(delay_error).to_have_text(
+        "delay '25h' is out of range; it may be 0 to 24h (86400 s)"
+    )
+    await expect(rows).to_have_count(0)
+    await delay.fill("5m")
+    await expect(delay_error).to_be_empty()
+    await page.click("#cb-save")
+    await expect(page.locator("#message")).to_have_text(
+        f"Saved the store-wide order.created callback: GET {template}; "
+        "statuses refunded, approved; delay 5m; secret none."
+    )
+    stored = await callbacks.get(db, "*", "order.created")
+    assert stored is not None
+    assert (stored.statuses, stored.delay_seconds) == (["refunded", "approved"], 300)
+    await expect(rows).to_have_count(1)
+    await expect(rows.first.locator("td")).to_have_text(
+        ["* (store-wide)", "order.created", "GET", "yes", "none", "refunded, approved", "5m",
+         template, re.compile("Edit")]
+    )  # fmt: skip
+    await expect(page.locator("#cb-title")).to_have_text(
+        "Edit the store-wide order.created callback"
+    )
+
+    # Edited: the form holds them as saved; emptied, every status and no delay.
+    await page.click("#cb-new")
+    await expect(statuses).to_have_value("")
+    await rows.first.get_by_role("button", name="Edit").click()
+    await expect(statuses).to_have_value("refunded,approved")
+    await expect(delay).to_have_value("5m")
+    await statuses.fill("")
+    await delay.fill("")
+    await page.click("#cb-save")
+    await expect(rows.first.locator("td:nth-child(6)")).to_have_text("all")
+    await expect(rows.first.locator("td:nth-child(7)")).to_have_text("none")
+    stored = await callbacks.get(db, "*", "order.created")
+    assert stored is not None
+    assert (stored.statuses, stored.delay_seconds) == (None, 0)
+    await page.close()
+
+
+async def test_the_page_says_which_callback_a_delivery_went_to_and_when_a_delayed_one_is_due(
+    api: Api,
+    db: asyncpg.Connection,
+    producer: Producer,
+    flaky: Flaky,
+    settings: Settings,
+    browser: Browser,
+) -> None:
+    made = await make_store_wide_and_delayed(db, producer, flaky, settings)
+    due = f"due {made.due:%Y-%m-%d %H:%M:%S} UTC ({DELAYED_REASON})"
+    page = await open_page(browser, api, "deliveries")
+    rows = page.locator("#rows tr")
+    await expect(rows).to_have_count(2)
+    await expect(page.locator("#list th:nth-child(8)")).to_have_text("Callback")
+    zed, ann = rows.filter(has_text="zed"), rows.filter(has_text="ann")
+    await expect(zed.locator("td:nth-child(8)")).to_have_text("store-wide")
+    await expect(ann.locator("td:nth-child(8)")).to_have_text("own")
+    await expect(ann.locator("td:nth-child(9)")).to_have_text(due)
+
+    facts = page.locator("#detail-facts")
+    await zed.click()
+    await expect(page.locator("#detail-title")).to_have_text("zed · order #9 · delivered")
+    await expect(facts.locator("dt")).to_contain_text(["Callback"])
+    await expect(facts).to_contain_text(f"#{made.store_callback} (store-wide)")
+    await ann.click()
+    await expect(page.locator("#detail-title")).to_have_text("ann · order #1001 · pending")
+    await expect(facts).to_contain_text(f"pending: {due}")
+    await expect(facts).to_contain_text(f"#{made.delayed_callback} (own)")
+    await expect(facts).not_to_contain_text("Next try")  # the state says when
     await page.close()
 
 

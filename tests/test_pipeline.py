@@ -18,6 +18,7 @@ from ops.cli.demo import running, serve
 from producer import Producer
 from producer.queue import job_id
 from tests.support.events import event_data, save_callback
+from tests.support.ledger import delivery
 from tests.support.logs import relay_logs
 from tests.support.receivers import Flaky, Receiver
 from tests.support.servers import database_name
@@ -28,12 +29,6 @@ from worker.deliver import USER_AGENT
 from worker.pool import create_worker
 
 LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"
-
-
-async def _delivery(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
-    row = await conn.fetchrow("SELECT * FROM deliveries WHERE event_id = $1", event_id)
-    assert row is not None, f"no delivery recorded for {event_id}"
-    return row
 
 
 async def test_get_callback_receives_the_rendered_request(
@@ -56,7 +51,7 @@ async def test_get_callback_receives_the_rendered_request(
     assert got.path_qs == "/pb?o=%231001&a=10.50&c=1.05&s=fb1&camp=summer&h=promo&p=%2Fsummer"
     assert got.body == b""
     assert got.headers["User-Agent"] == USER_AGENT
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert got.headers["Idempotency-Key"] == str(row["id"])
     assert row["state"] == "delivered"
     assert row["attempts"] == 1
@@ -129,7 +124,7 @@ async def test_affiliate_without_callback_gets_nothing_and_ledger_says_so(
         await drain(settings)
 
     assert receiver.requests == []
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert row["state"] == "skipped"
     assert row["reason"] == "no order.created callback configured for affiliate zoe"
     assert row["attempts"] == 0
@@ -162,8 +157,8 @@ async def test_below_the_log_level_a_delivery_makes_no_log_call_and_above_it_say
         structlog.configure(processors=[first, *structlog.get_config()["processors"]])
         await drain(settings.model_copy(update={"retry_schedule": ""}))
 
-    assert (await _delivery(db, delivered["id"]))["state"] == "delivered"
-    row = await _delivery(db, dead["id"])
+    assert (await delivery(db, delivered["id"]))["state"] == "delivered"
+    row = await delivery(db, dead["id"])
     about = [(method, line) for method, line in reached if "delivery_id" in line]
     assert [(method, line["event"]) for method, line in about] == [("warning", "delivery_dead")]
     [(_, said)] = about
@@ -196,8 +191,8 @@ async def test_updated_callback_fires_only_on_updates(
     await drain(settings)
 
     assert [r.path_qs for r in receiver.requests] == ["/u?e=order.updated"]
-    assert (await _delivery(db, created["id"]))["state"] == "skipped"
-    assert (await _delivery(db, updated["id"]))["state"] == "delivered"
+    assert (await delivery(db, created["id"]))["state"] == "skipped"
+    assert (await delivery(db, updated["id"]))["state"] == "delivered"
 
 
 async def test_same_event_id_published_twice_while_queued_delivers_once(
@@ -210,7 +205,7 @@ async def test_same_event_id_published_twice_while_queued_delivers_once(
     await drain(settings)
 
     assert len(receiver.requests) == 1
-    assert (await _delivery(db, data["id"]))["attempts"] == 1
+    assert (await delivery(db, data["id"]))["attempts"] == 1
 
 
 async def test_same_event_id_after_delivery_sends_nothing_more(
@@ -224,7 +219,7 @@ async def test_same_event_id_after_delivery_sends_nothing_more(
     await drain(settings)
 
     assert len(receiver.requests) == 1
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["attempts"]) == ("delivered", 1)
 
 
@@ -238,7 +233,7 @@ async def test_post_idempotency_key_is_the_ledger_delivery_id_and_occurred_at_de
     await drain(settings)
 
     [got] = receiver.requests
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert got.headers["Idempotency-Key"] == str(row["id"])
     stamped = datetime.fromisoformat(json.loads(got.body)["event"]["occurred_at"])
     assert before - timedelta(seconds=1) <= stamped <= datetime.now(UTC)
@@ -263,7 +258,7 @@ async def test_redirects_are_followed_up_to_three_hops(
         await producer.publish(data)
         await drain(settings)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["attempts"]) == (state, 1)  # a redirect loop is not retried
     attempt = await db.fetchrow("SELECT * FROM attempts WHERE delivery_id = $1", row["id"])
     assert attempt is not None
@@ -291,7 +286,7 @@ async def test_a_huge_response_is_read_only_up_to_64_kib(
         await producer.publish(data)
         await drain(settings)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert row["state"] == "delivered"
     excerpt = await db.fetchval(
         "SELECT response_excerpt FROM attempts WHERE delivery_id = $1", row["id"]
@@ -315,7 +310,7 @@ async def test_a_receiver_slower_than_the_timeout_is_recorded_as_a_timeout(
         await drain(settings.model_copy(update={"request_timeout": 0.5, "retry_schedule": ""}))
         done.set()
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     attempt = await db.fetchrow("SELECT * FROM attempts WHERE delivery_id = $1", row["id"])
     assert attempt is not None
     assert (row["state"], attempt["error_class"]) == ("dead", "timeout")
@@ -372,7 +367,7 @@ async def test_a_database_outage_keeps_the_event_until_postgres_is_back(
     assert len(receiver.requests) == 1
 
     async def delivered() -> bool:
-        return bool((await _delivery(db, data["id"]))["state"] == "delivered")
+        return bool((await delivery(db, data["id"]))["state"] == "delivered")
 
     # The ledger write follows the request by a moment.
     await until(delivered, 5, "the ledger's delivered")

@@ -25,6 +25,7 @@ from aiohttp import web
 from ops.cli.demo import serve
 from producer import Producer
 from tests.support.events import event_data, save_callback
+from tests.support.ledger import delivery
 from tests.support.receivers import HostsFile, raw_server
 from tests.support.wait import until
 from tests.support.workers import drain
@@ -56,12 +57,6 @@ async def session(request_timeout: float) -> AsyncIterator[aiohttp.ClientSession
 
 def get(url: str) -> Request:
     return Request("GET", url, {"User-Agent": deliver.USER_AGENT}, None)
-
-
-async def _delivery(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
-    row = await conn.fetchrow("SELECT * FROM deliveries WHERE event_id = $1", event_id)
-    assert row is not None, f"no delivery recorded for {event_id}"
-    return row
 
 
 async def _only_attempt(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
@@ -147,7 +142,7 @@ async def test_a_dripping_receiver_is_recorded_as_a_timeout_in_the_ledger(
         await drain(settings.model_copy(update={"request_timeout": 1.0, "retry_schedule": ""}))
     assert time.perf_counter() - started < 5
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     attempt = await _only_attempt(db, data["id"])
     assert (row["state"], row["error_class"]) == ("dead", "timeout")
     assert attempt["status_code"] is None
@@ -268,7 +263,7 @@ async def test_a_binary_answer_with_nuls_is_stored_as_text_and_delivered(
         await producer.publish(data)
         await drain(settings)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     attempt = await _only_attempt(db, data["id"])
     assert (row["state"], attempt["status_code"]) == ("delivered", 200)
     stored = attempt["response_excerpt"]
@@ -382,12 +377,12 @@ async def test_a_hogging_receiver_does_not_hold_up_deliveries_to_others(
     assert latency < request_timeout / 2
     # Nothing lost: each hog delivery is recorded, as a timeout, after one full timeout.
     for data in hogs:
-        row = await _delivery(db, data["id"])
+        row = await delivery(db, data["id"])
         attempt = await _only_attempt(db, data["id"])
         assert (row["state"], row["error_class"]) == ("dead", "timeout")
         assert request_timeout * 1000 * 0.9 <= attempt["duration_ms"] < request_timeout * 2000
     for data in oks:
-        assert (await _delivery(db, data["id"]))["state"] == "delivered"
+        assert (await delivery(db, data["id"]))["state"] == "delivered"
     assert hog.open == 0  # and the relay hung up on every one of them
 
 

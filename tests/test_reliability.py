@@ -23,6 +23,7 @@ from ops.cli.demo import serve
 from producer import Producer
 from producer.queue import JOB_EXPIRES, JOB_NAME, job_id, job_key, wake
 from tests.support.events import event_data, save_callback
+from tests.support.ledger import delivery
 from tests.support.ports import free_port
 from tests.support.receivers import Receiver, raw_server
 from tests.support.schemas import released
@@ -74,12 +75,6 @@ async def scripted(*statuses: int, headers: dict[str, str] | None = None) -> Asy
         yield script
 
 
-async def _delivery(conn: asyncpg.Connection, event_id: str) -> asyncpg.Record:
-    row = await conn.fetchrow("SELECT * FROM deliveries WHERE event_id = $1", event_id)
-    assert row is not None, f"no delivery recorded for {event_id}"
-    return row
-
-
 async def _attempts(conn: asyncpg.Connection, event_id: str) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
@@ -111,7 +106,7 @@ async def test_503_twice_then_200_is_delivered_on_attempt_3(
         await producer.publish(data)
         await drain(settings)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["reason"]) == ("delivered", 3, None)
     attempts = await _attempts(db, data["id"])
     assert [a["number"] for a in attempts] == [1, 2, 3]
@@ -132,7 +127,7 @@ async def test_404_is_dead_at_once_after_one_attempt(
         await producer.publish(data)
         await drain(settings)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["reason"]) == ("dead", 1, "HTTP 404")
     assert row["error_class"] == "http_4xx"  # what `dlq list --error-class` filters by
     assert len(receiver.hits) == 1
@@ -155,7 +150,7 @@ async def test_a_302_without_a_location_is_dead_at_once_as_http_3xx(
         await producer.publish(data)
         await drain(settings)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["reason"]) == ("dead", 1, "HTTP 302")
     assert row["error_class"] == "http_3xx"
     assert receiver.paths() == ["/moved"]  # not retried
@@ -175,13 +170,13 @@ async def test_410_is_dead_and_disables_the_callback(
         await producer.publish(second)
         await drain(settings)
 
-    row = await _delivery(db, first["id"])
+    row = await delivery(db, first["id"])
     assert (row["state"], row["attempts"]) == ("dead", 1)
     assert row["reason"] == "HTTP 410: callback disabled"
     assert await db.fetchval("SELECT enabled FROM callbacks WHERE affiliate_id = 'ann'") is False
     # The endpoint said it is gone: the next event is not sent there.
     assert len(receiver.hits) == 1
-    later = await _delivery(db, second["id"])
+    later = await delivery(db, second["id"])
     assert (later["state"], later["reason"], later["attempts"]) == (
         "skipped",
         "callback disabled",
@@ -198,7 +193,7 @@ async def test_connection_refused_is_retried_then_dead_when_the_schedule_runs_ou
     await producer.publish(data)
     await drain(settings)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     attempts = await _attempts(db, data["id"])
     assert len(settings.schedule) == 2
     assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 3, "connect_error")
@@ -248,7 +243,7 @@ async def _one_attempt_that_could_not_connect(
 ) -> asyncpg.Record:
     """The delivery is dead after one attempt, which could not connect twice (the quick
     retry within it); the attempt's row."""
-    row = await _delivery(db, event_id)
+    row = await delivery(db, event_id)
     assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 1, "connect_error")
     [attempt] = await _attempts(db, event_id)
     assert (attempt["error_class"], attempt["status_code"]) == ("connect_error", None)
@@ -288,7 +283,7 @@ async def test_a_receiver_that_never_answers_is_retried_then_dead(
         await drain(settings.model_copy(update={"request_timeout": 0.3}))
         done.set()
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     attempts = await _attempts(db, data["id"])
     assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 3, "timeout")
     assert [a["error_class"] for a in attempts] == ["timeout"] * 3
@@ -309,7 +304,7 @@ async def test_retry_after_on_a_429_is_waited_out(
     answered = first["started_at"] + timedelta(milliseconds=first["duration_ms"])
     assert second["started_at"] - answered >= timedelta(seconds=2)
     assert receiver.hits[1].at - receiver.hits[0].at >= 2
-    assert (await _delivery(db, data["id"]))["state"] == "delivered"
+    assert (await delivery(db, data["id"]))["state"] == "delivered"
 
 
 async def test_a_long_schedule_outlives_the_job_expiry_the_producer_set(
@@ -365,7 +360,7 @@ async def test_same_event_id_after_a_dead_letter_sends_nothing_more(
         await drain(settings)
 
     assert len(receiver.hits) == 1
-    assert (await _delivery(db, data["id"]))["attempts"] == 1
+    assert (await delivery(db, data["id"]))["attempts"] == 1
 
 
 # -- ordering per order -----------------------------------------------------------------
@@ -396,7 +391,7 @@ async def test_an_update_waits_for_its_failing_create(
                 await until(lambda: _count(db, "delivered", 2))
 
     assert hits == ["/created", "/created", "/created", "/updated"]
-    held = await _delivery(db, update["id"])
+    held = await delivery(db, update["id"])
     assert held["attempts"] == 1
     # Said once, naming what it waits for, though it looked again when woken.
     [waiting] = [e for e in logs if e["event"] == "delivery_waiting"]
@@ -405,7 +400,7 @@ async def test_an_update_waits_for_its_failing_create(
         str(held["id"]),
         "ann",
     )
-    assert waiting["waiting_for"] == str((await _delivery(db, create["id"]))["id"])
+    assert waiting["waiting_for"] == str((await delivery(db, create["id"]))["id"])
     assert waiting["waiting_for_event"] == create["id"]
 
 
@@ -453,7 +448,7 @@ async def test_updates_go_in_the_order_they_occurred_once_the_create_is_dead(
             await until(lambda: _count(db, "delivered", 2))
 
     assert hits == ["/created?", "/created?", "/updated?approved", "/updated?refunded"]
-    assert (await _delivery(db, create["id"]))["state"] == "dead"
+    assert (await delivery(db, create["id"]))["state"] == "dead"
     assert await _states(db) == {"dead": 1, "delivered": 2}
 
 
@@ -536,7 +531,7 @@ async def test_a_worker_sweeps_when_it_starts(
         with structlog.testing.capture_logs() as logs:
             await drain(own)  # its sweep at start-up finds the delivery without a job
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert row["state"] == "delivered"
     assert len(receiver.hits) == 2
     [requeued] = [e for e in logs if e["event"] == "delivery_requeued"]
@@ -574,7 +569,7 @@ async def test_the_delivery_time_is_in_the_ledger_not_only_in_redis(
             before = datetime.now(UTC)
             await producer.publish(data)
             await until(lambda: _retrying(db, data["id"]))
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     wait = row["next_attempt_at"] - before
     assert timedelta(minutes=8) - timedelta(seconds=5) < wait < timedelta(minutes=12, seconds=5)
     assert (row["reason"], row["error_class"], row["claimed_by"]) == ("HTTP 503", "http_5xx", None)
@@ -611,7 +606,7 @@ async def test_a_delivery_whose_worker_died_and_whose_job_redis_lost_is_swept_ba
             await asyncio.wait_for(arrived.wait(), 20)
             await kill_hard(worker)
         await producer.redis.flushall()
-        row = await _delivery(db, data["id"])
+        row = await delivery(db, data["id"])
         assert (row["state"], row["claimed_by"]) == ("pending", job_id(data["id"]))
 
         assert settings.database_url is not None
@@ -625,7 +620,7 @@ async def test_a_delivery_whose_worker_died_and_whose_job_redis_lost_is_swept_ba
         await drain(own)
         done.set()
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["claimed_by"]) == ("delivered", 1, None)
     assert keys == [str(row["id"])] * 2
 
@@ -669,7 +664,7 @@ async def test_a_redirect_to_a_url_that_cannot_be_followed_is_dead_and_quotes_no
         await producer.publish(data)
         await drain(settings)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 1, "invalid_url")
     [attempt] = await _attempts(db, data["id"])
     assert "SeCrEt123" not in row["reason"]
@@ -693,7 +688,7 @@ async def test_a_delivery_whose_stored_event_was_edited_invalid_is_dead_not_stuc
             )
             await until(lambda: _count(db, "dead", 1), within=10)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert row["reason"].startswith("stored event is invalid: ")
     assert "order.amount" in row["reason"]
     assert len(receiver.hits) == 1
@@ -754,7 +749,7 @@ async def test_a_delivery_whose_callback_went_away_after_its_first_try_is_dead(
             await db.execute(change)
             await until(lambda: _count(db, "dead", 1), within=10)
 
-    row = await _delivery(db, data["id"])
+    row = await delivery(db, data["id"])
     assert (row["state"], row["attempts"], row["next_attempt_at"]) == ("dead", 1, None)
     assert row["reason"].startswith(reason)
     if "url_template" in change:

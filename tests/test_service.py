@@ -31,7 +31,12 @@ from producer.event import EVENT_TYPES
 from producer.publish import Producer
 from producer.queue import metrics_keys, wake
 from tests.support.events import event_data, save_callback
-from tests.support.ledger import add_delivery, make_deliveries
+from tests.support.ledger import (
+    DELAYED_REASON,
+    add_delivery,
+    make_deliveries,
+    make_store_wide_and_delayed,
+)
 from tests.support.receivers import Flaky, Receiver, raw_server
 from tests.support.service import (
     INGEST_TOKEN,
@@ -50,6 +55,9 @@ from worker.ledger import STATES
 from worker.sweep import sweep
 
 pytestmark = pytest.mark.usefixtures("db")
+
+CONDITIONS = ("store_wide", "statuses", "delay", "delay_seconds")
+"""What a callback's answer says of the store-wide affiliate, statuses and delay."""
 
 
 async def queued(producer: Producer) -> int:
@@ -113,6 +121,11 @@ async def test_the_same_event_twice_is_queued_once(api: Api, producer: Producer)
         ({"link": {"url": "ftp://shop.example/"}}, "link.url", "http or https"),
         ({"occurred_at": "2026-11-21T10:00:00"}, "occurred_at", "timezone"),
         ({"affiliate_id": "a\x00b"}, "affiliate_id", "NUL"),
+        (
+            {"affiliate_id": "*"},
+            "affiliate_id",
+            "'*' names the store-wide callback, not an affiliate",
+        ),
     ],
     ids=[
         "no-id",
@@ -124,6 +137,7 @@ async def test_the_same_event_twice_is_queued_once(api: Api, producer: Producer)
         "link",
         "naive-time",
         "nul",
+        "store-wide",
     ],
 )
 async def test_each_invalid_event_is_refused_naming_its_field(
@@ -817,6 +831,199 @@ async def test_a_preview_refuses_as_a_put_refuses(
         body = {"url": given["url"], "method": given.get("method", "GET")}
         put = await api.call("PUT", "/v1/callbacks/ann/order.created", json=body)
         assert put == (422, previewed)
+
+
+async def test_a_callback_takes_statuses_a_delay_and_the_store_wide_affiliate(
+    api: Api, db: asyncpg.Connection, flaky: Flaky
+) -> None:
+    status, saved = await api.call(
+        "PUT",
+        "/v1/callbacks/ann/order.updated",
+        json={"url": flaky.url + "/ann", "statuses": ["approved", "refunded"], "delay": "5m"},
+    )
+    assert status == 200, saved
+    assert {key: saved[key] for key in CONDITIONS} == {
+        "store_wide": False,
+        "statuses": ["approved", "refunded"],
+        "delay": "5m",
+        "delay_seconds": 300,
+    }
+    # The store-wide callback is the path's `*`; a delay may be given in seconds.
+    store_url = flaky.url + "/store?a={{affiliate.id}}"
+    status, store = await api.call(
+        "PUT", "/v1/callbacks/*/order.created", json={"url": store_url, "delay": 90}
+    )
+    assert status == 200, store
+    assert {key: store[key] for key in ("affiliate_id", *CONDITIONS)} == {
+        "affiliate_id": "*",
+        "store_wide": True,
+        "statuses": None,
+        "delay": "90s",
+        "delay_seconds": 90,
+    }
+    found = {cb["affiliate_id"]: cb for cb in await listed(api, "/v1/callbacks")}
+    assert found == {"ann": saved, "*": store}
+    assert await listed(api, "/v1/callbacks", affiliate="*") == [store]
+    stored = await db.fetch("SELECT affiliate_id, statuses, delay_seconds FROM callbacks")
+    assert sorted(tuple(row) for row in stored) == [
+        ("*", None, 90),
+        ("ann", ["approved", "refunded"], 300),
+    ]
+    # Omitted, or null, they are every status and no delay: a PUT replaces the callback.
+    status, again = await api.call(
+        "PUT", "/v1/callbacks/ann/order.updated", json={"url": flaky.url + "/ann", "statuses": None}
+    )
+    assert (status, again["statuses"], again["delay"], again["delay_seconds"]) == (
+        200,
+        None,
+        "0s",
+        0,
+    )
+
+
+async def _encoded(api: Api, method: str, path: str) -> tuple[int, Any]:
+    """`path` sent exactly as written: aiohttp's client would send `%2A` as `*`."""
+    headers = {"Authorization": f"Bearer {OPS_TOKEN}"}
+    async with api.http.request(method, URL(api.url + path, encoded=True), headers=headers) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize("star", ["*", "%2A"])
+async def test_the_store_wide_callback_is_reached_by_its_star_literal_or_encoded(
+    api: Api, flaky: Flaky, star: str
+) -> None:
+    path = f"/v1/callbacks/{star}/order.created"
+    url = flaky.url + "/store?a={{affiliate.id}}"
+    async with api.http.put(
+        URL(api.url + path, encoded=True),
+        json={"url": url},
+        headers={"Authorization": f"Bearer {OPS_TOKEN}"},
+    ) as response:
+        assert response.status == 200
+        assert (await response.json())["affiliate_id"] == "*"
+    status, body = await _encoded(api, "POST", path + "/disable")
+    assert (status, body["affiliate_id"], body["enabled"]) == (200, "*", False)
+    status, body = await _encoded(api, "POST", path + "/enable")
+    assert (status, body["enabled"]) == (200, True)
+    # A test fire's sample order is someone's: a made-up affiliate's.
+    status, fired = await _encoded(api, "POST", path + "/test")
+    assert (status, fired["delivered"]) == (200, True), fired
+    assert flaky.paths == ["/store?a=sample-affiliate"]
+    assert fired["request"]["url"] == flaky.url + "/store?a=sample-affiliate"
+    assert await _encoded(api, "DELETE", path) == (200, {"removed": True})
+    status, body = await _encoded(api, "DELETE", path)
+    assert (status, body["error"]) == (404, "no order.created callback for affiliate *")
+
+
+async def test_a_preview_takes_the_first_status_and_a_made_up_affiliate_for_the_store(
+    api: Api, flaky: Flaky
+) -> None:
+    given = {
+        "affiliate_id": "*",
+        "event_type": "order.updated",
+        "url": flaky.url + "/pb?s={{order.status}}&a={{affiliate.id}}",
+        "method": "POST",
+        "statuses": ["refunded", "approved"],
+        "delay": "2h",
+    }
+    status, request = await api.call("POST", "/v1/callbacks/preview", json=given)
+    assert status == 200, request
+    assert request["url"] == flaky.url + "/pb?s=refunded&a=sample-affiliate"
+    assert request["body"]["order"]["status"] == "refunded"
+    assert request["body"]["affiliate"]["id"] == "sample-affiliate"
+    status, request = await api.call(
+        "POST", "/v1/callbacks/preview", json=given | {"statuses": None}
+    )
+    assert (status, request["url"]) == (200, flaky.url + "/pb?s=pending&a=sample-affiliate")
+
+
+@pytest.mark.parametrize(
+    ("given", "field", "message"),
+    [
+        ({"delay": "25h"}, "delay", "delay '25h' is out of range; it may be 0 to 24h (86400 s)"),
+        ({"delay": "5x"}, "delay", "delay '5x' is not a duration; write it like 90s, 5m or 2h"),
+        ({"delay": 90000}, "delay", "delay 90000 is out of range; it may be 0 to 24h (86400 s)"),
+        ({"delay": 1.5}, "delay", "must be a duration such as 90s, 5m or 2h, or whole seconds"),
+        (
+            {"delay": 10**30},
+            "delay",
+            f"delay {10**30} is out of range; it may be 0 to 24h (86400 s)",
+        ),
+        (
+            {"statuses": ["approved", "", "x"]},
+            "statuses",
+            "statuses must be order statuses separated by commas, e.g. approved,refunded; "
+            "got an empty one",
+        ),
+        ({"statuses": ["a", "a"]}, "statuses", "status 'a' is listed twice"),
+        (
+            {"statuses": []},
+            "statuses",
+            "statuses must name at least one order status, e.g. approved,refunded; got none "
+            "(to fire for every status, leave statuses out)",
+        ),
+        (
+            {"statuses": [f"s{n}" for n in range(40_000)]},
+            "statuses",
+            "40000 statuses listed; at most 32 may be",
+        ),
+    ],
+    ids=[
+        "too-long",
+        "not-a-duration",
+        "seconds-too-many",
+        "not-whole",
+        "huge",
+        "empty-status",
+        "twice",
+        "none",
+        "too-many",
+    ],
+)
+async def test_bad_statuses_or_delay_are_refused_by_put_and_preview_alike(
+    api: Api, db: asyncpg.Connection, given: dict[str, Any], field: str, message: str
+) -> None:
+    """Worded as `postback callbacks set` words them (test_cli.py), naming the field."""
+    url = "https://t.example/pb"
+    refused = (
+        422,
+        {"error": f"{field}: {message}", "errors": [{"field": field, "message": message}]},
+    )
+    assert await api.call("PUT", "/v1/callbacks/ann/order.created", json={"url": url} | given) == (
+        refused
+    )
+    preview = {"affiliate_id": "ann", "event_type": "order.created", "url": url} | given
+    assert await api.call("POST", "/v1/callbacks/preview", json=preview) == refused
+    assert await db.fetchval("SELECT count(*) FROM callbacks") == 0
+
+
+async def test_deliveries_say_which_callback_they_went_to_and_when_a_delayed_one_is_due(
+    api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings, producer: Producer
+) -> None:
+    made = await make_store_wide_and_delayed(db, producer, flaky, settings)
+    items = {item["id"]: item for item in await listed(api, "/v1/deliveries")}
+    zed, ann = items[made.store_wide], items[made.delayed]
+    assert (zed["state"], zed["callback_id"], zed["callback_store_wide"]) == (
+        "delivered",
+        made.store_callback,
+        True,
+    )
+    assert (ann["state"], ann["reason"], ann["callback_id"], ann["callback_store_wide"]) == (
+        "pending",
+        DELAYED_REASON,
+        made.delayed_callback,
+        False,
+    )
+    assert datetime.fromisoformat(ann["next_attempt_at"]) == made.due
+    status, shown = await api.call("GET", f"/v1/deliveries/{made.store_wide}")
+    assert (status, shown["callback_id"], shown["callback_store_wide"]) == (
+        200,
+        made.store_callback,
+        True,
+    )
+    await api.call("DELETE", "/v1/callbacks/*/order.created")
+    _, shown = await api.call("GET", f"/v1/deliveries/{made.store_wide}")
+    assert (shown["callback_id"], shown["callback_store_wide"]) == (made.store_callback, None)
 
 
 # --- the overview -------------------------------------------------------------------------

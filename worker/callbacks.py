@@ -171,7 +171,11 @@ def parse_statuses(statuses: str | Sequence[str] | None) -> tuple[str, ...] | No
         raise CallbackError(
             "statuses",
             "statuses must name at least one order status, e.g. approved,refunded; got none "
-            "(to fire for every status, give no statuses)",
+            "(to fire for every status, leave statuses out)",
+        )
+    if len(items) > MAX_STATUSES:
+        raise CallbackError(
+            "statuses", f"{len(items)} statuses listed; at most {MAX_STATUSES} may be"
         )
     found: list[str] = []
     for raw in items:
@@ -191,10 +195,6 @@ def parse_statuses(statuses: str | Sequence[str] | None) -> tuple[str, ...] | No
         if status in found:
             raise CallbackError("statuses", f"status {status!r} is listed twice")
         found.append(status)
-    if len(found) > MAX_STATUSES:
-        raise CallbackError(
-            "statuses", f"{len(found)} statuses listed; at most {MAX_STATUSES} may be"
-        )
     return tuple(found)
 
 
@@ -202,23 +202,25 @@ def parse_delay(delay: str | int | None) -> int:
     """A callback's delay in whole seconds, 0 to 24 hours; None and `"0"` are none."""
     if delay is None:
         return 0
-    if isinstance(delay, str):
-        text = delay.strip()
-        try:
-            seconds = 0.0 if text == "0" else duration.parse(text)
-        except ValueError:
-            raise CallbackError(
-                "delay", f"delay {text!r} is not a duration; write it like 90s, 5m or 2h"
-            ) from None
-    else:
-        seconds = float(delay)
-    if seconds != int(seconds):
-        raise CallbackError("delay", f"delay {delay!r} is not a whole number of seconds")
+    # An int is compared as it is: float() of a huge one would overflow.
+    seconds = delay if isinstance(delay, int) else _typed_delay(delay)
     if not 0 <= seconds <= MAX_DELAY_SECONDS:
         raise CallbackError(
             "delay", f"delay {delay!r} is out of range; it may be 0 to 24h (86400 s)"
         )
+    if seconds != int(seconds):
+        raise CallbackError("delay", f"delay {delay!r} is not a whole number of seconds")
     return int(seconds)
+
+
+def _typed_delay(text: str) -> float:
+    typed = text.strip()
+    try:
+        return 0.0 if typed == "0" else duration.parse(typed)
+    except ValueError:
+        raise CallbackError(
+            "delay", f"delay {typed!r} is not a duration; write it like 90s, 5m or 2h"
+        ) from None
 
 
 def _check_host(host: str, allowed: Sequence[address.Network]) -> None:

@@ -13,16 +13,23 @@ from datetime import datetime
 from typing import Any
 
 from ops.actions.filters import DEFAULT_LIMIT, Cursor, DeliveryFilter, IdPrefix
+from producer.event import STORE_WIDE
 from worker.database import Executor
 from worker.ledger import OPEN_STATES, State
 
-_SUMMARY = """
+_SUMMARY = f"""
     d.id, d.event_id, d.event_type, d.affiliate_id, d.order_number, d.state, d.reason,
     d.error_class, d.attempts, d.created_at, d.updated_at, d.next_attempt_at, d.occurred_at,
-    d.blocked_by, d.create_wait_until, d.order_note,
+    d.blocked_by, d.create_wait_until, d.order_note, d.callback_id,
+    (c.affiliate_id = '{STORE_WIDE}') AS callback_store_wide,
     (SELECT a.status_code FROM attempts a WHERE a.delivery_id = d.id
      ORDER BY a.number DESC LIMIT 1) AS last_status
-"""
+"""  # noqa: S608 -- constant SQL text
+"""A delivery's columns in listings. `callback_store_wide` says whether the callback it went
+to was the store-wide one; null when it had none, or that callback was removed since."""
+
+_FROM = "deliveries d LEFT JOIN callbacks c ON c.id = d.callback_id"
+"""What `_SUMMARY` reads: the ledger keeps only the callback's id, no foreign key."""
 
 _WHERE = """
     ($1::text IS NULL OR d.affiliate_id = $1)
@@ -61,7 +68,7 @@ async def list_deliveries(
     """Deliveries matching `where`, newest first, a page at a time."""
     rows = await db.fetch(
         f"""
-        SELECT {_SUMMARY} FROM deliveries d
+        SELECT {_SUMMARY} FROM {_FROM}
         WHERE {_WHERE}
           AND ($8::timestamptz IS NULL OR (d.created_at, d.id) < ($8, $9))
         ORDER BY d.created_at DESC, d.id DESC
@@ -108,8 +115,8 @@ async def show_delivery(db: Executor, delivery: uuid.UUID) -> dict[str, Any] | N
     """One delivery in full: its event, last request, every attempt, and what ops did."""
     row = await db.fetchrow(
         f"""
-        SELECT {_SUMMARY}, d.callback_id, d.event, d.request
-        FROM deliveries d WHERE d.id = $1
+        SELECT {_SUMMARY}, d.event, d.request
+        FROM {_FROM} WHERE d.id = $1
         """,  # noqa: S608 -- constant SQL text
         delivery,
     )

@@ -41,10 +41,10 @@ from ops.cli.embedded import services
 from ops.service import app
 from ops.service.app import Insecure
 from producer.connection import open_redis
-from producer.event import EVENT_TYPES, Event, InvalidEvent, parse_event
+from producer.event import EVENT_TYPES, STORE_WIDE, Event, InvalidEvent, parse_event
 from producer.json_input import BadJson, NotJson, read_json
 from producer.publish import Producer
-from worker import callbacks, database, logs, render, schema
+from worker import callbacks, database, duration, logs, render, schema
 from worker.config import Settings
 from worker.database import Executor
 from worker.deliver import build_request, delivery_id, post_body
@@ -100,7 +100,12 @@ def _parser() -> _Parser:
         dest="callbacks_command", metavar="COMMAND", required=True, parser_class=_Parser
     )
     cb_set = cb.add_parser("set", help="create or replace a callback")
-    cb_set.add_argument("--affiliate", required=True)
+    cb_set.add_argument(
+        "--affiliate",
+        required=True,
+        help=f"affiliate id, or '{STORE_WIDE}' for the store-wide callback: used for every "
+        "affiliate without a callback of its own for the event",
+    )
     cb_set.add_argument("--event", required=True, choices=EVENT_TYPES)
     cb_set.add_argument("--method", default="GET", type=str.upper, choices=callbacks.METHODS)
     cb_set.add_argument(
@@ -118,6 +123,18 @@ def _parser() -> _Parser:
         "--no-secret",
         action="store_true",
         help="remove the stored secret: requests go unsigned",
+    )
+    cb_set.add_argument(
+        "--statuses",
+        metavar="S1,S2",
+        help="fire only for events whose order.status is one of these, e.g. approved,refunded "
+        "(the others are recorded skipped); omitted: every status",
+    )
+    cb_set.add_argument(
+        "--delay",
+        metavar="DURATION",
+        help="send each delivery this long after the event was accepted, e.g. 90s, 5m, 2h "
+        "(at most 24h); omitted: at once",
     )
     cb_set.set_defaults(run=callbacks_set)
     cb_list = cb.add_parser("list", help="list callbacks")
@@ -430,10 +447,20 @@ async def callbacks_set(args: argparse.Namespace, settings: Settings) -> int:
         args.secret,
         allowed=settings.allowed,
         remove_secret=args.no_secret,
+        statuses=args.statuses,
+        delay=args.delay,
     )
     async with database.connection(_database_url(settings)) as conn:
         saved = await callbacks.save(conn, spec)
-    print(f"saved: {saved.affiliate_id} {saved.event_type} {saved.method} {saved.url_template}")
+    conditions = []
+    if saved.statuses is not None:
+        conditions.append(f"statuses {','.join(saved.statuses)}")
+    if saved.delay_seconds:
+        conditions.append(f"delay {duration.spell(saved.delay_seconds)}")
+    print(
+        f"saved: {_affiliate(saved.affiliate_id)} {saved.event_type} {saved.method} "
+        f"{saved.url_template}" + (f" ({'; '.join(conditions)})" if conditions else "")
+    )
     if spec.generated:
         print(f"secret: {spec.secret}")
         print("  shown this once: give it to the affiliate, who verifies signatures with it")
@@ -452,20 +479,27 @@ async def callbacks_list(args: argparse.Namespace, settings: Settings) -> int:
     if not found:
         print("no callbacks")
         return 0
-    rows = [("AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "URL")]
+    rows = [("AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "STATUSES", "DELAY", "URL")]
     rows += [
         (
-            cb["affiliate_id"],
+            _affiliate(cb["affiliate_id"]),
             cb["event_type"],
             cb["method"],
             _yes_no(cb["enabled"]),
             _yes_no(cb["has_secret"]),
+            "all" if cb["statuses"] is None else ",".join(cb["statuses"]),
+            cb["delay"] if cb["delay_seconds"] else "none",
             cb["url_template"],
         )
         for cb in found
     ]
     print(console.table(rows))
     return 0
+
+
+def _affiliate(affiliate_id: str) -> str:
+    """An affiliate id as tables show it: the store-wide callback's `*` said to be that."""
+    return f"{affiliate_id} (store-wide)" if affiliate_id == STORE_WIDE else affiliate_id
 
 
 @_sync

@@ -54,9 +54,17 @@ def _last(item: dict[str, Any]) -> str:
     return item["error_class"] or "-"
 
 
+def _delayed(item: dict[str, Any]) -> bool:
+    """Pending with a reason: not tried yet, put off until `next_attempt_at` (its callback's
+    delay), which the reason says."""
+    return item["state"] == "pending" and bool(item["reason"]) and bool(item["next_attempt_at"])
+
+
 def why(item: dict[str, Any]) -> str:
-    """Why a delivery is as it is: its reason, what an open one waits for, or that it went
-    without its order's create."""
+    """Why a delivery is as it is: its reason (with when it is due, for one its callback
+    delays), what an open one waits for, or that it went without its order's create."""
+    if _delayed(item):
+        return f"due {_time(item['next_attempt_at'])} UTC ({item['reason']})"
     if item["reason"]:
         return str(item["reason"])
     if item["blocked_by"] is not None:
@@ -69,9 +77,37 @@ def why(item: dict[str, Any]) -> str:
     return str(item["order_note"] or "")
 
 
+def callback_used(item: dict[str, Any]) -> str:
+    """Which callback a delivery went to, in a word: the affiliate's `own`, the `store-wide`
+    one, one `removed` since, or none (`-`)."""
+    if item["callback_id"] is None:
+        return "-"
+    if item["callback_store_wide"] is None:
+        return "removed"
+    return "store-wide" if item["callback_store_wide"] else "own"
+
+
+def _callback_line(d: dict[str, Any]) -> str:
+    if d["callback_id"] is None:
+        return "none"
+    word = callback_used(d)
+    return f"#{d['callback_id']} ({'removed since' if word == 'removed' else word})"
+
+
 def deliveries_table(items: Sequence[dict[str, Any]]) -> str:
     rows = [
-        ("ID", "TAKEN (UTC)", "AFFILIATE", "EVENT", "ORDER", "STATE", "TRIES", "LAST", "REASON")
+        (
+            "ID",
+            "TAKEN (UTC)",
+            "AFFILIATE",
+            "EVENT",
+            "ORDER",
+            "STATE",
+            "TRIES",
+            "LAST",
+            "CALLBACK",
+            "REASON",
+        )
     ]
     rows += [
         (
@@ -83,6 +119,7 @@ def deliveries_table(items: Sequence[dict[str, Any]]) -> str:
             item["state"],
             str(item["attempts"]),
             _last(item),
+            callback_used(item),
             why(item),
         )
         for item in items
@@ -152,10 +189,11 @@ def delivery_text(d: dict[str, Any], body: bytes | None = None) -> str:
         f"order {d['order_number']}",
         f"state      {d['state']}" + (f": {why(d)}" if why(d) else ""),
         f"taken      {_time(d['created_at'])} UTC; order event at {_time(d['occurred_at'])}",
+        f"callback   {_callback_line(d)}",
     ]
     if d["order_note"] is not None and why(d) != d["order_note"]:
         lines.append(f"order      {d['order_note']}")
-    if d["next_attempt_at"] is not None:
+    if d["next_attempt_at"] is not None and not _delayed(d):  # else the state line says it
         lines.append(f"next try   {_time(d['next_attempt_at'])} UTC")
     if d["request"] is not None:
         lines.append(f"request    {d['request']['method']} {d['request']['url']}")

@@ -216,6 +216,9 @@ def _validated(
     url: str,
     secret: str | None,
     remove_secret: bool = False,
+    *,
+    statuses: list[str] | None,
+    delay: str | int | None,
 ) -> callbacks.CallbackSpec:
     """The callback checked exactly as `postback callbacks set` checks it."""
     try:
@@ -227,6 +230,8 @@ def _validated(
             secret,
             allowed=_services(request).settings.allowed,
             remove_secret=remove_secret,
+            statuses=statuses,
+            delay=delay,
         )
     except callbacks.CallbackError as exc:
         raise InputError(exc.field, exc.message) from None
@@ -238,7 +243,16 @@ async def preview_callback(request: web.Request) -> web.Response:
     live preview. Checked as a PUT checks it; nothing is saved or sent."""
     _no_query(request)
     body = await _body(request, PreviewBody)
-    spec = _validated(request, body.affiliate_id, body.event_type, body.method, body.url, None)
+    spec = _validated(
+        request,
+        body.affiliate_id,
+        body.event_type,
+        body.method,
+        body.url,
+        None,
+        statuses=body.statuses,
+        delay=body.delay,
+    )
     return web.json_response(testfire.preview(spec).as_json())
 
 
@@ -255,6 +269,8 @@ async def set_callback(request: web.Request) -> web.Response:
         body.url,
         body.secret,
         body.remove_secret,
+        statuses=body.statuses,
+        delay=body.delay,
     )
     saved = await callbacks.save(_services(request).db, spec)
     # A generated secret is answered this once, for the affiliate; never again.

@@ -28,9 +28,10 @@ from pydantic import (
 
 from ops.actions.filters import DeliveryId, Filter, OneOf, Text, plain_text
 from ops.actions.replay import MODES, Mode
+from ops.actions.testfire import SAMPLE_AFFILIATE
 from ops.service.ingest import MAX_BATCH
-from producer.event import EVENT_TYPES, Event, EventType
-from worker.callbacks import METHODS, Method
+from producer.event import EVENT_TYPES, STORE_WIDE, Event, EventType
+from worker.callbacks import MAX_STATUS_LENGTH, MAX_STATUSES, METHODS, Method
 from worker.exchange import ErrorClass, FailureClass
 from worker.ledger import State
 
@@ -57,7 +58,13 @@ class DeliveryPath(_Input):
 
 
 class CallbackPath(_Input):
-    affiliate: Annotated[Text, Field(description="affiliate id")]
+    affiliate: Annotated[
+        Text,
+        Field(
+            description=f"affiliate id, or '{STORE_WIDE}' (%2A) for the store-wide callback: "
+            "used for every affiliate without a callback of its own for the event type"
+        ),
+    ]
     event_type: Annotated[EventType, OneOf(EVENT_TYPES)]
 
 
@@ -148,11 +155,43 @@ UrlTemplate = Annotated[
 CallbackMethod = Annotated[Method, OneOf(METHODS), BeforeValidator(_upper)]
 
 
+Statuses = Annotated[
+    list[Annotated[str, BeforeValidator(plain_text)]] | None,
+    Field(
+        description=f"the order statuses it fires for (at most {MAX_STATUSES}, each at most "
+        f"{MAX_STATUS_LENGTH} characters, none twice); an event whose order.status is none "
+        "of them is recorded skipped. null or omitted: every status"
+    ),
+]
+
+
+def _duration_or_seconds(value: object) -> object:
+    # One message for anything else, rather than one per member of the union; whether it
+    # is a duration, and in range, `callbacks.parse_delay` says, as for the CLI.
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError("must be a duration such as 90s, 5m or 2h, or whole seconds")
+
+
+Delay = Annotated[
+    int | str | None,
+    BeforeValidator(_duration_or_seconds),
+    Field(
+        description="how long after the event was accepted its delivery is sent: a duration "
+        "such as 90s, 5m, 2h, or whole seconds, 0 to 24h (86400). null or omitted: at once"
+    ),
+]
+
+
 class CallbackBody(_Input):
     """Checked further exactly as `postback callbacks set` checks it (worker.callbacks)."""
 
     url: UrlTemplate
     method: CallbackMethod = "GET"
+    statuses: Statuses = None
+    delay: Delay = None
     secret: Annotated[
         Annotated[str, BeforeValidator(plain_text), StringConstraints(max_length=MAX_ACTOR)] | None,
         Field(
@@ -171,10 +210,18 @@ class CallbackBody(_Input):
 class PreviewBody(_Input):
     """A callback as it would be set, checked as a PUT checks it; saved nowhere."""
 
-    affiliate_id: Annotated[Text, Field(description="affiliate id; the sample order is theirs")]
+    affiliate_id: Annotated[
+        Text,
+        Field(
+            description=f"affiliate id, whose the sample order is ({SAMPLE_AFFILIATE}'s for "
+            f"the store-wide callback, '{STORE_WIDE}')"
+        ),
+    ]
     event_type: Annotated[EventType, OneOf(EVENT_TYPES)]
     url: UrlTemplate
     method: CallbackMethod = "GET"
+    statuses: Statuses = None
+    delay: Delay = None
 
 
 class TestFireBody(_Input):
@@ -248,6 +295,17 @@ class _Delivery(BaseModel):
     order_note: Annotated[
         str | None, Field(description="set when it went out of order: without its create")
     ]
+    callback_id: Annotated[
+        int | None,
+        Field(description="the callback it went to; null when there was none (skipped)"),
+    ]
+    callback_store_wide: Annotated[
+        bool | None,
+        Field(
+            description="whether that callback is the store-wide one (affiliate '*'); null "
+            "without a callback, or when it was removed since"
+        ),
+    ]
 
 
 class DeliverySummary(_Delivery):
@@ -289,7 +347,6 @@ class Action(BaseModel):
 class Delivery(_Delivery):
     """One delivery in full: its event, last request, every attempt and what ops did."""
 
-    callback_id: int | None
     event: dict[str, Any]
     request: SentRequest | None
     attempts: list[Attempt]
@@ -330,9 +387,24 @@ class ReplaySummary(BaseModel):
 class Callback(BaseModel):
     id: int
     affiliate_id: str
+    store_wide: Annotated[
+        bool,
+        Field(
+            description=f"affiliate '{STORE_WIDE}': used for every affiliate without a "
+            "callback of its own for the event type"
+        ),
+    ]
     event_type: EventType
     method: Method
     url_template: str
+    statuses: Annotated[
+        list[str] | None,
+        Field(description="the order statuses it fires for; null: every status"),
+    ]
+    delay: Annotated[
+        str, Field(description="how long after an event was accepted it is sent: 5m; 0s: at once")
+    ]
+    delay_seconds: Annotated[int, Field(description="the delay in seconds")]
     has_secret: bool
     enabled: bool
     created_at: datetime

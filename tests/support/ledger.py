@@ -8,17 +8,27 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from producer import Producer
+from producer import Producer, parse_event
+from producer.event import STORE_WIDE
 from tests.support.events import event_data, save_callback
 from tests.support.receivers import Flaky
 from tests.support.workers import drain
 from worker.config import Settings
+from worker.deliver import delivery_id
+from worker.ledger import take
 
 SETTLED = ("delivered", "dead")
+
+
+async def delivery(db: asyncpg.Connection, event_id: str) -> asyncpg.Record:
+    """The whole row of an event's delivery; fails the test when there is none."""
+    row = await db.fetchrow("SELECT * FROM deliveries WHERE event_id = $1", event_id)
+    assert row is not None, f"no delivery recorded for {event_id}"
+    return row
 
 
 async def ledger(db: asyncpg.Connection, event_ids: list[str]) -> dict[str, asyncpg.Record]:
@@ -133,3 +143,49 @@ async def add_delivery(
             200 if last and state == "delivered" else 500,
         )
     return str(data["id"])
+
+
+DELAYED_REASON = "delayed 5m by its callback"
+
+
+@dataclass(frozen=True)
+class StoreWideAndDelayed:
+    """What `make_store_wide_and_delayed` made: delivery ids, callback ids, and when the
+    delayed delivery is due."""
+
+    store_wide: str
+    store_callback: int
+    delayed: str
+    delayed_callback: int
+    due: datetime
+
+
+async def make_store_wide_and_delayed(
+    db: asyncpg.Connection, producer: Producer, flaky: Flaky, settings: Settings
+) -> StoreWideAndDelayed:
+    """zed, who has no callback of their own, gets order #9's create delivered through the
+    store-wide callback, by a worker; ann's update of order #1001 waits, pending, 5 minutes
+    as its callback's delay says. That one is taken straight into the ledger, as a worker
+    takes it: a worker would keep its job, and a test, waiting for those minutes."""
+    store = await save_callback(
+        db, STORE_WIDE, "order.created", "GET", flaky.url + "/store?a={{affiliate.id}}"
+    )
+    later = await save_callback(db, "ann", "order.updated", "GET", flaky.url + "/ann", delay="5m")
+    zed = parse_event(
+        event_data(
+            "zed", affiliate_id="zed", order={"number": "#9", "amount": "1", "commission": "0.1"}
+        )
+    )
+    assert await producer.publish(zed)
+    await drain(settings)
+    update = parse_event(
+        event_data("later", type="order.updated", occurred_at="2026-11-29T09:00:00Z")
+    )
+    due = datetime.now(UTC) + timedelta(minutes=5)
+    taken = await take(
+        db, delivery_id(update), update, later.id, "job-later", 60, due=(due, DELAYED_REASON)
+    )
+    assert taken.action == "early", taken
+    return StoreWideAndDelayed(
+        str(delivery_id(zed)), store.id, str(delivery_id(update)), later.id, due
+    )

@@ -53,8 +53,12 @@ function cell(row, text, className) {
 
 function time(value) { return value ? value.slice(0, 19).replace("T", " ") : "-"; }
 
+// Pending with a reason: not tried yet, put off until next_attempt_at by its callback's delay.
+function delayed(d) { return d.state === "pending" && Boolean(d.reason) && Boolean(d.next_attempt_at); }
+
 // Why a delivery is as it is, worded as `postback deliveries` words it (ops/console.py, why).
 function why(d) {
+  if (delayed(d)) return "due " + time(d.next_attempt_at) + " UTC (" + d.reason + ")";
   if (d.reason) return d.reason;
   if (d.blocked_by) return "waiting for delivery " + d.blocked_by + ", earlier in its order";
   if (d.create_wait_until) {
@@ -62,6 +66,20 @@ function why(d) {
       + time(d.create_wait_until) + " UTC";
   }
   return d.order_note || "";
+}
+
+// Which callback a delivery went to, in a word, as `postback deliveries list` says it.
+function callbackUsed(d) {
+  if (d.callback_id === null || d.callback_id === undefined) return "-";
+  if (d.callback_store_wide === null) return "removed";
+  return d.callback_store_wide ? "store-wide" : "own";
+}
+
+// The same in the detail: "#12 (store-wide)", as `postback deliveries show` says it.
+function callbackLine(d) {
+  const used = callbackUsed(d);
+  if (used === "-") return "none";
+  return "#" + d.callback_id + " (" + (used === "removed" ? "removed since" : used) + ")";
 }
 
 // The filters' choices, as the API lists them in its OpenAPI document: the page never
@@ -134,6 +152,7 @@ async function loadList(append) {
       cell(row, item.state, "state-" + item.state);
       cell(row, item.attempts);
       cell(row, item.last_status !== null ? item.last_status : item.error_class || "-");
+      cell(row, callbackUsed(item));
       cell(row, why(item));
       row.addEventListener("click", () => openDelivery(item.id));
       if (item.id === state.selected) row.classList.add("selected");
@@ -186,7 +205,9 @@ function showDelivery(d) {
   fact("State", d.state + (why(d) ? ": " + why(d) : ""));
   if (d.order_note && why(d) !== d.order_note) fact("Order", d.order_note);
   fact("Taken", time(d.created_at) + " UTC");
-  if (d.next_attempt_at) fact("Next try", time(d.next_attempt_at) + " UTC");
+  fact("Callback", callbackLine(d));
+  // A delayed one's state says when it is due.
+  if (d.next_attempt_at && !delayed(d)) fact("Next try", time(d.next_attempt_at) + " UTC");
   if (d.request) fact("Request", d.request.method + " " + d.request.url);
   const replayable = d.state === "dead" || d.state === "discarded";
   $("replay-rerender").disabled = !replayable;
@@ -364,8 +385,13 @@ function callbackPath(affiliate, eventType) {
 }
 
 function callbackName(cb) {
+  if (cb.store_wide) return "the store-wide " + cb.event_type + " callback";
   return "the " + cb.event_type + " callback of affiliate " + cb.affiliate_id;
 }
+
+// What a callback waits for and fires for, as the table shows them.
+function statusesText(cb) { return cb.statuses ? cb.statuses.join(", ") : "all"; }
+function delayText(cb) { return cb.delay_seconds ? cb.delay : "none"; }
 
 // The form's choices, as the API's preview body lists them in /openapi.json.
 function callbackChoices(spec) {
@@ -405,11 +431,13 @@ function callbackRow(cb) {
   row.dataset.affiliate = cb.affiliate_id;
   row.dataset.event = cb.event_type;
   row.classList.toggle("selected", isEditing(cb.affiliate_id, cb.event_type));
-  cell(row, cb.affiliate_id);
+  cell(row, cb.store_wide ? cb.affiliate_id + " (store-wide)" : cb.affiliate_id);
   cell(row, cb.event_type);
   cell(row, cb.method);
   cell(row, cb.enabled ? "yes" : "no", cb.enabled ? "" : "off");
   cell(row, cb.has_secret ? "set" : "none");
+  cell(row, statusesText(cb));
+  cell(row, delayText(cb));
   cell(row, cb.url_template, "excerpt");
   const td = cell(row, "", "row-actions");
   const button = (label, work) => {
@@ -434,6 +462,8 @@ function fillCallbackForm(cb) {
   f.event_type.value = cb ? cb.event_type : f.event_type.options[0]?.value || "";
   f.method.value = cb ? cb.method : "GET";
   f.url.value = cb ? cb.url_template : "";
+  f.statuses.value = cb && cb.statuses ? cb.statuses.join(",") : "";
+  f.delay.value = cb && cb.delay_seconds ? cb.delay : "";
   f.affiliate_id.readOnly = Boolean(cb);
   f.event_type.disabled = Boolean(cb);
   f.secret.value = "";
@@ -477,17 +507,24 @@ function showFieldErrors(errors, fallback) {
 
 function fieldOf(error) {
   // A PUT names the affiliate by its path parameter; the form by the callback's field.
-  return error.field === "affiliate" ? "affiliate_id" : error.field;
+  if (error.field === "affiliate") return "affiliate_id";
+  return error.field.replace(/^statuses\.\d+$/, "statuses");  // one status of the list
 }
 
-// The form as the API's preview body: the callback it would save, bar the secret.
+// The form as the API's preview body: the callback it would save, bar the secret. Empty
+// statuses are every status (null), an empty delay none; what is typed goes as typed, for
+// the API to check (each status of the list as `postback callbacks set --statuses` would).
 function callbackDraft() {
   const f = $("callback-form").elements;
+  const statuses = f.statuses.value.trim();
+  const delay = f.delay.value.trim();
   return {
     affiliate_id: f.affiliate_id.value,
     event_type: f.event_type.value,
     method: f.method.value,
     url: f.url.value,
+    statuses: statuses ? statuses.split(",") : null,
+    delay: delay || null,
   };
 }
 
@@ -532,7 +569,9 @@ async function saveCallback() {
     await previewCallback(true);  // the API says what the affiliate must be, next to it
     return;
   }
-  const body = { url: draft.url, method: draft.method };
+  const body = {
+    url: draft.url, method: draft.method, statuses: draft.statuses, delay: draft.delay,
+  };
   const secret = f.secret_action.value;
   if (secret === "set") body.secret = f.secret.value;
   if (secret === "generate") body.secret = "generate";
@@ -546,6 +585,8 @@ async function saveCallback() {
   }
   fillCallbackForm(saved);
   say("Saved " + callbackName(saved) + ": " + saved.method + " " + saved.url_template +
+    (saved.statuses ? "; statuses " + statusesText(saved) : "") +
+    (saved.delay_seconds ? "; delay " + saved.delay : "") +
     "; secret " + (saved.has_secret ? "set" : "none") + ".");
   if (saved.secret) {
     $("cb-secret-value").textContent = saved.secret;  // the API answers it this once
@@ -584,7 +625,8 @@ async function testFire(cb) {
   const path = callbackPath(cb.affiliate_id, cb.event_type) + "/test";
   const out = $("fire-result");
   out.hidden = false;
-  out.textContent = "Sending a sample " + cb.event_type + " to " + cb.affiliate_id + "…";
+  const to = cb.store_wide ? "the store-wide callback" : cb.affiliate_id;
+  out.textContent = "Sending a sample " + cb.event_type + " to " + to + "…";
   try {
     const r = await call("POST", path, { actor: actor() });
     const got = r.response
@@ -605,7 +647,7 @@ async function testFire(cb) {
 function startCallbacks() {
   const form = $("callback-form");
   form.addEventListener("submit", (event) => { event.preventDefault(); busy(saveCallback); });
-  for (const name of ["affiliate_id", "url"]) {
+  for (const name of ["affiliate_id", "url", "statuses", "delay"]) {
     form.elements[name].addEventListener("input", previewSoon);
   }
   for (const name of ["event_type", "method"]) {
