@@ -1140,12 +1140,29 @@ async def test_dlq_show_prints_the_attempts(
         assert set(exchange) <= set(block[1:]), block
 
 
+@pytest.mark.parametrize(
+    ("query", "sent_query"),
+    [
+        ("o={{order.number}}", "o=%231001"),
+        # With filters the body carries rendered_query too, made again from the stored URL.
+        (
+            'o={{order.number}}&c={{order.amount | cents}}&s={{link.sub_id | default: "none"}}',
+            "o=%231001&c=1050&s=fb1",
+        ),
+    ],
+    ids=["plain", "filters"],
+)
 async def test_deliveries_show_prints_the_request_exactly_as_sent(
-    postback: Postback, db: asyncpg.Connection, receiver: Receiver, tmp_path: Path
+    postback: Postback,
+    db: asyncpg.Connection,
+    receiver: Receiver,
+    tmp_path: Path,
+    query: str,
+    sent_query: str,
 ) -> None:
     """Every header the relay set (the signature's among them) and the body, byte for
     byte as the receiver got them; never the secret."""
-    url = receiver.url + "/pb?o={{order.number}}"
+    url = receiver.url + "/pb?" + query
     await save_callback(db, "ann", "order.created", "POST", url, SECRET)
     data = event_data("show-post")
     succeeded(postback("send", "--file", write(tmp_path, json.dumps(data))))
@@ -1156,7 +1173,7 @@ async def test_deliveries_show_prints_the_request_exactly_as_sent(
     shown = succeeded(postback("deliveries", "show", did))
 
     lines = shown.splitlines()
-    start = lines.index(f"      > POST {receiver.url}/pb?o=%231001")
+    start = lines.index(f"      > POST {receiver.url}/pb?{sent_query}")
     sent = [
         line.removeprefix("      >").removeprefix(" ")
         for line in lines[start:]

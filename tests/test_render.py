@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 import re
 import string
@@ -13,7 +12,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
 
-from producer.event import Event, loads_event, parse_event
+from producer.event import Event, loads_event
+from tests.support.samples import LINK, make_event, refusal
 from worker.render import (
     KNOWN_VARIABLES,
     Template,
@@ -28,44 +28,7 @@ from worker.render import (
 
 pytestmark = pytest.mark.unit
 
-LINK = "https://shop.example/summer?ref=ann&campaign=summer&sub_id=fb1#promo"
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-BASE: dict[str, Any] = {
-    "id": "evt_01HX",
-    "type": "order.created",
-    "affiliate_id": "aff-42",
-    "occurred_at": "2024-05-01T12:30:00+02:00",
-    "order": {
-        "number": "#1001",
-        "amount": "10.50",
-        "commission": "1.05",
-        "currency": "EUR",
-        "status": "pending",
-    },
-    "link": {"url": LINK},
-}
-
-
-def make_event(
-    *, order: dict[str, Any] | None = None, link: dict[str, Any] | None = None, **top: Any
-) -> Event:
-    """The realistic event, with some fields replaced (a `None` value removes the field)."""
-    data = copy.deepcopy(BASE)
-    for section, changes in (("order", order), ("link", link), (None, top)):
-        target = data if section is None else data[section]
-        for key, value in (changes or {}).items():
-            if value is None:
-                target.pop(key, None)
-            else:
-                target[key] = value
-    return parse_event(data)
-
-
-def refusal(source: str) -> str:
-    with pytest.raises(TemplateError) as caught:
-        parse(source)
-    return str(caught.value)
 
 
 def fill(source: str, event: Event) -> str:
@@ -677,10 +640,17 @@ def test_an_escaped_query_parameter_name_is_the_plain_name() -> None:
     assert render(template, variables(event)) == "https://t.example/?u=fb&m=cpc"
 
 
-@pytest.mark.parametrize("char", PUNCTUATION)
+@pytest.mark.parametrize("char", PUNCTUATION.replace("|", ""))
 def test_inside_a_variable_a_backslash_before_punctuation_is_dropped(char: str) -> None:
     template = parse(f"https://t.example/?v={{{{link.query.a\\{char}b}}}}")
     assert template.parts == ("https://t.example/?v=", Variable(f"link.query.a{char}b"))
+
+
+def test_inside_a_variable_an_escaped_bar_starts_filters_as_markdown_shows_it() -> None:
+    # `\|` is how a markdown table cell writes `|`; read as shown, it is the filters' bar.
+    escaped = parse(r"https://t.example/?v={{link.query.a \| upper}}")
+    assert escaped.parts == parse("https://t.example/?v={{link.query.a | upper}}").parts
+    assert render(escaped, {"link.query.a": "x"}) == "https://t.example/?v=X"
 
 
 def test_inside_a_variable_other_backslashes_are_kept() -> None:

@@ -57,8 +57,11 @@ def build_request(
     """
     # One set of variables for both the URL and a POST's body.
     values = render.variables(event)
-    body = _body(values) if method == "POST" else None
-    return _request(method, render.render(template, values), body, str(delivery), secret, timestamp)
+    url = render.render(template, values)
+    body = None
+    if method == "POST":
+        body = _body(values, url if template.uses_filters else None)
+    return _request(method, url, body, str(delivery), secret, timestamp)
 
 
 def resend_request(
@@ -68,13 +71,14 @@ def resend_request(
     timestamp: int | None = None,
 ) -> Request:
     """A recorded request (`Request.as_json`) sent again as it was: the same method, URL and
-    Idempotency-Key, and the same body, which is made from the event alone; signed afresh
-    with the callback's secret as it is now, since a receiver refuses an old timestamp."""
+    Idempotency-Key, and the same body, which is made from the event and, when it had a
+    `rendered_query`, the recorded URL; signed afresh with the callback's secret as it is
+    now, since a receiver refuses an old timestamp."""
     method = stored["method"]
     return _request(
         method,
         stored["url"],
-        post_body(event) if method == "POST" else None,
+        recorded_body(stored, event) if method == "POST" else None,
         stored["headers"]["Idempotency-Key"],
         secret,
         timestamp,
@@ -100,14 +104,24 @@ def _request(
     return Request(method, url, headers, body)
 
 
-def post_body(event: Event) -> bytes:
-    """A POST's body, the same bytes for every attempt: it is made from the event alone.
-    (The ledger keeps it as JSON, which does not keep the order of its keys.)"""
-    return _body(render.variables(event))
+def post_body(event: Event, rendered: str | None = None) -> bytes:
+    """A POST's body, the same bytes for every attempt: it is made from the event alone,
+    and for a template with filters from the URL rendered from it (`rendered`), whose query
+    it carries as `rendered_query`. (The ledger keeps it as JSON, which does not keep the
+    order of its keys.)"""
+    return _body(render.variables(event), rendered)
 
 
-def _body(values: Mapping[str, str]) -> bytes:
-    return json.dumps(render.body(values), separators=(",", ":")).encode()
+def recorded_body(stored: dict[str, Any], event: Event) -> bytes:
+    """The bytes a recorded POST (`Request.as_json`) sent, made again: from the event, and
+    from the recorded URL when the body had a `rendered_query`."""
+    sent = stored.get("body")
+    filtered = isinstance(sent, dict) and "rendered_query" in sent
+    return post_body(event, stored["url"] if filtered else None)
+
+
+def _body(values: Mapping[str, str], rendered: str | None) -> bytes:
+    return json.dumps(render.body(values, rendered), separators=(",", ":")).encode()
 
 
 def _signed_content(url: str, body: bytes | None) -> bytes:

@@ -4,7 +4,8 @@ Two promises matter here (docs/design.md, "Templates"). A template that would fa
 later is refused at save time, with a message the affiliate manager can act on. And no event
 value can change where a request goes or how the URL is read: the scheme and host are
 literal text, and every substituted value is percent-encoded, so a `/`, `?`, `#` or `&` in
-an order number stays data.
+an order number stays data. A value through filters (`{{ order.amount | cents }}`, in
+worker/filters.py) is checked the same way when saved and encoded the same way when sent.
 
 Templates are copied from the raw text of markdown docs, so they carry markdown's backslash
 escapes (`\{{link.sub\_id\}}`, `?a=1\&b=2`). The parser reads them as a markdown renderer
@@ -17,11 +18,13 @@ import difflib
 import re
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
 from producer.event import Event
+from worker.filters import Filter, FilterError, parse_chain, quoted
+from worker.filters import apply as apply_filters
 
 KNOWN_VARIABLES: tuple[str, ...] = (
     "event.id",
@@ -75,9 +78,11 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Variable:
-    """A `{{name}}` placeholder; `name` is already validated and stripped of spaces."""
+    """A `{{name}}` placeholder; `name` is already validated and stripped of spaces, and
+    `filters` (`{{name | lower}}`) are checked against the kind of value they get."""
 
     name: str
+    filters: tuple[Filter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +98,23 @@ class Template:
     a callback saved before that rule must go on being sent."""
     fragment: bool = False
     """A `#...` after the path: never sent, so refused by `check_new` (as `credentials`)."""
+    uses_filters: bool = field(init=False)
+    """Some variable has filters: a POST then carries the rendered query too (`body`), and
+    `render` takes the slower way only then."""
+
+    def __post_init__(self) -> None:
+        filtered = any(isinstance(part, Variable) and part.filters for part in self.parts)
+        object.__setattr__(self, "uses_filters", filtered)
 
 
 def parse(source: str) -> Template:
     r"""Validate a template when the callback is saved, so mistakes surface to a person.
 
-    Raises `TemplateError` for an unknown variable (suggesting the closest known name), an
-    empty or unclosed `{{`, a stray `}}`, control characters, a backslash in the text that is
-    no markdown escape, a template over 4096 characters, and any template whose scheme and
-    host are not literal `http(s)://host`. Markdown escapes are read as the docs show them
+    Raises `TemplateError` for an unknown variable (suggesting the closest known name) or
+    filter, a filter that cannot take the value it is given, an empty or unclosed `{{`, a
+    stray `}}`, control characters, a backslash in the text that is no markdown escape, a
+    template over 4096 characters, and any template whose scheme and host are not literal
+    `http(s)://host`. Markdown escapes are read as the docs show them
     (`\&` is `&`), so the host check and the parts see the unescaped text; `source` is kept
     as typed, and positions in messages count it as typed.
     """
@@ -150,10 +163,7 @@ def variables(event: Event) -> dict[str, str]:
     """
     url = event.link.url
     split = urlsplit(url)
-    query: dict[str, str] = {}
-    for name, value in parse_qsl(split.query, keep_blank_values=True):
-        if name:
-            query.setdefault(name, value)  # the first value wins
+    query = _query_values(split.query)
     values = {
         "event.id": event.id,
         "event.type": event.type,
@@ -179,20 +189,31 @@ def render(template: Template, values: Mapping[str, str]) -> str:
     """Fill a parsed template; each value is percent-encoded, the template text is not.
 
     Only RFC 3986 unreserved characters survive unencoded, so no value can add a path
-    segment, a query parameter or a fragment. A variable without a value renders as "".
+    segment, a query parameter or a fragment; a value through filters is encoded the same
+    way. A variable without a value renders as "" (or as its `default`).
     """
+    if template.uses_filters:
+        return "".join(
+            part
+            if isinstance(part, str)
+            else quote(apply_filters(part.filters, values.get(part.name, "")), safe="")
+            for part in template.parts
+        )
     return "".join(
         part if isinstance(part, str) else quote(values.get(part.name, ""), safe="")
         for part in template.parts
     )
 
 
-def body(values: Mapping[str, str]) -> dict[str, Any]:
+def body(values: Mapping[str, str], rendered: str | None = None) -> dict[str, Any]:
     """The JSON body of a POST: the flat variables nested on their dots.
 
     `link.query.NAME` nests as one key NAME under `link.query`, even when NAME has dots,
     because it is a query parameter name and not a path. `link.query` is always present
-    (possibly empty), so receivers can rely on the shape.
+    (possibly empty), so receivers can rely on the shape. `rendered`: the URL rendered from
+    a template with filters, whose decoded query goes along as `rendered_query`, so a
+    receiver reading the body gets the filtered values too (the first of a repeated
+    name, as `link.query`).
     """
     out: dict[str, Any] = {"link": {"query": {}}}
     for key, value in values.items():
@@ -201,7 +222,18 @@ def body(values: Mapping[str, str]) -> dict[str, Any]:
         else:
             group, name = key.split(".", 1)
             out.setdefault(group, {})[name] = value
+    if rendered is not None:
+        out["rendered_query"] = _query_values(urlsplit(rendered).query)
     return out
+
+
+def _query_values(query: str) -> dict[str, str]:
+    """A query string's parameters, decoded; the first value wins, a nameless one is none."""
+    values: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name:
+            values.setdefault(name, value)
+    return values
 
 
 def _tokenize(source: str) -> tuple[str | Variable, ...]:
@@ -223,11 +255,51 @@ def _tokenize(source: str) -> tuple[str | Variable, ...]:
                 f"unclosed '{{{{' at character {opening.start() + 1} of the template; "
                 "close it with '}}'"
             )
-        typed = source[opening.end() : closing.start()].strip()
-        name = _ESCAPE_IN_NAME.sub(r"\1", typed)
-        _check_name(name, typed, opening.start() + 1)
-        parts.append(Variable(name))
+        inner = source[opening.end() : closing.start()]
+        parts.append(_variable(inner, opening.end(), opening.start() + 1))
         pos = closing.end()
+
+
+def _variable(inner: str, offset: int, position: int) -> Variable:
+    r"""The variable typed as `inner` between braces, which starts at `offset` of the source
+    (whose `{{` is at character `position`).
+
+    A `|` starts its filters, `\|` too: markdown shows it as `|` (a table cell must write it
+    so), and the name is read as markdown shows it.
+    """
+    if "|" not in inner:
+        typed = inner.strip()
+        name = _ESCAPE_IN_NAME.sub(r"\1", typed)
+        _check_name(name, typed, position)
+        return Variable(name)
+    text, where = _unescape_in_braces(inner)
+    bar = text.index("|")
+    typed = inner[: where[bar]].strip()
+    name = _ESCAPE_IN_NAME.sub(r"\1", typed)
+    _check_name(name, typed, position)
+    try:
+        chain = parse_chain(text, bar, name)
+    except FilterError as exc:
+        at = offset + (where[exc.index] if exc.index < len(where) else len(inner)) + 1
+        raise TemplateError(f"{exc.before} at character {at} of the template{exc.after}") from None
+    return Variable(name, chain)
+
+
+def _unescape_in_braces(inner: str) -> tuple[str, list[int]]:
+    """`inner` with its markdown escapes undone, and where in `inner` each of its characters
+    was typed, so a message can point at the filter as typed."""
+    text: list[str] = []
+    where: list[int] = []
+    pos = 0
+    for escape in _ESCAPE_IN_NAME.finditer(inner):
+        text.append(inner[pos : escape.start()])
+        where.extend(range(pos, escape.start()))
+        text.append(escape.group(1))
+        where.append(escape.start())
+        pos = escape.end()
+    text.append(inner[pos:])
+    where.extend(range(pos, len(inner)))
+    return "".join(text), where
 
 
 def _uri_text(literal: str) -> str:
@@ -278,7 +350,7 @@ def _backslash_error(source: str, index: int) -> str:
     following = source[index + 1 : index + 2]
     where = f"at character {index + 1} of the template"
     if following == "\\":
-        typed = _quoted(source[index : index + 2])
+        typed = quoted(source[index : index + 2])
         return (
             f"escaped backslash {typed} {where} stands for a backslash, which a URL cannot "
             "carry; write %5C for a literal backslash"
@@ -287,7 +359,7 @@ def _backslash_error(source: str, index: int) -> str:
     if not following:
         return f"backslash {where} is its last character and escapes nothing; {fix}"
     return (
-        f"backslash before {_quoted(following)} {where} escapes nothing "
+        f"backslash before {quoted(following)} {where} escapes nothing "
         f"(only ASCII punctuation can be escaped); {fix}"
     )
 
@@ -303,16 +375,16 @@ def _check_name(name: str, typed: str, position: int) -> None:
         return
     if name in (_QUERY_FAMILY, _QUERY_PREFIX):
         raise TemplateError(
-            f"variable {_quoted(typed)} needs a query parameter name after 'link.query.', "
+            f"variable {quoted(typed)} needs a query parameter name after 'link.query.', "
             "e.g. 'link.query.ref' for ?ref=..."
         )
     suggestion = _suggest(name)
     if suggestion:
         raise TemplateError(
-            f"unknown variable {_quoted(typed)} in template; did you mean {_quoted(suggestion)}?"
+            f"unknown variable {quoted(typed)} in template; did you mean {quoted(suggestion)}?"
         )
     raise TemplateError(
-        f"unknown variable {_quoted(typed)} in template; known variables are "
+        f"unknown variable {quoted(typed)} in template; known variables are "
         + ", ".join((*KNOWN_VARIABLES, "link.query.NAME"))
     )
 
@@ -346,7 +418,7 @@ def _scheme_and_host(source: str, parts: tuple[str | Variable, ...]) -> SplitRes
         raise TemplateError(_host_error(source, _ascii_hint(authority)))
     bad = _BAD_HOST_CHAR.search(authority)
     if bad:
-        raise TemplateError(_host_error(source, f"the host contains {_quoted(bad.group())}"))
+        raise TemplateError(_host_error(source, f"the host contains {quoted(bad.group())}"))
     userinfo, _, host_and_port = authority.rpartition("@")
     if "[" in userinfo or "]" in userinfo or not _HOST_AND_PORT.fullmatch(host_and_port):
         raise TemplateError(
@@ -380,15 +452,5 @@ def _host_error(source: str, reason: str = "") -> str:
     detail = f"; {reason}" if reason else ""
     return (
         "template must start with http:// or https:// and a literal host"
-        f"{detail}, got {_quoted(excerpt)}"
+        f"{detail}, got {quoted(excerpt)}"
     )
-
-
-def _quoted(text: str) -> str:
-    r"""User text for a message, in single quotes and exactly as typed.
-
-    Not `repr`: it doubles every backslash, so a markdown escape such as `\_` would be quoted
-    as `\\_`, which is not what the user wrote, and it switches quote styles. Only characters
-    that would break the one-line message or hide in it (newline, NBSP, ...) are spelled out.
-    """
-    return "'" + "".join(c if c.isprintable() else f"<U+{ord(c):04X}>" for c in text) + "'"

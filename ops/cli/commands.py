@@ -47,7 +47,7 @@ from producer.publish import Producer
 from worker import callbacks, database, duration, logs, render, schema
 from worker.config import Settings
 from worker.database import Executor
-from worker.deliver import build_request, delivery_id, post_body
+from worker.deliver import build_request, delivery_id, post_body, recorded_body
 from worker.pool import create_worker, use_fast_loop
 
 EXIT_USAGE = 2
@@ -696,9 +696,12 @@ async def ledger_show(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(found, indent=2))
         return 0
     try:
-        body = post_body(parse_event(found["event"]))
+        event = parse_event(found["event"])
     except InvalidEvent:  # only a row edited by hand: its bodies are shown as stored
         body = None
+    else:
+        sent = found["request"]
+        body = post_body(event) if sent is None else recorded_body(sent, event)
     print(console.delivery_text(found, body))
     return 0
 
