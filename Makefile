@@ -8,9 +8,10 @@ BIN := $(VENV)/bin
 .PHONY: install demo test lint bench image-check
 
 # bench: the benchmark's peers, which mypy checks with the rest (`make lint`).
+# otel: tracing's extra, which the tests export spans of in memory.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench,otel]'
 	touch $@
 
 install: $(BIN)/.installed

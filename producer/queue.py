@@ -1,7 +1,7 @@
 """arq's layout in Redis, as the relay uses it: the queue (a sorted set of job ids scored by
-when each runs), each job's key, the workers' health check, the sweep's cron name and the
-relay's own metrics hashes beside them. Only this module names a Redis key or touches
-arq's structures directly; every other part of the relay calls the functions here.
+when each runs), each job's key, the workers' health check, the sweep's and the prune's cron
+names and the relay's own metrics hashes beside them. Only this module names a Redis key or
+touches arq's structures directly; every other part of the relay calls the functions here.
 
 Jobs are JSON, never pickle: whoever can write to Redis must not be able to run code in a
 worker, and a producer in any language can enqueue by writing the same shape as arq.
@@ -54,6 +54,12 @@ def sweep_name(queue_name: str) -> str:
     """The name of the queue's sweep cron job. arq keys each run of a cron job by its name,
     so relays sharing a Redis under different queue names each sweep their own deliveries."""
     return f"{queue_name}:sweep"
+
+
+def prune_name(queue_name: str) -> str:
+    """The name of the queue's prune cron job: as the sweep's, one run at each time of its
+    schedule among all the queue's workers."""
+    return f"{queue_name}:prune"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from producer.connection import parse_redis_url
 from producer.queue import DEFAULT_QUEUE
 from worker.address import Network, parse_networks
 from worker.deliver import QUICK_RETRY_SECONDS
+from worker.prune import Retention, parse_keep
 from worker.retry import DEFAULT_SCHEDULE, parse_schedule
 
 MIN_TOKEN_LENGTH = 16
@@ -121,6 +122,21 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Least severe log level written."
     )
+    keep_settled: str = Field(
+        default="30d",
+        description="How long delivered and skipped deliveries are kept after they settled, "
+        "with their attempts (units s, m, h, d); 0 or empty: forever.",
+    )
+    keep_dead: str = Field(
+        default="90d",
+        description="How long dead and discarded deliveries are kept after they settled; "
+        "0 or empty: forever.",
+    )
+    keep_excerpts: str = Field(
+        default="30d",
+        description="How long an attempt keeps the request it sent and the response "
+        "headers and excerpt it got; 0 or empty: forever.",
+    )
 
     @property
     def schedule(self) -> tuple[float, ...]:
@@ -131,6 +147,17 @@ class Settings(BaseSettings):
     def allowed(self) -> tuple[Network, ...]:
         """`allow_networks` parsed."""
         return parse_networks(self.allow_networks or "")
+
+    @property
+    def retention(self) -> Retention:
+        """The `keep_*` settings parsed."""
+        return Retention.parse(self.keep_settled, self.keep_dead, self.keep_excerpts)
+
+    @field_validator("keep_settled", "keep_dead", "keep_excerpts")
+    @classmethod
+    def _keep(cls, value: str) -> str:
+        parse_keep(value)
+        return value
 
     @field_validator("allow_networks")
     @classmethod

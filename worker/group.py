@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 Call = TypeVar("Call")
 Result = TypeVar("Result")
+Noted = Callable[[int, int], None]
 
 
 class Group(Generic[Call, Result]):
@@ -36,21 +37,24 @@ class Group(Generic[Call, Result]):
         self._one = one
         self._many = many
         self._alone = alone
-        self._waiting: list[tuple[Call, asyncio.Future[Result]]] = []
+        self._waiting: list[tuple[Call, asyncio.Future[Result], Noted | None]] = []
         self._sender: asyncio.Task[None] | None = None
         self.statements = 0
         """Statements sent (or tried): with `calls`, how well calls were gathered."""
         self.calls = 0
 
-    async def __call__(self, call: Call) -> Result:
+    async def __call__(self, call: Call, noted: Noted | None = None) -> Result:
         """The call's result, once the statement that carried it has committed.
+
+        `noted`, when given, is told which statement carried the call (this group's count
+        of them) and how many calls that statement carried: for the call's trace span.
 
         A caller cancelled meanwhile leaves its call to be sent all the same: it may
         already be in flight, and the ledger's rules allow for a claim or a record whose
         job did not wait for it.
         """
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiting.append((call, future))
+        self._waiting.append((call, future, noted))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send(), name="group-commit")
         return await future
@@ -68,18 +72,23 @@ class Group(Generic[Call, Result]):
         finally:
             self._sender = None
 
-    async def _send_batch(self, batch: list[tuple[Call, asyncio.Future[Result]]]) -> None:
-        calls = [call for call, _ in batch]
+    async def _send_batch(
+        self, batch: list[tuple[Call, asyncio.Future[Result], Noted | None]]
+    ) -> None:
+        calls = [call for call, _, _ in batch]
         self.statements += 1
         self.calls += len(calls)
+        for _, _, noted in batch:
+            if noted is not None:
+                noted(self.statements, len(calls))
         try:
             results = [await self._one(calls[0])] if len(calls) == 1 else await self._many(calls)
         except Exception as exc:
             if len(calls) == 1 or not self._alone(exc):
-                for _, future in batch:
+                for _, future, _ in batch:
                     _fail(future, exc)
                 return
-            for call, future in batch:
+            for call, future, _ in batch:
                 try:
                     _settle(future, await self._one(call))
                 except Exception as alone_exc:
@@ -87,10 +96,10 @@ class Group(Generic[Call, Result]):
             return
         except BaseException:
             # Cancelled (the event loop is closing): nobody gets an answer.
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             _settle(future, result)
 
 

@@ -38,6 +38,7 @@ from worker import (
     render,
     retry,
     sign,
+    tracing,
 )
 from worker.config import Settings
 from worker.exchange import Outcome, Request
@@ -77,6 +78,8 @@ class _Run:
     ledger: ledger.Ledger
     accepted_at: datetime
     """When the event was enqueued: a callback's delay counts from then."""
+    span: tracing.Span
+    """The run's trace span: `tracing.NO_SPAN`, doing nothing, unless tracing is on."""
 
 
 async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
@@ -90,6 +93,7 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
     if event.occurred_at is None:
         # Defaults to the enqueue time, whoever enqueued it (docs/design.md, "Fields and limits").
         event = event.model_copy(update={"occurred_at": ctx["enqueue_time"].astimezone(UTC)})
+    did = deliver.delivery_id(event)
     run = _Run(
         ctx["db"],
         ctx["http"],
@@ -101,14 +105,20 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         ctx["counts"],
         ctx["ledger"],
         ctx["enqueue_time"],
+        tracing.run(event, did, ctx["job_id"], ctx["job_try"], ctx["enqueue_time"]),
     )
+    with run.span:
+        return await _budgeted(run, event, did)
+
+
+async def _budgeted(run: _Run, event: Event, did: uuid.UUID) -> str:
     # arq deletes a job that outruns its timeout, and before the ledger has the delivery
     # nothing else knows of the event; so the job keeps a budget of its own, shorter
     # than arq's, and running out of it means "try again", like every failure here.
     budget = asyncio.timeout(run.settings.job_timeout)
     try:
         async with budget:
-            return await _deliver(run, event)
+            return await _deliver(run, event, did)
     except Retry:
         raise
     except Exception as exc:
@@ -190,8 +200,7 @@ class _Said:
         bound.log(level, name, **fields)
 
 
-async def _deliver(run: _Run, event: Event) -> str:
-    did = deliver.delivery_id(event)
+async def _deliver(run: _Run, event: Event, did: uuid.UUID) -> str:
     said = _Said(event, did)
     entry = await run.callbacks.get(run.db, event.affiliate_id, event.type)
     close = _unsendable(event, entry)
@@ -225,19 +234,19 @@ async def _go(
     """Ask the ledger, then do what it says: return, run again later, or send."""
     callback_id = None if entry.callback is None else entry.callback.id
     defer = admitted if isinstance(admitted, fairness.Defer) else None
-    taken = await run.ledger.takes(
-        ledger.TakeCall(
-            did,
-            event,
-            callback_id,
-            run.job_id,
-            run.settings.job_timeout,
-            close,
-            None if defer is None else defer.seconds,
-            await _create_wait(run, event),
-            _due(run, entry) if close is None else None,
-        )
+    call = ledger.TakeCall(
+        did,
+        event,
+        callback_id,
+        run.job_id,
+        run.settings.job_timeout,
+        close,
+        None if defer is None else defer.seconds,
+        await _create_wait(run, event),
+        _due(run, entry) if close is None else None,
     )
+    with run.span.statement("postback_take") as statement:
+        taken = await run.ledger.takes(call, statement.noted)
     # Claimed but recorded before (by an earlier run, or by another job under the same event
     # id): what is sent is the event as first recorded. When that is this run's event, as
     # it nearly always is, it is not validated a second time: its JSON form reads back as
@@ -248,11 +257,13 @@ async def _go(
         except InvalidEvent as exc:
             # Only a row edited by hand, or one from a version with other rules, gets here.
             close = f"stored event is invalid: {exc.details}", True
-            taken = await run.ledger.takes(
-                ledger.TakeCall(
-                    did, event, callback_id, run.job_id, run.settings.job_timeout, close
-                )
+            call = ledger.TakeCall(
+                did, event, callback_id, run.job_id, run.settings.job_timeout, close
             )
+            with run.span.statement("postback_take") as statement:
+                taken = await run.ledger.takes(call, statement.noted)
+    run.span.set("postback.take.action", taken.action)
+    run.span.set("postback.delivery.state", taken.state)
     # Redis is touched only once the ledger has committed: never while holding an order lock.
     if taken.action == "settled":
         # The same event id again after it settled: at most one postback per event.
@@ -380,13 +391,15 @@ async def _attempt(
     else:
         request = deliver.build_request(callback.method, ready.template, event, did, secret)
     started_at = datetime.now(UTC)
-    try:
-        outcome = await deliver.attempt(run.http, request)
-    except asyncio.CancelledError:
-        # Stopped mid-request (shutdown, job timeout): the receiver may or may not have it.
-        # Free the delivery so the next run sends it again, with the same delivery id.
-        await asyncio.shield(ledger.release(run.db, did, run.job_id))
-        raise
+    with run.span.request(request.method, request.url) as sent:
+        try:
+            outcome = await deliver.attempt(run.http, request)
+        except asyncio.CancelledError:
+            # Stopped mid-request (shutdown, job timeout): the receiver may or may not have
+            # it. Free the delivery so the next run sends it again, with the same delivery id.
+            await asyncio.shield(ledger.release(run.db, did, run.job_id))
+            raise
+        sent.answered(outcome)
     circuit = run.destinations.release(slot, outcome, time.monotonic())
     if circuit is not None:
         # Said by the request that changed it: the next ones to that destination wait.
@@ -397,9 +410,11 @@ async def _attempt(
     verdict = retry.decide(
         outcome, number - before, run.settings.schedule, started_at, before=before
     )
-    woken = await run.ledger.records(
-        ledger.RecordCall(event, did, callback.id, request, started_at, outcome, verdict)
-    )
+    record = ledger.RecordCall(event, did, callback.id, request, started_at, outcome, verdict)
+    with run.span.statement("postback_record") as statement:
+        woken = await run.ledger.records(record, statement.noted)
+    run.span.set("postback.delivery.state", verdict.state)
+    run.span.set("postback.attempt", number)
     if verdict.disable_callback:
         run.callbacks.forget()  # not waiting for its own notification to come back
     run.counts.count(

@@ -16,10 +16,11 @@ from arq.worker import func
 
 from producer.connection import open_redis, redis_settings
 from producer.json_input import read_json
-from producer.queue import JOB_NAME, health_check_key, serialize, sweep_name
-from worker import cache, database, deliver, fairness, ledger, metrics
+from producer.queue import JOB_NAME, health_check_key, prune_name, serialize, sweep_name
+from worker import cache, database, deliver, fairness, ledger, metrics, tracing
 from worker.config import Settings
 from worker.job import deliver_event
+from worker.prune import prune_job
 from worker.sweep import sweep_job
 
 JOB_TIMEOUT_BACKSTOP = 5.0
@@ -29,6 +30,14 @@ MAX_TRIES = 10**9
 """arq's cap on runs of one job, set out of reach: every wait of a delivery (its retry
 schedule, an earlier delivery of its order, a database outage) is a run, and when to give up
 is the retry policy's decision, made from the ledger."""
+
+
+PRUNE_MINUTE = 30
+PRUNE_TIMEOUT = 50 * 60.0
+"""The prune runs every hour at this minute, in one worker (arq enqueues each run of a
+cron job under an id made of its name and time, so one worker takes it); cut off after
+this many seconds, so that one run never overlaps the next. Each of its batches is
+committed as it goes: a run cut off leaves the rest to the next."""
 
 
 HEALTH_CHECK_SECONDS = 10
@@ -91,6 +100,8 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         )
     if "db" in ctx:
         await ctx["db"].close()
+    # Spans still buffered, exported before the process goes (a no-op when tracing is off).
+    tracing.flush()
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
@@ -114,7 +125,14 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
                 second=0,
                 run_at_startup=True,
                 timeout=settings.job_timeout,
-            )
+            ),
+            cron(
+                prune_job,
+                name=prune_name(settings.queue_name),
+                minute=PRUNE_MINUTE,
+                second=0,
+                timeout=PRUNE_TIMEOUT,
+            ),
         ],
         "queue_name": settings.queue_name,
         "redis_settings": arq_redis,

@@ -44,7 +44,7 @@ from producer.connection import open_redis
 from producer.event import EVENT_TYPES, STORE_WIDE, Event, InvalidEvent, parse_event
 from producer.json_input import BadJson, NotJson, read_json
 from producer.publish import Producer
-from worker import callbacks, database, duration, logs, render, schema
+from worker import callbacks, database, duration, logs, prune, render, schema, tracing
 from worker.config import Settings
 from worker.database import Executor
 from worker.deliver import build_request, delivery_id, post_body, recorded_body
@@ -95,6 +95,15 @@ def _parser() -> _Parser:
     db.add_parser(
         "init", help="create the tables, or upgrade them from an earlier version (safe to repeat)"
     ).set_defaults(run=db_init)
+    prune_parser = db.add_parser(
+        "prune",
+        help="delete settled deliveries and trim attempts older than POSTBACK_KEEP_* now "
+        "(a worker does it every hour)",
+    )
+    prune_parser.add_argument(
+        "--dry-run", action="store_true", help="only count what would go; change nothing"
+    )
+    prune_parser.set_defaults(run=db_prune)
 
     cb = commands.add_parser("callbacks", help="affiliates' callbacks").add_subparsers(
         dest="callbacks_command", metavar="COMMAND", required=True, parser_class=_Parser
@@ -360,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _refuse(str(exc))
     except (InvalidEvent, callbacks.CallbackError, render.TemplateError, Insecure) as exc:
         return _refuse(str(exc))
+    except tracing.TracingUnavailable as exc:
+        return _refuse(str(exc))
     except InputError as exc:
         return _refuse(f"--{exc.field.replace('_', '-')}: {exc.message}")
     except pydantic.ValidationError as exc:
@@ -413,6 +424,37 @@ async def db_init(args: argparse.Namespace, settings: Settings) -> int:
     except schema.SchemaTooNew as exc:
         raise CommandFailed(str(exc)) from exc
     print(upgraded)
+    return 0
+
+
+@_sync
+async def db_prune(args: argparse.Namespace, settings: Settings) -> int:
+    console.quiet_logs(settings)  # it prints what it did
+    retention = settings.retention
+    db = await database.create_pool(_database_url(settings), 1)
+    try:
+        # Counted first: the dry run's answer, and the real run's progress bar's total.
+        planned = await prune.prune(db, retention, dry_run=True, pause=0)
+        if args.dry_run:
+            print(console.pruned_text(retention, planned, dry_run=True))
+            return 0
+        total = planned.total
+        bar = console.ProgressBar("pruning")
+        shown = 0
+
+        def progress(so_far: prune.Pruned) -> None:
+            nonlocal shown
+            done = min(so_far.total, total)
+            if shown < done < total:  # the last line is drawn once, at the end
+                bar(done, total)
+                shown = done
+
+        pruned = await prune.prune(db, retention, progress=progress)
+        if total:
+            bar(total, total)
+    finally:
+        await db.close()
+    print(console.pruned_text(retention, pruned, dry_run=False))
     return 0
 
 
@@ -640,6 +682,7 @@ async def _settled(settings: Settings, events: list[Event]) -> dict[uuid.UUID, l
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    tracing.from_environment()  # OTEL_*: off unless they ask for traces
     use_fast_loop()
     worker = create_worker(settings, burst=args.burst)
     worker.run()
@@ -661,6 +704,7 @@ async def run_receive(args: argparse.Namespace, settings: Settings) -> int:
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or settings.api_host
     port = settings.api_port if args.port is None else args.port
+    tracing.from_environment()  # OTEL_*: off unless they ask for traces
     asyncio.run(app.serve(settings, host, port, args.insecure))
     return 0
 

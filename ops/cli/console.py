@@ -15,8 +15,9 @@ from typing import Any, TextIO
 
 from ops.actions.lookup import Settled
 from ops.actions.replay import REPLAYABLE
-from worker import logs
+from worker import duration, logs
 from worker.config import Settings
+from worker.prune import Pruned, Retention
 
 EXCERPT = 200
 """Characters of a response body shown per attempt; `--json` has all that was kept."""
@@ -232,6 +233,27 @@ def settled(event_id: str, found: Settled) -> str:
     if found.state in REPLAYABLE:
         line += f"; to send it again: postback dlq replay {found.id}"
     return printable(line)
+
+
+def _kept(seconds: float | None) -> str:
+    return "forever" if seconds is None else duration.spell(round(seconds))
+
+
+def pruned_text(retention: Retention, pruned: Pruned, dry_run: bool) -> str:
+    """What `postback db prune` did, or with `dry_run` would do, under which settings."""
+    gone = pruned.deliveries
+    by_state = ", ".join(f"{gone[state]} {state}" for state in gone)
+    return "\n".join(
+        [
+            f"kept: delivered and skipped {_kept(retention.settled)}, dead and discarded "
+            f"{_kept(retention.dead)}, attempts' requests and responses "
+            f"{_kept(retention.excerpts)}",
+            f"{'would delete' if dry_run else 'deleted'} {sum(gone.values())} deliveries "
+            f"({by_state}), with their attempts and actions",
+            f"{'would trim' if dry_run else 'trimmed'} {pruned.attempts} attempts: "
+            "request, response headers and excerpt cleared",
+        ]
+    )
 
 
 def quiet_logs(settings: Settings, least: str = "warning") -> None:

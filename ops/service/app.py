@@ -31,7 +31,7 @@ from ops.service.openapi import document
 from producer import queue
 from producer.connection import open_redis
 from producer.publish import Producer
-from worker import database, deliver, metrics
+from worker import database, deliver, metrics, tracing
 from worker.config import Settings
 from worker.pool import HEALTH_CHECK_SECONDS
 
@@ -252,12 +252,20 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def post_events(request: web.Request) -> web.Response:
     """Validate the whole batch, then enqueue it; 202 with the ids taken."""
+    with tracing.ingest(request.headers) as span:
+        answer = await _post_events(request, span)
+        span.set("http.response.status_code", answer.status)
+        return answer
+
+
+async def _post_events(request: web.Request, span: tracing.Span) -> web.Response:
     body = await request.read()
     try:
         events = ingest.parse_batch(body)
     except ingest.BatchRefused as exc:
         errors = [refusal.as_json() for refusal in exc.refusals]
         return error(422, "refused; nothing was enqueued", errors)
+    span.set("postback.batch.size", len(events))
     services = request.app[SERVICES]
     producer = Producer(services.redis, services.settings.queue_name)
     fresh = await producer.publish_many(events)
