@@ -11,7 +11,7 @@ CREATE TABLE schema_version (
     version integer NOT NULL,
     one_row boolean PRIMARY KEY DEFAULT true CHECK (one_row)  -- so never a second row
 );
-INSERT INTO schema_version (version) VALUES (11);  -- the number of the last upgrade step
+INSERT INTO schema_version (version) VALUES (12);  -- the number of the last upgrade step
 
 CREATE TABLE callbacks (
     id            bigserial PRIMARY KEY,
@@ -74,9 +74,15 @@ CREATE TABLE deliveries (
 
 CREATE INDEX deliveries_affiliate_created ON deliveries (affiliate_id, created_at);
 CREATE INDEX deliveries_order ON deliveries (order_number);
--- Listings page newest first, on (created_at, id).
+-- Listings page newest first, on (created_at, id). The filters that match few rows have an
+-- index in that order, so a page is read from where it starts rather than found by sorting
+-- every match, or by reading the whole ledger for a value that matches none.
 CREATE INDEX deliveries_created ON deliveries (created_at, id);
-CREATE INDEX deliveries_state ON deliveries (state) WHERE state <> 'delivered';
+-- The states other than delivered, which ops list, bulk replay selects and the gauges count.
+CREATE INDEX deliveries_state ON deliveries (state, created_at, id) WHERE state <> 'delivered';
+-- The error class is set on the few deliveries that failed (dead, discarded, retrying).
+CREATE INDEX deliveries_error_class ON deliveries (error_class, created_at, id)
+    WHERE error_class IS NOT NULL;
 -- What the sweep and the per-order ordering look at: the few deliveries still open.
 CREATE INDEX deliveries_open_due ON deliveries (next_attempt_at)
     WHERE state IN ('pending', 'retrying');
@@ -101,7 +107,7 @@ CREATE TABLE attempts (
 );
 
 -- What ops did to a delivery, and who: replays (from which attempt on) and discards (with
--- the note that says why). Kept forever, like the attempts.
+-- the note that says why). Kept as long as their delivery (worker/prune.py).
 CREATE TABLE actions (
     id          bigserial   PRIMARY KEY,
     delivery_id uuid        NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,

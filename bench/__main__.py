@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         "--events",
         type=int,
         help="the scenario's main count: throughput 20000 per run, latency rate x seconds per "
-        "run, isolation 5000 healthy, memory 100000 queued, scale 10000 per worker",
+        "run, isolation 5000 healthy, memory 100000 queued, scale 10000 per worker, ledger 5000000 "
+        "deliveries",
     )
     parser.add_argument("--rate", type=float, default=300.0, help="latency: events/s (300)")
     parser.add_argument(
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--memory-window", type=float, default=20.0, help="memory: seconds sampled (20)"
+    )
+    parser.add_argument(
+        "--plans",
+        metavar="FILE",
+        help="ledger: write the query plans of each operation (EXPLAIN ANALYZE, BUFFERS) to FILE",
     )
     return parser
 
@@ -98,7 +104,11 @@ async def _run(names: list[str], config: BenchConfig, options: Options) -> list[
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     options = Options(
-        events=args.events, rate=args.rate, seconds=args.seconds, memory_window=args.memory_window
+        events=args.events,
+        rate=args.rate,
+        seconds=args.seconds,
+        memory_window=args.memory_window,
+        plans=args.plans,
     )
     started = time.monotonic()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 ALLOW_NETWORKS = "127.0.0.1/32"
 """The receivers listen on loopback, which the SSRF policy refuses: open just that."""
@@ -65,6 +66,16 @@ class BenchConfig:
         return self.admin_url.rsplit("/", 1)[0] + f"/{self.peer_database_name}"
 
     @property
+    def ledger_database_name(self) -> str:
+        """The ledger scenario's database of millions of rows, apart from the relay's."""
+        return f"postback_bench_{self.run}_ledger"
+
+    @property
+    def ledger_database_url(self) -> str:
+        # The host kept as given, a socket folder (?host=) included.
+        return urlsplit(self.admin_url)._replace(path=f"/{self.ledger_database_name}").geturl()
+
+    @property
     def peer_redis_url(self) -> str:
         return f"{self.redis_base.rstrip('/')}/{self.peer_redis_db}"
 
@@ -95,3 +106,5 @@ class Options:
     """latency: how long the steady rate is kept up."""
     memory_window: float = 20.0
     """memory: seconds of draining during which RSS is sampled."""
+    plans: str | None = None
+    """ledger: the file to write each operation's query plans to."""

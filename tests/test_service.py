@@ -333,6 +333,32 @@ async def test_listings_page_through_everything_once(
     assert len(seen) == 7
 
 
+async def test_a_cursor_and_until_together_list_what_both_allow(
+    api: Api, db: asyncpg.Connection, settings: Settings
+) -> None:
+    await ingest(api, [event_data(f"u{i}", affiliate_id="nobody") for i in range(5)])
+    await drain(settings)
+    newest_first = [item["event_id"] for item in await listed(api, "/v1/deliveries")]
+    assert len(newest_first) == 5
+    created = {
+        row["event_id"]: row["created_at"]
+        for row in await db.fetch("SELECT event_id, created_at FROM deliveries")
+    }
+    until = created[newest_first[2]].isoformat()  # before the two newest
+
+    async def page(limit: int, **query: str) -> tuple[list[str], str | None]:
+        status, body = await api.call("GET", "/v1/deliveries", params={"limit": str(limit)} | query)
+        assert status == 200, body
+        return [item["event_id"] for item in body["items"]], body["next"]
+
+    _, after_newest = await page(1)  # a cursor later than `until`
+    assert after_newest is not None
+    assert await page(5, until=until, cursor=after_newest) == (newest_first[3:], None)
+    _, after_fourth = await page(4)  # a cursor earlier than `until`
+    assert after_fourth is not None
+    assert await page(5, until=until, cursor=after_fourth) == (newest_first[4:], None)
+
+
 async def test_listings_show_50_unless_told(
     api: Api, db: asyncpg.Connection, flaky: Flaky, settings: Settings
 ) -> None:

@@ -66,6 +66,10 @@ async def list_deliveries(
     db: Executor, where: DeliveryFilter, limit: int = DEFAULT_LIMIT, after: Cursor | None = None
 ) -> Page:
     """Deliveries matching `where`, newest first, a page at a time."""
+    if after is not None and where.until is not None and after.created_at >= where.until:
+        # The cursor excludes nothing `until` does not. Given, an index scan would start
+        # at the cursor and read every row from there back to `until`.
+        after = None
     rows = await db.fetch(
         f"""
         SELECT {_SUMMARY} FROM {_FROM}
