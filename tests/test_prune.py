@@ -1,5 +1,6 @@
 """Retention: settled deliveries deleted and attempts' exchanges trimmed once old enough, by
-the workers' hourly cron job and by `postback db prune`; open deliveries never touched."""
+the workers' cron job (every 5 minutes) and by `postback db prune`; open deliveries never
+touched."""
 
 from __future__ import annotations
 
@@ -26,8 +27,22 @@ from tests.support.receivers import Flaky
 from tests.support.workers import POLL_DELAY, drain
 from worker import database
 from worker.config import Settings
-from worker.pool import PRUNE_MINUTE, PRUNE_TIMEOUT, create_worker, worker_settings
-from worker.prune import BATCH, PAUSE, Pruned, Retention, parse_keep, prune, prune_job
+from worker.pool import (
+    JOB_TIMEOUT_BACKSTOP,
+    PRUNE_EVERY_MINUTES,
+    create_worker,
+    worker_settings,
+)
+from worker.prune import (
+    BATCH,
+    BUDGET_SHARE,
+    PAUSE,
+    Pruned,
+    Retention,
+    parse_keep,
+    prune,
+    prune_job,
+)
 
 DAY = timedelta(days=1)
 DEFAULTS = Retention.parse("30d", "90d", "30d")
@@ -281,17 +296,37 @@ async def test_a_dead_letter_replayed_meanwhile_stays(db: asyncpg.Connection) ->
 
 
 @pytest.mark.unit
-def test_the_prune_is_an_hourly_cron_job_of_the_worker_pool() -> None:
+def test_the_prune_is_a_cron_job_no_longer_than_a_delivery() -> None:
     settings = Settings(redis_url="redis://127.0.0.1:1/0", queue_name="q")
     (job,) = [j for j in worker_settings(settings)["cron_jobs"] if j.coroutine is prune_job]
     assert job.name == prune_name("q") == "q:prune"
-    assert (job.minute, job.second, job.hour) == (PRUNE_MINUTE, 0, None) == (30, 0, None)
+    assert (job.minute, job.second, job.hour) == (set(range(0, 60, 5)), 30, None)
+    assert PRUNE_EVERY_MINUTES == 5
     # One run per time, among all workers (arq's job id is the name and the time), none at
-    # a worker's start (each would start its own), and cut off before the next.
+    # a worker's start (each would start its own).
     assert job.unique
     assert not job.run_at_startup
-    assert job.timeout_s == PRUNE_TIMEOUT < 3600
-    assert (BATCH, PAUSE) == (1000, 0.05)  # as the README says: small, short statements
+    assert job.timeout_s == settings.job_timeout
+    assert (BATCH, PAUSE, BUDGET_SHARE) == (1000, 0.05, 0.8)  # as the README says
+
+
+def test_a_killed_workers_jobs_are_held_no_longer_for_the_prune() -> None:
+    """arq re-runs a killed worker's jobs once the longest timeout of its functions (plus
+    10 s) has passed: no cron job may make that longer than a delivery's own."""
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", queue_name="q")
+    worker = create_worker(settings, handle_signals=False)
+    assert worker.in_progress_timeout_s == settings.job_timeout + JOB_TIMEOUT_BACKSTOP + 10
+
+
+async def test_a_run_stops_between_batches_at_its_time_limit(db: asyncpg.Connection) -> None:
+    old = [await add(db, f"old-{n}", "delivered", 40 * DAY) for n in range(3)]
+    partial = await prune(db, DEFAULTS, batch=1, pause=0, until=time.monotonic())
+    assert not partial.complete
+    assert partial.deliveries["delivered"] == 1  # one batch, then the time was up
+    rest = await prune(db, DEFAULTS, batch=1, pause=0)
+    assert rest.complete
+    assert partial.deliveries["delivered"] + rest.deliveries["delivered"] == len(old)
+    assert not set(old) & set(await left(db))
 
 
 async def test_the_workers_prune_once_at_its_time_and_log_what_went(

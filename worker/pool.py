@@ -32,12 +32,13 @@ schedule, an earlier delivery of its order, a database outage) is a run, and whe
 is the retry policy's decision, made from the ledger."""
 
 
-PRUNE_MINUTE = 30
-PRUNE_TIMEOUT = 50 * 60.0
-"""The prune runs every hour at this minute, in one worker (arq enqueues each run of a
-cron job under an id made of its name and time, so one worker takes it); cut off after
-this many seconds, so that one run never overlaps the next. Each of its batches is
-committed as it goes: a run cut off leaves the rest to the next."""
+PRUNE_EVERY_MINUTES = 5
+"""The prune runs every 5 minutes, in one worker (arq enqueues each run of a cron job under
+an id made of its name and time, so one worker takes it), for at most the job timeout
+(`prune.BUDGET_SHARE` of it). Never longer: arq holds a killed worker's jobs until the
+longest timeout of its functions has passed (plus 10 s), so a prune allowed 50 minutes
+would hold a crashed worker's deliveries for 50 minutes. Each batch is committed as it
+goes: a run cut short leaves the rest to the next."""
 
 
 HEALTH_CHECK_SECONDS = 10
@@ -129,9 +130,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             cron(
                 prune_job,
                 name=prune_name(settings.queue_name),
-                minute=PRUNE_MINUTE,
-                second=0,
-                timeout=PRUNE_TIMEOUT,
+                minute=set(range(0, 60, PRUNE_EVERY_MINUTES)),
+                second=30,
+                timeout=settings.job_timeout,
             ),
         ],
         "queue_name": settings.queue_name,

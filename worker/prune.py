@@ -44,6 +44,10 @@ PAUSE = 0.05
 """Seconds between two batches, so that pruning a large backlog leaves Postgres to the
 deliveries most of the time."""
 
+BUDGET_SHARE = 0.8
+"""The share of the job timeout a cron run of the prune may spend: it stops between
+batches, before arq's timeout would cancel it in the middle of one."""
+
 FOREVER = ("", "0")
 
 
@@ -81,6 +85,8 @@ class Pruned:
 
     deliveries: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     attempts: int = 0
+    complete: bool = True
+    """False when the run stopped at its time limit: the next run goes on."""
 
     @property
     def total(self) -> int:
@@ -175,10 +181,13 @@ async def prune(
     batch: int = BATCH,
     pause: float = PAUSE,
     progress: Progress | None = None,
+    until: float | None = None,
 ) -> Pruned:
     """Delete the settled deliveries past their retention (their attempts and actions go
     with them), then trim the attempts past theirs; with `dry_run`, only count them.
-    `progress` is called with the totals so far after each batch."""
+    `progress` is called with the totals so far after each batch. `until`, a
+    `time.monotonic()` time: no batch starts after it (`Pruned.complete` says whether all
+    was done)."""
     now: datetime = await db.fetchval("SELECT now()")  # the clock the rows were stamped by
     pruned = Pruned()
     settled = _cutoff(now, retention.settled)
@@ -200,6 +209,9 @@ async def prune(
                 pruned.deliveries[state] += 1
             after = (row["created_at"], row["id"])
             await _between(pruned, progress, pause)
+            if _over(until):
+                pruned.complete = False
+                return pruned
     excerpts = _cutoff(now, retention.excerpts)
     if excerpts is not None:
         last = 0
@@ -216,7 +228,14 @@ async def prune(
             await _between(pruned, progress, pause)
             if row["oldest"] >= excerpts:
                 break
+            if _over(until):
+                pruned.complete = False
+                break
     return pruned
+
+
+def _over(until: float | None) -> bool:
+    return until is not None and time.monotonic() >= until
 
 
 def _cutoff(now: datetime, keep: float | None) -> datetime | None:
@@ -235,10 +254,17 @@ async def prune_job(ctx: dict[str, Any]) -> int:
     settings: Settings = ctx["settings"]
     started = time.monotonic()
     try:
-        pruned = await prune(ctx["db"], settings.retention)
+        pruned = await prune(
+            ctx["db"], settings.retention, until=started + settings.job_timeout * BUDGET_SHARE
+        )
     except database.UNAVAILABLE as exc:
         # What it did is committed, batch by batch; the next run goes on from there.
         log.warning("prune_failed", error=f"{type(exc).__name__}: {exc}")
         return 0
-    log.info("ledger_pruned", **pruned.counts(), seconds=round(time.monotonic() - started, 1))
+    log.info(
+        "ledger_pruned",
+        **pruned.counts(),
+        complete=pruned.complete,
+        seconds=round(time.monotonic() - started, 1),
+    )
     return pruned.total
