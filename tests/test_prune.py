@@ -310,9 +310,10 @@ def test_the_prune_is_a_cron_job_no_longer_than_a_delivery() -> None:
     assert (BATCH, PAUSE, BUDGET_SHARE) == (1000, 0.05, 0.8)  # as the README says
 
 
-def test_a_killed_workers_jobs_are_held_no_longer_for_the_prune() -> None:
+async def test_a_killed_workers_jobs_are_held_no_longer_for_the_prune() -> None:
     """arq re-runs a killed worker's jobs once the longest timeout of its functions (plus
-    10 s) has passed: no cron job may make that longer than a delivery's own."""
+    10 s) has passed: no cron job may make that longer than a delivery's own. (Async: a
+    worker made outside a running loop makes a loop of its own, never closed.)"""
     settings = Settings(redis_url="redis://127.0.0.1:1/0", queue_name="q")
     worker = create_worker(settings, handle_signals=False)
     assert worker.in_progress_timeout_s == settings.job_timeout + JOB_TIMEOUT_BACKSTOP + 10
