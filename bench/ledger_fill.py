@@ -73,10 +73,10 @@ _DELIVERIES = f"""
 INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number, occurred_at,
                         callback_id, event, state, reason, error_class, request, attempts,
                         next_attempt_at, created_at, updated_at)
-SELECT md5('d' || n)::uuid, 'evt-' || n, kind, aff, 'ORD-' || o, at - interval '2 seconds',
+SELECT md5('d' || n)::uuid, $7::text || n, kind, aff, 'ORD-' || o, at - interval '2 seconds',
        1,
        jsonb_build_object(
-           'id', 'evt-' || n, 'type', kind, 'affiliate_id', aff,
+           'id', $7::text || n, 'type', kind, 'affiliate_id', aff,
            'occurred_at', to_char(at - interval '2 seconds', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
            'order', jsonb_build_object(
                'number', 'ORD-' || o, 'amount', ((o % 9000) / 100.0 + 10)::text,
@@ -101,7 +101,7 @@ SELECT md5('d' || n)::uuid, 'evt-' || n, kind, aff, 'ORD-' || o, at - interval '
            'method', 'GET',
            'url', 'https://track.' || aff || '.example/pb?order=ORD-' || o || '&amount='
                   || ((o % 9000) / 100.0 + 10) || '&commission=' || ((o % 900) / 100.0 + 1)
-                  || '&currency=EUR&event=evt-' || n || '&sub=s' || o,
+                  || '&currency=EUR&event=' || $7::text || n || '&sub=s' || o,
            'headers', jsonb_build_object(
                'User-Agent', 'postback-relay/1.0',
                'Idempotency-Key', md5('d' || n)::uuid::text,
@@ -185,9 +185,10 @@ async def _in_two(url: str, statements: list[tuple[str, tuple[object, ...]]]) ->
     await asyncio.gather(drain(), drain())
 
 
-async def fill(url: str, deliveries: int) -> dict[str, int]:
+async def fill(url: str, deliveries: int, events: str) -> dict[str, int]:
     """Fill an empty ledger with `deliveries` deliveries and about twice as many attempts;
-    returns the row count of each table."""
+    returns the row count of each table. Event ids start with `events`: the run's id, so
+    the jobs a bulk replay of them enqueues are found and deleted with the run's keys."""
     conn = await asyncpg.connect(url)
     try:
         started = time.monotonic()
@@ -201,7 +202,7 @@ async def fill(url: str, deliveries: int) -> dict[str, int]:
             url,
             [
                 (_DELIVERIES, (lo, deliveries, open_count(deliveries), AFFILIATES, DAYS,
-                               min(lo + chunk, deliveries)))
+                               min(lo + chunk, deliveries), events))
                 for lo in range(0, deliveries, chunk)
             ],
         )  # fmt: skip

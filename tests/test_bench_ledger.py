@@ -1,5 +1,6 @@
 """The ledger scenario of the bench, run small: every operation it promises is timed and
-judged, the plans of each are written, and its database is gone afterwards."""
+judged, the plans of each are written, and its database and Redis keys are gone
+afterwards."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis.asyncio
 
 from bench.config import BenchConfig
 from bench.scenarios import ledger
@@ -65,3 +67,10 @@ async def test_every_operation_is_timed_against_the_filled_ledger(
     finally:
         await conn.close()
     assert left == 0
+    # Nor any Redis key of the run: the jobs the bulk replay enqueued included.
+    client = redis.asyncio.Redis.from_url(config.redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match="*", count=1000)]
+    finally:
+        await client.aclose()
+    assert [key for key in keys if config.run.encode() in key or b"evt-" in key] == []

@@ -301,7 +301,9 @@ async def measure(
     try:
         await database.init(config.ledger_database_url)
         started = time.monotonic()
-        counts = await ledger_fill.fill(config.ledger_database_url, deliveries)
+        counts = await ledger_fill.fill(
+            config.ledger_database_url, deliveries, f"{config.run}-evt-"
+        )
         filled = time.monotonic() - started
         db = await database.create_pool(config.ledger_database_url, 2)
         try:
