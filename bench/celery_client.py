@@ -18,7 +18,7 @@ import redis.asyncio
 
 from bench import celery_peer
 from bench.config import BenchConfig
-from bench.setup import DELETE_CHUNK, admin
+from bench.setup import admin, delete_matching
 from producer import Event
 
 
@@ -86,16 +86,7 @@ async def enqueue(config: BenchConfig, tasks: Sequence[tuple[str, Event]]) -> fl
 async def forget_keys(config: BenchConfig) -> int:
     """Delete every key of the peer in this run (and only those); returns how many."""
     client = redis.asyncio.Redis.from_url(config.peer_redis_url)
-    deleted = 0
     try:
-        chunk: list[bytes] = []
-        async for key in client.scan_iter(match=f"{config.peer_key_prefix}*", count=DELETE_CHUNK):
-            chunk.append(key)
-            if len(chunk) >= DELETE_CHUNK:
-                deleted += await client.delete(*chunk)
-                chunk.clear()
-        if chunk:
-            deleted += await client.delete(*chunk)
+        return await delete_matching(client, f"{config.peer_key_prefix}*")
     finally:
         await client.aclose()
-    return deleted

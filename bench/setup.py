@@ -89,9 +89,14 @@ async def delivered(conn: asyncpg.Connection, affiliates: Iterable[str]) -> int:
 
 async def forget_redis_keys(client: redis.asyncio.Redis, config: BenchConfig) -> int:
     """Delete every key of this run (and only those); returns how many."""
+    return await delete_matching(client, f"*{config.run}*")
+
+
+async def delete_matching(client: redis.asyncio.Redis, pattern: str) -> int:
+    """Delete every key matching `pattern`, a chunk at a time; returns how many."""
     deleted = 0
     chunk: list[bytes] = []
-    async for key in client.scan_iter(match=f"*{config.run}*", count=DELETE_CHUNK):
+    async for key in client.scan_iter(match=pattern, count=DELETE_CHUNK):
         chunk.append(key)
         if len(chunk) >= DELETE_CHUNK:
             deleted += await client.delete(*chunk)
