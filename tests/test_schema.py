@@ -77,14 +77,14 @@ async def fresh(admin_url: str) -> dict[str, set[tuple[Any, ...]]]:
 
 
 async def rows_of(conn: asyncpg.Connection) -> dict[str, list[dict[str, Any]]]:
-    """Every row of every relay table, in order."""
+    """Every row of every relay table, in the order of its first column (its key)."""
     tables = await conn.fetch(
         "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
         " AND tablename <> 'schema_version' ORDER BY tablename"
     )
     rows = {}
     for (table,) in tables:
-        sql = f"SELECT * FROM {table} ORDER BY id"  # noqa: S608 -- a name from pg_tables
+        sql = f"SELECT * FROM {table} ORDER BY 1"  # noqa: S608 -- a name from pg_tables
         rows[table] = [dict(row) for row in await conn.fetch(sql)]
     return rows
 
@@ -259,6 +259,8 @@ async def test_db_init_makes_an_empty_database_the_current_schema_and_then_chang
             "attempts",
             "actions",
             "test_fires",
+            "callback_health",
+            "notifications",
         }
         deliveries = await column_types(conn, "deliveries")
         assert deliveries["occurred_at"] == ("timestamp with time zone", "NO")
