@@ -138,7 +138,8 @@ CREATE INDEX actions_affiliate ON actions (affiliate_id, id) WHERE delivery_id I
 CREATE TABLE test_fires (
     id               bigserial   PRIMARY KEY,
     callback_id      bigint,     -- no foreign key: the record outlives a removed callback
-    affiliate_id     text        NOT NULL,
+    affiliate_id     text        NOT NULL,  -- whose event it sent (a store-wide callback's
+                                            -- sample is sample-affiliate's)
     event_type       text        NOT NULL,
     actor            text        NOT NULL,
     fired_at         timestamptz NOT NULL DEFAULT now(),

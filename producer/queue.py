@@ -1,7 +1,8 @@
 """arq's layout in Redis, as the relay uses it: the queue (a sorted set of job ids scored by
-when each runs), each job's key, the workers' health check, the sweep's and the prune's cron
-names and the relay's own metrics hashes beside them. Only this module names a Redis key or
-touches arq's structures directly; every other part of the relay calls the functions here.
+when each runs), each job's key, the workers' health check, the cron names of the sweep, the
+prune and the notifier, and the relay's own metrics hashes beside them. Only this module names
+a Redis key or touches arq's structures directly; every other part of the relay calls the
+functions here.
 
 Jobs are JSON, never pickle: whoever can write to Redis must not be able to run code in a
 worker, and a producer in any language can enqueue by writing the same shape as arq.
@@ -60,6 +61,12 @@ def prune_name(queue_name: str) -> str:
     """The name of the queue's prune cron job: as the sweep's, one run at each time of its
     schedule among all the queue's workers."""
     return f"{queue_name}:prune"
+
+
+def notify_name(queue_name: str) -> str:
+    """The name of the queue's notification cron job (the checks and the sender of ops
+    notifications): as the sweep's, one run at each time of its schedule."""
+    return f"{queue_name}:notify"
 
 
 @dataclass(frozen=True, slots=True)

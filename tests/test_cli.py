@@ -289,6 +289,30 @@ async def test_callbacks_set_replaces_the_existing_callback(
     ]
 
 
+async def test_callbacks_set_leaves_a_disabled_callback_disabled_and_says_how_to_enable_it(
+    db: asyncpg.Connection, postback: Postback
+) -> None:
+    saved = await save_callback(db, "ann", "order.updated", "GET", "https://old.example/pb")
+    await db.execute(
+        "SELECT postback_disable_callback($1, 'relay', 'HTTP 410: callback disabled', NULL, true)",
+        saved.id,
+    )
+
+    result = postback(
+        "callbacks", "set", "--affiliate", "ann", "--event", "order.updated",
+        "--method", "GET", "--url", "https://new.example/pb",
+    )  # fmt: skip
+
+    lines = succeeded(result).splitlines()
+    assert lines[0] == "saved: ann order.updated GET https://new.example/pb"
+    assert lines[1].startswith("ann order.updated: disabled by relay at ")
+    assert lines[1].endswith(" UTC: HTTP 410: callback disabled")
+    assert lines[2] == (
+        "  to enable it: postback callbacks enable --affiliate ann --event order.updated"
+    )
+    assert (await callback_rows(db))[0]["enabled"] is False
+
+
 async def test_callbacks_set_without_secret_keeps_the_stored_secret(
     db: asyncpg.Connection, postback: Postback
 ) -> None:
@@ -384,9 +408,9 @@ async def test_callbacks_set_takes_statuses_a_delay_and_the_store_wide_affiliate
     lines = succeeded(postback("callbacks", "list")).splitlines()
     assert lines[0].split()[5:7] == ["STATUSES", "DELAY"]
     assert sorted(line.split() for line in lines[1:]) == [
-        ["*", "(store-wide)", "order.created", "GET", "yes", "no", "all", "90s",
+        ["*", "(store-wide)", "order.created", "GET", "yes", "no", "all", "90s", "-",
          "https://store.example/pb"],
-        ["ann", "order.updated", "GET", "yes", "no", "approved,refunded", "5m",
+        ["ann", "order.updated", "GET", "yes", "no", "approved,refunded", "5m", "-",
          "https://t.example/pb"],
     ]  # fmt: skip
     as_json = json.loads(succeeded(postback("callbacks", "list", "--json")))
@@ -466,6 +490,8 @@ BOB_LISTED = {
 
 CONDITIONS = {"store_wide": False, "statuses": None, "delay": "0s", "delay_seconds": 0}
 """What `--json` lists of a callback set without --statuses or --delay, for one affiliate."""
+HEALTHY = {"dead_streak": 0, "dead_since": None, "disabled": None, "dead_letters": None}
+"""What `--json` lists of the health of an enabled callback none of whose deliveries died."""
 
 
 def table(stdout: str) -> list[list[str]]:
@@ -485,9 +511,9 @@ def test_callbacks_list_prints_a_table_without_secrets(postback: Postback) -> No
     stdout = succeeded(postback("callbacks", "list"))
 
     assert table(stdout) == [
-        ["AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "STATUSES", "DELAY", "URL"],
-        ["ann", "order.created", "GET", "yes", "yes", "all", "none", ANN_URL],
-        ["bob", "order.updated", "POST", "yes", "no", "all", "none", BOB_URL],
+        ["AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "STATUSES", "DELAY", "STREAK", "URL"],
+        ["ann", "order.created", "GET", "yes", "yes", "all", "none", "-", ANN_URL],
+        ["bob", "order.updated", "POST", "yes", "no", "all", "none", "-", BOB_URL],
     ]
     assert SECRET not in stdout
 
@@ -498,8 +524,11 @@ def test_callbacks_list_json_has_every_field_but_the_secret(postback: Postback) 
 
     assert listed(stdout) == [ANN_LISTED, BOB_LISTED]
     for item in json.loads(stdout):
-        assert set(item) == {*ANN_LISTED, "id", "created_at", "updated_at", *CONDITIONS}
+        assert set(item) == {
+            *ANN_LISTED, "id", "created_at", "updated_at", *CONDITIONS, *HEALTHY
+        }  # fmt: skip
         assert {key: item[key] for key in CONDITIONS} == CONDITIONS
+        assert {key: item[key] for key in HEALTHY} == HEALTHY
         assert isinstance(item["id"], int)
         datetime.fromisoformat(item["created_at"])
         datetime.fromisoformat(item["updated_at"])
@@ -513,7 +542,7 @@ def test_callbacks_list_filters_by_affiliate(postback: Postback) -> None:
     as_json = succeeded(postback("callbacks", "list", "--affiliate", "bob", "--json"))
 
     assert table(as_table)[1:] == [
-        ["ann", "order.created", "GET", "yes", "yes", "all", "none", ANN_URL]
+        ["ann", "order.created", "GET", "yes", "yes", "all", "none", "-", ANN_URL]
     ]
     assert listed(as_json) == [BOB_LISTED]
 

@@ -110,7 +110,7 @@ async def test_a_store_wide_callback_serves_every_affiliate_without_one_of_its_o
     )
     own = await save_callback(db, "ann", "order.created", "GET", receiver.url + "/ann")
     disabled = await save_callback(db, "dave", "order.created", "GET", receiver.url + "/dave")
-    await callbacks.set_enabled(db, "dave", "order.created", False)
+    await db.execute("SELECT postback_disable_callback($1, 'ops', NULL, NULL, false)", disabled.id)
     await save_callback(db, "*", "order.updated", "GET", receiver.url + "/store-updated")
     events = {
         affiliate: event_data(f"store-{affiliate}", affiliate_id=affiliate)

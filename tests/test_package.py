@@ -33,22 +33,13 @@ import pytest
 from tests import leakcheck
 from tests.support.ports import free_port
 from tests.support.receivers import ALLOW_NETWORKS
+from tests.support.schemas import TABLES
 from tests.support.servers import RUN, database_at
 from worker.schema import CURRENT
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ops", "producer", "worker")
 PAGE_FILES = ("index.html", "app.js", "overview.js", "style.css", "favicon.svg")
-TABLES = {
-    "schema_version",
-    "callbacks",
-    "deliveries",
-    "attempts",
-    "actions",
-    "test_fires",
-    "callback_health",
-    "notifications",
-}
 INGEST_TOKEN = "wheel-ingest-token-0123456789"
 OPS_TOKEN = "wheel-ops-token-0123456789ab"
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]

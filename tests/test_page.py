@@ -23,7 +23,7 @@ from producer.publish import Producer
 from tests import prerequisites
 from tests.support.cli import postback_env
 from tests.support.demo import staying_demo
-from tests.support.events import event_data, save_callback
+from tests.support.events import event_data, events, publish, save_callback
 from tests.support.ledger import (
     DELAYED_REASON,
     add_delivery,
@@ -679,6 +679,44 @@ async def test_the_callbacks_tab_sets_edits_switches_and_removes_a_callback(
     await page.close()
 
 
+async def test_a_callback_the_relay_disabled_says_why_and_is_enabled_with_its_dead_letters(
+    api: Api,
+    db: asyncpg.Connection,
+    producer: Producer,
+    flaky: Flaky,
+    settings: Settings,
+    browser: Browser,
+) -> None:
+    rule = Settings(**{**settings.model_dump(), "auto_disable_after": 3, "auto_disable_span": "0"})
+    await save_callback(db, "ann", "order.created", "GET", flaky.url + "/fail")
+    dead = await publish(producer, events("dies", 3))
+    await drain(rule)
+    page = await open_page(browser, api, "callbacks")
+    rows = page.locator("#callback-rows tr")
+    await expect(rows).to_have_count(2)
+    cells = rows.first.locator("td")
+    await expect(cells.nth(3)).to_have_text("no")
+    await expect(cells.nth(8)).to_have_text("3")  # dead in a row
+    await expect(rows.nth(1)).to_contain_text("Disabled by relay at ")
+    await expect(rows.nth(1)).to_contain_text("3 deliveries in a row died since ")
+
+    flaky.fixed = True
+    await rows.first.get_by_role("button", name="Enable and replay its 3 dead letters").click()
+    await expect(page.locator("#message")).to_have_text(
+        "Enabled the order.created callback of affiliate ann. "
+        "Replayed 3 of its 3 dead letters, skipped 0, failed 0."
+    )
+    await expect(rows).to_have_count(1)
+    await expect(cells.nth(3)).to_have_text("yes")
+    await expect(cells.nth(8)).to_have_text("-")
+    enabled = await db.fetch("SELECT actor FROM actions WHERE action = 'enable'")
+    assert [row["actor"] for row in enabled] == ["dana"]
+    await drain(rule)
+    states = await db.fetch("SELECT state FROM deliveries WHERE event_id = ANY($1::text[])", dead)
+    assert [row["state"] for row in states] == ["delivered"] * 3
+    await page.close()
+
+
 async def test_the_callbacks_tab_sets_statuses_a_delay_and_a_store_wide_callback(
     api: Api, db: asyncpg.Connection, flaky: Flaky, browser: Browser
 ) -> None:
@@ -732,7 +770,7 @@ async def test_the_callbacks_tab_sets_statuses_a_delay_and_a_store_wide_callback
     await expect(rows).to_have_count(1)
     await expect(rows.first.locator("td")).to_have_text(
         ["* (store-wide)", "order.created", "GET", "yes", "none", "refunded, approved", "5m",
-         template, re.compile("Edit")]
+         template, "-", re.compile("Edit")]
     )  # fmt: skip
     await expect(page.locator("#cb-title")).to_have_text(
         "Edit the store-wide order.created callback"
@@ -853,6 +891,28 @@ async def test_the_overview_opens_first_charts_the_day_and_links_each_number_to_
     await expect(page.locator("#filters input[name=affiliate]")).to_have_value("")
     await expect(rows).to_have_count(2)
     await expect(rows.locator("td:nth-child(4)")).to_have_text(["#1003", "#1002"])
+    await page.close()
+
+
+async def test_the_overview_lists_the_notifications_newest_first_with_how_sending_went(
+    api: Api, db: asyncpg.Connection, browser: Browser
+) -> None:
+    await db.fetchval(
+        "SELECT postback_notify('dead_letters:ann', 'dead_letters', 'Postback affiliate ann: "
+        "120 deliveries died', '{}')"
+    )
+    await db.execute("UPDATE notifications SET state = 'failed', error = 'HTTP 500: down'")
+    await db.fetchval(
+        "SELECT postback_notify('circuit_open:https://t.example:443', 'circuit_open', "
+        "'Postback destination https://t.example:443: its circuit has been open for 16m', '{}')"
+    )
+    page = await open_page(browser, api, view="overview")
+    rows = page.locator("#overview .notifications tbody tr")
+    await expect(rows).to_have_count(2)
+    await expect(rows.nth(0).locator("td").nth(1)).to_have_text("circuit_open")
+    await expect(rows.nth(0).locator("td").nth(3)).to_contain_text("open for 16m")
+    await expect(rows.nth(1).locator("td").nth(2)).to_have_text("failed")
+    await expect(rows.nth(1).locator("td").nth(2)).to_have_attribute("title", "HTTP 500: down")
     await page.close()
 
 

@@ -21,7 +21,7 @@ from ops.cli.demo import running
 from producer import Producer
 from producer.queue import prune_name
 from tests.support.cli import POSTBACK, Postback, postback_env, refusal, succeeded
-from tests.support.demo import _read_until
+from tests.support.demo import read_until
 from tests.support.ledger import add_delivery, make_deliveries
 from tests.support.receivers import Flaky
 from tests.support.workers import POLL_DELAY, drain
@@ -203,6 +203,38 @@ async def test_nothing_goes_when_kept_forever(db: asyncpg.Connection) -> None:
     assert pruned == Pruned()
     assert await everything(db) == before
     assert set(await left(db)) == set(events)
+
+
+async def test_notifications_go_with_the_dead_letters_unless_still_being_sent(
+    db: asyncpg.Connection,
+) -> None:
+    for cause, state, ago in (
+        ("old", "sent", 91 * DAY),
+        ("old-failed", "failed", 91 * DAY),
+        ("old-pending", "pending", 91 * DAY),
+        ("new", "sent", 89 * DAY),
+    ):
+        await db.execute(
+            """
+            INSERT INTO notifications (cause, kind, text, fields, state, created_at)
+            VALUES ($1, 'dead_letters', 't', '{}', $2, now() - $3::interval)
+            """,
+            cause,
+            state,
+            ago,
+        )
+
+    async def causes() -> set[str]:
+        return {row["cause"] for row in await db.fetch("SELECT cause FROM notifications")}
+
+    dry = await prune(db, DEFAULTS, dry_run=True, pause=0)
+    assert dry.notifications == 2
+    assert len(await causes()) == 4
+    assert (await prune(db, Retention.parse("30d", "0", "30d"), pause=0)).notifications == 0
+    pruned = await prune(db, DEFAULTS, pause=0, batch=1)
+    assert pruned.notifications == 2
+    assert pruned.counts()["notifications"] == 2
+    assert await causes() == {"old-pending", "new"}
 
 
 async def test_trimming_keeps_the_attempts_and_clears_their_exchanges(
@@ -463,7 +495,7 @@ def on_a_terminal(postback: Postback, *args: str) -> tuple[int, str, str]:
     )
     os.close(writing)
     try:
-        drawn = _read_until(reading, None, time.monotonic() + 60)
+        drawn = read_until(reading, None, time.monotonic() + 60)
     finally:
         os.close(reading)
     out, _ = process.communicate(timeout=60)

@@ -176,6 +176,19 @@ def legacy_spelling(host: str) -> ipaddress.IPv4Address | None:
     return None
 
 
+def host_problem(host: str, allowed: Sequence[Network] = ()) -> str | None:
+    """Why a URL with this host is refused when it is configured (a callback's, the ops
+    webhook's), or None: the SSRF policy refuses it, or it spells an address in a legacy
+    form, which HTTP clients refuse, so that every request would fail."""
+    refused = host_refusal(host, allowed)
+    if refused is not None:
+        return refused
+    legacy = legacy_spelling(host)
+    if legacy is not None:
+        return f"the URL's host {host} means {legacy}; write the address as {legacy}"
+    return None
+
+
 class BlockedAddress(OSError):
     """A connect the SSRF policy refused. Every instance has the same text, so that when all
     of a name's addresses are refused, the connector reports this error and not a mix."""

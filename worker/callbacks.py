@@ -224,15 +224,9 @@ def _typed_delay(text: str) -> float:
 
 
 def _check_host(host: str, allowed: Sequence[address.Network]) -> None:
-    refused = address.host_refusal(host, allowed)
-    if refused is not None:
-        raise CallbackError("url", refused)
-    legacy = address.legacy_spelling(host)
-    if legacy is not None:
-        # HTTP clients refuse such spellings: every delivery would fail.
-        raise CallbackError(
-            "url", f"the URL's host {host} means {legacy}; write the address as {legacy}"
-        )
+    problem = address.host_problem(host, allowed)
+    if problem is not None:
+        raise CallbackError("url", problem)
 
 
 def _from_row(row: asyncpg.Record) -> Callback:
@@ -244,7 +238,9 @@ async def save(conn: Executor, spec: CallbackSpec) -> Callback:
     """Create or replace the callback for the affiliate and event type.
 
     A spec without a secret keeps the stored one, unless it says to remove it: re-pointing
-    a URL must not silently stop the signatures the affiliate checks.
+    a URL must not silently stop the signatures the affiliate checks. A disabled callback
+    stays disabled: who disabled it and why stays the last word on it until someone enables
+    it (`ops.actions.switch`), which is recorded too.
     """
     row = await conn.fetchrow(
         """
@@ -255,7 +251,7 @@ async def save(conn: Executor, spec: CallbackSpec) -> Callback:
         SET method = EXCLUDED.method, url_template = EXCLUDED.url_template,
             secret = CASE WHEN $6 THEN NULL ELSE COALESCE(EXCLUDED.secret, callbacks.secret) END,
             statuses = EXCLUDED.statuses, delay_seconds = EXCLUDED.delay_seconds,
-            enabled = true, updated_at = now()
+            updated_at = now()
         RETURNING *
         """,
         spec.affiliate_id,
@@ -317,21 +313,3 @@ async def remove(conn: Executor, affiliate_id: str, event_type: str) -> bool:
         event_type,
     )
     return status != "DELETE 0"
-
-
-async def set_enabled(conn: Executor, affiliate_id: str, event_type: str, enabled: bool) -> bool:
-    """Enable or disable the callback; False when there is none.
-
-    A disabled callback keeps its URL and secret: new events for it are skipped, and a
-    dead letter cannot be replayed to it until it is enabled again.
-    """
-    status: str = await conn.execute(
-        """
-        UPDATE callbacks SET enabled = $3, updated_at = now()
-        WHERE affiliate_id = $1 AND event_type = $2
-        """,
-        affiliate_id,
-        event_type,
-        enabled,
-    )
-    return status != "UPDATE 0"

@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.connection import parse_redis_url
 from producer.queue import DEFAULT_QUEUE
+from worker import duration, notify, sign
 from worker.address import Network, parse_networks
 from worker.deliver import QUICK_RETRY_SECONDS
+from worker.ledger import AutoDisable, parse_span
 from worker.prune import Retention, parse_keep
 from worker.retry import DEFAULT_SCHEDULE, parse_schedule
 
@@ -97,6 +99,18 @@ class Settings(BaseSettings):
         description="How long an opened circuit waits before its probe; doubled after each "
         "failed probe, up to 10 minutes.",
     )
+    auto_disable_after: int = Field(
+        default=10,
+        ge=0,
+        description="Deliveries of one callback that die in a row, the first at least "
+        "POSTBACK_AUTO_DISABLE_SPAN ago, which disable it as a 410 does (recorded as the "
+        "relay's doing, and notified); a delivered one starts the count again. 0: never.",
+    )
+    auto_disable_span: str = Field(
+        default="1h",
+        description="How long ago the first of those deaths must be at least, so a burst of "
+        "them during a short outage disables nothing (units s, m, h, d); 0: no wait.",
+    )
     db_pool_size: int = Field(
         default=10, ge=1, description="Postgres connections one worker process keeps."
     )
@@ -118,6 +132,32 @@ class Settings(BaseSettings):
         default=None,
         description="Networks (CIDRs, comma-separated) receivers may be in although the SSRF "
         "policy refuses them, e.g. 10.20.0.0/16 for an affiliate on a private link.",
+    )
+    ops_webhook: SecretStr | None = Field(
+        default=None,
+        description="URL the relay posts ops notifications to (a callback disabled, an "
+        "affiliate's dead letters over the threshold, a circuit open too long): JSON whose "
+        "`text` Slack-compatible incoming webhooks show. Unset: they are only recorded.",
+    )
+    ops_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs the notifications as a callback's secret signs its postbacks "
+        "(Standard Webhooks); unset: unsigned.",
+    )
+    notify_dead_letters: int = Field(
+        default=100,
+        ge=0,
+        description="Deliveries of one affiliate that died within "
+        "POSTBACK_NOTIFY_DEAD_LETTERS_WINDOW which make a notification; 0: never.",
+    )
+    notify_dead_letters_window: str = Field(
+        default="1h",
+        description="The window those deaths are counted in (units s, m, h, d).",
+    )
+    notify_circuit_open: str = Field(
+        default="15m",
+        description="How long a destination's circuit stays open before a notification "
+        "says so; 0: never.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Least severe log level written."
@@ -147,6 +187,61 @@ class Settings(BaseSettings):
     def allowed(self) -> tuple[Network, ...]:
         """`allow_networks` parsed."""
         return parse_networks(self.allow_networks or "")
+
+    @property
+    def auto_disable(self) -> AutoDisable:
+        """The `auto_disable_*` settings parsed."""
+        return AutoDisable.parse(self.auto_disable_after, self.auto_disable_span)
+
+    @field_validator("auto_disable_span")
+    @classmethod
+    def _span(cls, value: str) -> str:
+        parse_span(value)
+        return value
+
+    @property
+    def dead_letters_window(self) -> float:
+        """`notify_dead_letters_window` in seconds."""
+        return duration.parse(self.notify_dead_letters_window)
+
+    @property
+    def circuit_open_after(self) -> float | None:
+        """`notify_circuit_open` in seconds; None: never."""
+        return notify.parse_after(self.notify_circuit_open)
+
+    @field_validator("ops_webhook", "ops_webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `POSTBACK_OPS_WEBHOOK=` in an env file (.env.example has it) means "not set".
+        return None if value == "" else value
+
+    @field_validator("ops_webhook")
+    @classmethod
+    def _webhook(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None:
+            allowed = parse_networks(info.data.get("allow_networks") or "")
+            notify.check_url(value.get_secret_value(), allowed)
+        return value
+
+    @field_validator("ops_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            sign.key(value.get_secret_value())  # its ValueError says what a whsec_ one needs
+        return value
+
+    @field_validator("notify_dead_letters_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        if not duration.parse(value):
+            raise ValueError("must be longer than 0s")
+        return value
+
+    @field_validator("notify_circuit_open")
+    @classmethod
+    def _circuit_open(cls, value: str) -> str:
+        notify.parse_after(value)
+        return value
 
     @property
     def retention(self) -> Retention:

@@ -22,6 +22,22 @@ def parse(text: str) -> float:
     return float(match[1]) * UNITS[match[2]]
 
 
+def parse_setting(text: str, example: str, zero: str) -> float | None:
+    """A duration setting that may be 0 (or empty): its seconds, or None for 0 in any unit.
+    `zero` says what 0 means to it, and a refusal says it too: `'soon' is not a duration;
+    write it like {example}, or 0 {zero}`."""
+    item = text.strip()
+    if item in ("", "0"):
+        return None
+    try:
+        seconds = parse(item)
+    except ValueError:
+        raise ValueError(
+            f"{item!r} is not a duration; write it like {example}, or 0 {zero}"
+        ) from None
+    return seconds or None
+
+
 def spell(seconds: int) -> str:
     """Whole seconds in the largest unit that spells them exactly: 300 is `5m`, 90 is `90s`,
     0 is `0s`; what `parse` reads back as the same number."""

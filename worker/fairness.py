@@ -95,6 +95,10 @@ FORGET_SECONDS = 60.0
 """How often destinations with nothing in flight, waiting or failing are forgotten, with
 the put-off deliveries that stayed away too long to count."""
 
+REPORT_AGAIN_SECONDS = 3600.0
+"""A circuit that stays open is reported again (`Destinations.long_open`) this long after it
+last was: the hour in which ops hear of one cause once."""
+
 Change = Literal["opened", "closed"]
 
 
@@ -136,6 +140,11 @@ class _Destination:
     opened_for: float = 0.0
     """How long the circuit was last opened for; 0 while it is closed."""
     open_until: float = 0.0
+    open_since: float = 0.0
+    """When the circuit opened after it was last closed: failed probes that open it again
+    leave it open all along."""
+    reported_at: float | None = None
+    """When it was last reported open too long (`Destinations.long_open`), this time open."""
     probing: bool = False
     last_start: float = 0.0
     """When a request to it last started."""
@@ -249,7 +258,8 @@ class Destinations:
                 change = "opened"
             else:
                 # Back: what happened before the outage says nothing of it now.
-                state.opened_for = state.open_until = 0.0
+                state.opened_for = state.open_until = state.open_since = 0.0
+                state.reported_at = None
                 change = "closed"
         elif not state.opened_for:
             state.recent.append((now, outcome.status is not None))
@@ -260,6 +270,22 @@ class Destinations:
         if state.idle(now):
             del self._states[slot.origin]  # forget destinations that are idle and well
         return change
+
+    def long_open(self, origin: str, now: float, after: float) -> float | None:
+        """How long the circuit of `origin` has been open when that is at least `after`
+        seconds and it was not reported within `REPORT_AGAIN_SECONDS`; else None. Marked
+        reported only by `reported`, once the report is written."""
+        state = self._states.get(origin)
+        if state is None or not state.opened_for or now - state.open_since < after:
+            return None
+        if state.reported_at is not None and now - state.reported_at < REPORT_AGAIN_SECONDS:
+            return None
+        return now - state.open_since
+
+    def reported(self, origin: str, now: float) -> None:
+        state = self._states.get(origin)
+        if state is not None:
+            state.reported_at = now
 
     def is_open(self, origin: str) -> bool:
         state = self._states.get(origin)
@@ -277,6 +303,8 @@ class Destinations:
         return missed >= self.failures and 2 * missed >= len(answers)
 
     def _open(self, state: _Destination, now: float, seconds: float) -> None:
+        if not state.opened_for:
+            state.open_since = now
         state.opened_for = min(self.max_open_seconds, seconds)
         state.open_until = now + state.opened_for
         state.recent.clear()  # until the probe's answer, nothing else counts

@@ -35,6 +35,7 @@ from worker import (
     fairness,
     ledger,
     metrics,
+    notify,
     render,
     retry,
     sign,
@@ -212,6 +213,8 @@ async def _deliver(run: _Run, event: Event, did: uuid.UUID) -> str:
         admitted = run.destinations.admit(entry.destination, time.monotonic(), did)
         if isinstance(admitted, fairness.Defer):
             said.destination = entry.destination
+            if admitted.reason == "circuit_open":
+                await _circuit_long_open(run, entry.destination)
     slot = admitted if isinstance(admitted, fairness.Slot) else None
     try:
         return await _go(run, said, did, event, entry, close, admitted)
@@ -220,6 +223,23 @@ async def _deliver(run: _Run, event: Event, did: uuid.UUID) -> str:
         # slot goes back unused. After a request, `_attempt` gave it back with the outcome.
         if slot is not None:
             run.destinations.release(slot, None, time.monotonic())
+
+
+async def _circuit_long_open(run: _Run, origin: str) -> None:
+    """Tell ops of a circuit open longer than POSTBACK_NOTIFY_CIRCUIT_OPEN. A circuit lives
+    in one worker's memory, so the worker's own jobs say it: the first one it puts off
+    after that long, and again each hour it stays open (`postback_notify` keeps it to one
+    an hour however many workers say it)."""
+    after = run.settings.circuit_open_after
+    if after is None:
+        return
+    now = time.monotonic()
+    open_for = run.destinations.long_open(origin, now, after)
+    if open_for is None:
+        return
+    opened_at = datetime.now(UTC) - timedelta(seconds=open_for)
+    await notify.circuit_open(run.db, origin, open_for, opened_at)
+    run.destinations.reported(origin, now)
 
 
 async def _go(

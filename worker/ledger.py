@@ -18,6 +18,7 @@ from typing import Any, Literal
 import asyncpg
 
 from producer.event import Event
+from worker import duration
 from worker.database import Executor, transient
 from worker.exchange import Outcome, Request
 from worker.group import Group
@@ -153,6 +154,35 @@ class RecordCall:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AutoDisable:
+    """When the ledger disables a callback whose deliveries keep dying, as a 410 disables
+    one (POSTBACK_AUTO_DISABLE_AFTER and _SPAN): `after` deaths in a row, the first at least
+    `span` seconds ago, so that the burst of deaths of a minutes-long outage disables
+    nothing. `after` 0: never (the streak is still counted)."""
+
+    after: int
+    span: float
+
+    @classmethod
+    def parse(cls, after: int, span: str) -> AutoDisable:
+        return cls(after, parse_span(span))
+
+    def arguments(self) -> tuple[int | None, float | None]:
+        """`p_disable_after` and `p_disable_span`, the last two arguments of
+        `postback_record` and `postback_record_many`: NULL for never."""
+        return (None, None) if self.after == 0 else (self.after, self.span)
+
+
+NEVER = AutoDisable(0, 0.0)
+"""No callback is disabled for its deaths in a row (a 410 still disables one)."""
+
+
+def parse_span(text: str) -> float:
+    """POSTBACK_AUTO_DISABLE_SPAN in seconds; 0 or empty for no wait."""
+    return duration.parse_setting(text, "1h or 30m", "for no wait") or 0.0
+
+
 _TAKE = (
     "SELECT * FROM postback_take($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
     " $15, $16)"
@@ -163,12 +193,13 @@ _TAKE_MANY = (
 )
 _RECORD = (
     "SELECT postback_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16, $17)"
+    " $15, $16, $17, $18, $19)"
 )
 _RECORD_MANY = (
     "SELECT woken FROM postback_record_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-    " $12, $13, $14, $15, $16, $17) ORDER BY i"
+    " $12, $13, $14, $15, $16, $17, $18, $19) ORDER BY i"
 )
+"""A `RecordCall`'s arguments (one array of each for the batch), then `AutoDisable`'s."""
 
 
 async def take(
@@ -259,23 +290,29 @@ async def record_attempt(
     started_at: datetime,
     outcome: Outcome,
     verdict: Verdict,
+    rule: AutoDisable = NEVER,
 ) -> list[str]:
     """Record an attempt and what follows from it (`postback_record`); one round trip.
 
     Returns the event ids of deliveries that were waiting for this one, when it settles.
+    `rule` says when its callback's deaths in a row disable it.
     """
     call = RecordCall(event, delivery, callback_id, request, started_at, outcome, verdict)
-    return await _record_one(db, call)
+    return await _record_one(db, call, rule)
 
 
-async def _record_one(db: Executor, call: RecordCall) -> list[str]:
-    woken: list[str] = await db.fetchval(_RECORD, *call.arguments())
+async def _record_one(db: Executor, call: RecordCall, rule: AutoDisable = NEVER) -> list[str]:
+    woken: list[str] = await db.fetchval(_RECORD, *call.arguments(), *rule.arguments())
     return woken
 
 
-async def record_many(db: Executor, calls: list[RecordCall]) -> list[list[str]]:
+async def record_many(
+    db: Executor, calls: list[RecordCall], rule: AutoDisable = NEVER
+) -> list[list[str]]:
     """`record_attempt` for each call, in their order, in one statement and one transaction."""
-    rows = await db.fetch(_RECORD_MANY, *_columns(call.arguments() for call in calls))
+    rows = await db.fetch(
+        _RECORD_MANY, *_columns(call.arguments() for call in calls), *rule.arguments()
+    )
     return [row["woken"] for row in rows]
 
 
@@ -290,13 +327,13 @@ class Ledger:
     concurrent takes, and their records, each gathered into one statement while the one
     before is in flight (`worker.group`). A lone call goes at once."""
 
-    def __init__(self, db: asyncpg.Pool) -> None:
+    def __init__(self, db: asyncpg.Pool, rule: AutoDisable = NEVER) -> None:
         self.takes: Group[TakeCall, Taken] = Group(
             partial(_take_one, db), partial(take_many, db), _alone
         )
         """`take`, sent with the takes of other jobs that come meanwhile."""
         self.records: Group[RecordCall, list[str]] = Group(
-            partial(_record_one, db), partial(record_many, db), _alone
+            partial(_record_one, db, rule=rule), partial(record_many, db, rule=rule), _alone
         )
         """`record_attempt`, sent with the records of other jobs that come meanwhile."""
 

@@ -16,8 +16,15 @@ from arq.worker import func
 
 from producer.connection import open_redis, redis_settings
 from producer.json_input import read_json
-from producer.queue import JOB_NAME, health_check_key, prune_name, serialize, sweep_name
-from worker import cache, database, deliver, fairness, ledger, metrics, tracing
+from producer.queue import (
+    JOB_NAME,
+    health_check_key,
+    notify_name,
+    prune_name,
+    serialize,
+    sweep_name,
+)
+from worker import cache, database, deliver, fairness, ledger, metrics, notify, tracing
 from worker.config import Settings
 from worker.job import deliver_event
 from worker.prune import prune_job
@@ -59,7 +66,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
     assert settings.database_url is not None
     ctx["db"] = db = await database.create_pool(settings.database_url, settings.db_pool_size)
     # The jobs' ledger statements, gathered while one is in flight (worker/group.py).
-    ctx["ledger"] = ledger.Ledger(db)
+    ctx["ledger"] = ledger.Ledger(db, settings.auto_disable)
     ctx["http"] = deliver.session(
         settings.connect_timeout, settings.request_timeout, settings.allowed
     )
@@ -132,6 +139,12 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
                 name=prune_name(settings.queue_name),
                 minute=set(range(0, 60, PRUNE_EVERY_MINUTES)),
                 second=30,
+                timeout=settings.job_timeout,
+            ),
+            cron(
+                notify.notify_job,
+                name=notify_name(settings.queue_name),
+                second=set(range(0, 60, notify.EVERY_SECONDS)),
                 timeout=settings.job_timeout,
             ),
         ],

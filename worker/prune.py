@@ -17,9 +17,10 @@ the first batch that is all newer than the cutoff.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -48,21 +49,9 @@ BUDGET_SHARE = 0.8
 """The share of the job timeout a cron run of the prune may spend: it stops between
 batches, before arq's timeout would cancel it in the middle of one."""
 
-FOREVER = ("", "0")
-
-
 def parse_keep(text: str) -> float | None:
     """A retention setting in seconds; None to keep forever (empty, or 0 in any unit)."""
-    item = text.strip()
-    if item in FOREVER:
-        return None
-    try:
-        seconds = duration.parse(item)
-    except ValueError:
-        raise ValueError(
-            f"{item!r} is not a duration; write it like 30d or 12h, or 0 to keep forever"
-        ) from None
-    return seconds or None
+    return duration.parse_setting(text, "30d or 12h", "to keep forever")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,17 +74,23 @@ class Pruned:
 
     deliveries: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     attempts: int = 0
+    notifications: int = 0
+    """Ops notifications deleted: they are kept as long as dead letters."""
     complete: bool = True
     """False when the run stopped at its time limit: the next run goes on."""
 
     @property
     def total(self) -> int:
-        return sum(self.deliveries.values()) + self.attempts
+        return sum(self.deliveries.values()) + self.attempts + self.notifications
 
     def counts(self) -> dict[str, int]:
         """Flat, for a log line: `delivered`, `skipped`, `dead`, `discarded`,
         `attempts_trimmed`."""
-        return {**self.deliveries, "attempts_trimmed": self.attempts}
+        return {
+            **self.deliveries,
+            "attempts_trimmed": self.attempts,
+            "notifications": self.notifications,
+        }
 
 
 Progress = Callable[[Pruned], None]
@@ -169,6 +164,26 @@ _TRIM = _CHOSEN.format(
 )
 _TRIM_COUNT = _CHOSEN.format(dry=f"AND NOT {_expired(4)}", trim="", counted="chosen")
 
+# Notifications past the dead letters' retention ($1), a batch ($2) at a time, oldest first;
+# one still being sent stays. The dry run counts them all at once: they are few, at most one
+# an hour for each cause.
+_NOTIFICATIONS = """
+    WITH gone AS (
+        DELETE FROM notifications WHERE id IN (
+            SELECT id FROM notifications
+            WHERE created_at < $1 AND state <> 'pending'
+            ORDER BY created_at, id
+            LIMIT $2
+        )
+        RETURNING 1
+    )
+    SELECT count(*) FROM gone
+"""
+_NOTIFICATIONS_COUNT = """
+    SELECT count(*) FROM notifications
+    WHERE created_at < $1 AND state <> 'pending'
+"""
+
 FIRST = (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
 """Before every row of the deliveries_created index."""
 
@@ -184,8 +199,9 @@ async def prune(
     until: float | None = None,
 ) -> Pruned:
     """Delete the settled deliveries past their retention (their attempts and actions go
-    with them), then trim the attempts past theirs; with `dry_run`, only count them.
-    `progress` is called with the totals so far after each batch. `until`, a
+    with them) and the ops notifications past the dead letters', then trim the attempts
+    past theirs; with `dry_run`, only count them.
+    `progress` is called with the totals so far between batches. `until`, a
     `time.monotonic()` time: no batch starts after it (`Pruned.complete` says whether all
     was done)."""
     now: datetime = await db.fetchval("SELECT now()")  # the clock the rows were stamped by
@@ -199,39 +215,76 @@ async def prune(
         dead or now,
     )
     latest = max((c for c in (settled, dead) if c is not None), default=None)
+    shown = None if progress is None else functools.partial(progress, pruned)
     if latest is not None:
         after = FIRST
-        while True:
+
+        async def delete() -> bool:
+            nonlocal after
             row = await db.fetchrow(_COUNT if dry_run else _DELETE, *after, latest, batch, *kinds)
             if row is None:
-                break
+                return False
             for state in row["states"]:
                 pruned.deliveries[state] += 1
             after = (row["created_at"], row["id"])
-            await _between(pruned, progress, pause)
-            if _over(until):
-                pruned.complete = False
-                return pruned
+            return True
+
+        pruned.complete = await in_batches(delete, pause=pause, progress=shown, until=until)
+        if not pruned.complete:
+            return pruned
+    if dead is not None:
+
+        async def forget() -> bool:
+            if dry_run:
+                pruned.notifications += await db.fetchval(_NOTIFICATIONS_COUNT, dead)
+                return False
+            n: int = await db.fetchval(_NOTIFICATIONS, dead, batch)
+            pruned.notifications += n
+            return n == batch
+
+        pruned.complete = await in_batches(forget, pause=pause, progress=shown, until=until)
+        if not pruned.complete:
+            return pruned
     excerpts = _cutoff(now, retention.excerpts)
     if excerpts is not None:
         last = 0
-        while True:
+
+        async def trim() -> bool:
+            nonlocal last
             args: list[Any] = [last, batch, excerpts]
             if dry_run:
                 args += kinds
             row = await db.fetchrow(_TRIM_COUNT if dry_run else _TRIM, *args)
             assert row is not None  # an aggregate: one row, NULLs past the last attempt
             if row["last"] is None:
-                break
+                return False
             pruned.attempts += row["n"]
             last = row["last"]
-            await _between(pruned, progress, pause)
-            if row["oldest"] >= excerpts:
-                break
-            if _over(until):
-                pruned.complete = False
-                break
+            return bool(row["oldest"] < excerpts)  # else the rest are all newer
+
+        pruned.complete = await in_batches(trim, pause=pause, progress=shown, until=until)
     return pruned
+
+
+async def in_batches(
+    batch: Callable[[], Awaitable[bool]],
+    *,
+    pause: float = PAUSE,
+    progress: Callable[[], None] | None = None,
+    until: float | None = None,
+) -> bool:
+    """Call `batch` until it says nothing is left (False). Each call is one statement in
+    its own short transaction; between two, `progress` is called and `pause` waited, so
+    that the workers' statements go in between rather than queue behind a long lock.
+    `until`, a `time.monotonic()` time: no batch starts after it. False when it stopped
+    there with more to do."""
+    while await batch():
+        if progress is not None:
+            progress()
+        await asyncio.sleep(pause)
+        if _over(until):
+            return False
+    return True
 
 
 def _over(until: float | None) -> bool:
@@ -240,12 +293,6 @@ def _over(until: float | None) -> bool:
 
 def _cutoff(now: datetime, keep: float | None) -> datetime | None:
     return None if keep is None else now - timedelta(seconds=keep)
-
-
-async def _between(pruned: Pruned, progress: Progress | None, pause: float) -> None:
-    if progress is not None:
-        progress(pruned)
-    await asyncio.sleep(pause)
 
 
 async def prune_job(ctx: dict[str, Any]) -> int:

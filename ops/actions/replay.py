@@ -155,6 +155,20 @@ async def replay_matching(
 ) -> Summary:
     """Replay every dead letter matching `where`; `progress(done, total)` after each."""
     ids = await matching_ids(db, where.dead_letters())
+    return await replay_each(db, redis, queue_name, ids, mode, actor, progress)
+
+
+async def replay_each(
+    db: asyncpg.Pool,
+    redis: ArqRedis,
+    queue_name: str,
+    ids: list[uuid.UUID],
+    mode: Mode,
+    actor: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Replay each of `ids`, one failing without stopping the rest; once Redis has failed,
+    the rest are left to the sweep rather than each waiting out its timeout."""
     summary = Summary()
     redis_up = True
     for done, delivery in enumerate(ids, start=1):

@@ -102,7 +102,9 @@ async def fire(
         RETURNING id
         """,
         callback.id,
-        callback.affiliate_id,
+        # Whose event it sent, not the callback's key: a store-wide callback fired with an
+        # affiliate's event holds that affiliate's data, which their erase must find.
+        event.affiliate_id,
         callback.event_type,
         actor,
         fired_at,

@@ -11,10 +11,12 @@ import asyncio
 import functools
 import getpass
 import json
+import shlex
 import socket
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
@@ -23,7 +25,7 @@ import asyncpg
 import pydantic
 import redis.exceptions
 
-from ops.actions import lookup, replay
+from ops.actions import erase, lookup, replay, switch
 from ops.actions.filters import (
     MIN_PREFIX,
     DeadLetterQuery,
@@ -40,11 +42,12 @@ from ops.cli import console, demo, options
 from ops.cli.embedded import services
 from ops.service import app
 from ops.service.app import Insecure
+from ops.service.models import NotificationQuery
 from producer.connection import open_redis
 from producer.event import EVENT_TYPES, STORE_WIDE, Event, InvalidEvent, parse_event
 from producer.json_input import BadJson, NotJson, read_json
 from producer.publish import Producer
-from worker import callbacks, database, duration, logs, prune, render, schema, tracing
+from worker import callbacks, database, duration, logs, notify, prune, render, schema, tracing
 from worker.config import Settings
 from worker.database import Executor
 from worker.deliver import build_request, delivery_id, post_body, recorded_body
@@ -154,15 +157,24 @@ def _parser() -> _Parser:
     cb_rm.add_argument("--affiliate", required=True)
     cb_rm.add_argument("--event", required=True, choices=EVENT_TYPES)
     cb_rm.set_defaults(run=callbacks_remove)
-    for switch, enabled in (("enable", True), ("disable", False)):
+    for verb, enabled in (("enable", True), ("disable", False)):
         cb_switch = cb.add_parser(
-            switch,
-            help=f"{switch} a callback"
+            verb,
+            help=f"{verb} a callback"
             + (" (its events are skipped, its dead letters not replayed)" if not enabled else ""),
         )
         cb_switch.add_argument("--affiliate", required=True)
         cb_switch.add_argument("--event", required=True, choices=EVENT_TYPES)
-        cb_switch.set_defaults(run=callbacks_switch, enabled=enabled)
+        cb_switch.add_argument("--note", help="why (kept in the record with who did it)")
+        cb_switch.add_argument("--actor", default=_default_actor(), help="recorded as who did it")
+        if enabled:
+            cb_switch.add_argument(
+                "--replay",
+                action=_NeedsRedis,
+                nargs=0,
+                help="then replay the callback's dead letters (as `dlq replay` does)",
+            )
+        cb_switch.set_defaults(run=callbacks_switch, enabled=enabled, replay=False)
 
     preview = commands.add_parser("preview", help="render a request without sending it")
     preview.add_argument("--url", required=True, help="URL template")
@@ -193,6 +205,27 @@ def _parser() -> _Parser:
     serve.set_defaults(run=run_serve, needs=("database", "redis"))
 
     _ledger_commands(commands)
+
+    notes = commands.add_parser(
+        "notifications",
+        help="what the relay told ops (POSTBACK_OPS_WEBHOOK), newest first",
+    )
+    _filters(notes, NotificationQuery)
+    notes.add_argument("--json", action="store_true", help="JSON for scripts")
+    notes.set_defaults(run=notifications_list)
+
+    actions_cmd = commands.add_parser(
+        "actions",
+        help="what was done to an affiliate's callbacks and records (disables, enables, "
+        "erases), newest first",
+    )
+    actions_cmd.add_argument(
+        "--affiliate",
+        required=True,
+        help=f"affiliate id, or '{STORE_WIDE}' for the store-wide callback's",
+    )
+    actions_cmd.add_argument("--json", action="store_true", help="JSON for scripts")
+    actions_cmd.set_defaults(run=actions_list)
 
     demo_cmd = commands.add_parser(
         "demo", help="run everything on this machine and show postbacks arriving"
@@ -298,7 +331,7 @@ async def _delivery_id(db: Executor, typed: str) -> uuid.UUID:
 
 
 def _ledger_commands(commands: Any) -> None:
-    """`deliveries list|show` and `dlq list|show|replay|discard`."""
+    """`deliveries list|show|erase` and `dlq list|show|replay|discard`."""
     groups = {}
     for name, dead, title in (
         ("deliveries", False, "deliveries: every event's postback and its attempts"),
@@ -316,6 +349,28 @@ def _ledger_commands(commands: Any) -> None:
         show.add_argument("id", metavar=ID, help=ID_HELP)
         show.add_argument("--json", action="store_true", help="JSON for scripts")
         show.set_defaults(run=ledger_show)
+
+    erase_cmd = groups["deliveries"].add_parser(
+        "erase",
+        help="remove an affiliate's settled deliveries and test fires, which hold its events "
+        "and requests; recorded in actions without them",
+    )
+    erase_cmd.add_argument(
+        "--affiliate",
+        required=True,
+        help="the affiliate id (not '*', which only names the store-wide callback)",
+    )
+    erase_cmd.add_argument("--note", help="why (kept in the record)")
+    erase_cmd.add_argument(
+        "--dry-run", action="store_true", help="only count what would go; change nothing"
+    )
+    erase_cmd.add_argument(
+        "--yes",
+        action="store_true",
+        help="erase without asking first (required when stdin is not a terminal)",
+    )
+    erase_cmd.add_argument("--actor", default=_default_actor(), help="recorded as who did it")
+    erase_cmd.set_defaults(run=deliveries_erase)
 
     dlq = groups["dlq"]
     replay_cmd = dlq.add_parser(
@@ -341,6 +396,20 @@ def _ledger_commands(commands: Any) -> None:
     discard.add_argument("--note", required=True, help="why (kept in the record)")
     discard.add_argument("--actor", default=_default_actor(), help="recorded as who did it")
     discard.set_defaults(run=dlq_discard)
+
+
+class _NeedsRedis(argparse.Action):
+    """A flag whose command then needs Redis too: started embedded only when it is given."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, True)
+        namespace.needs = ("database", "redis")
 
 
 def _default_actor() -> str:
@@ -438,20 +507,9 @@ async def db_prune(args: argparse.Namespace, settings: Settings) -> int:
         if args.dry_run:
             print(console.pruned_text(retention, planned, dry_run=True))
             return 0
-        total = planned.total
-        bar = console.ProgressBar("pruning")
-        shown = 0
-
-        def progress(so_far: prune.Pruned) -> None:
-            nonlocal shown
-            done = min(so_far.total, total)
-            if shown < done < total:  # the last line is drawn once, at the end
-                bar(done, total)
-                shown = done
-
-        pruned = await prune.prune(db, retention, progress=progress)
-        if total:
-            bar(total, total)
+        steps = console.Countdown("pruning", planned.total)
+        pruned = await prune.prune(db, retention, progress=lambda so_far: steps(so_far.total))
+        steps.finish()
     finally:
         await db.close()
     print(console.pruned_text(retention, pruned, dry_run=False))
@@ -494,6 +552,9 @@ async def callbacks_set(args: argparse.Namespace, settings: Settings) -> int:
     )
     async with database.connection(_database_url(settings)) as conn:
         saved = await callbacks.save(conn, spec)
+        listed = (
+            [] if saved.enabled else await switch.listing(conn, spec.affiliate_id, spec.event_type)
+        )
     conditions = []
     if saved.statuses is not None:
         conditions.append(f"statuses {','.join(saved.statuses)}")
@@ -508,20 +569,24 @@ async def callbacks_set(args: argparse.Namespace, settings: Settings) -> int:
         print("  shown this once: give it to the affiliate, who verifies signatures with it")
     if spec.remove_secret:
         print("secret: removed; its requests are no longer signed")
+    for cb in listed:  # saving leaves a disabled callback disabled: say so, and how to enable
+        print(_disabled_line(cb))
     return 0
 
 
 @_sync
 async def callbacks_list(args: argparse.Namespace, settings: Settings) -> int:
     async with database.connection(_database_url(settings)) as conn:
-        found = [cb.public() for cb in await callbacks.list_all(conn, args.affiliate)]
+        found = await switch.listing(conn, args.affiliate)
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
     if not found:
         print("no callbacks")
         return 0
-    rows = [("AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "STATUSES", "DELAY", "URL")]
+    rows = [
+        ("AFFILIATE", "EVENT", "METHOD", "ENABLED", "SECRET", "STATUSES", "DELAY", "STREAK", "URL")
+    ]
     rows += [
         (
             _affiliate(cb["affiliate_id"]),
@@ -531,12 +596,36 @@ async def callbacks_list(args: argparse.Namespace, settings: Settings) -> int:
             _yes_no(cb["has_secret"]),
             "all" if cb["statuses"] is None else ",".join(cb["statuses"]),
             cb["delay"] if cb["delay_seconds"] else "none",
+            str(cb["dead_streak"]) if cb["dead_streak"] else "-",
             cb["url_template"],
         )
         for cb in found
     ]
     print(console.table(rows))
+    for cb in found:
+        if not cb["enabled"]:
+            print(_disabled_line(cb))
     return 0
+
+
+def _disabled_line(cb: dict[str, Any]) -> str:
+    """Who disabled a listed callback, when and why, and how to enable it again."""
+    name = f"{_affiliate(cb['affiliate_id'])} {cb['event_type']}"
+    off = cb["disabled"]
+    if off is None:  # disabled before disables were recorded
+        said = f"{name}: disabled"
+    else:
+        when = off["at"][:19].replace("T", " ")
+        said = f"{name}: disabled by {off['actor']} at {when} UTC" + (
+            f": {off['note']}" if off["note"] else ""
+        )
+    count = cb["dead_letters"]
+    affiliate = shlex.quote(cb["affiliate_id"])
+    enable = f"postback callbacks enable --affiliate {affiliate} --event {cb['event_type']}"
+    if count:
+        letters = "1 dead letter" if count == 1 else f"{count} dead letters"
+        return f"{said}\n  {letters}; to enable it and replay them: {enable} --replay"
+    return f"{said}\n  to enable it: {enable}"
 
 
 def _affiliate(affiliate_id: str) -> str:
@@ -546,11 +635,68 @@ def _affiliate(affiliate_id: str) -> str:
 
 @_sync
 async def callbacks_switch(args: argparse.Namespace, settings: Settings) -> int:
+    console.quiet_logs(settings, "error")  # it prints what it did, Redis down included
+    note = (args.note or "").strip() or None
+    db = await database.create_pool(_database_url(settings), 2)
+    try:
+        if args.enabled:
+            switched = await switch.enable(db, args.affiliate, args.event, args.actor, note)
+        else:
+            switched = await switch.disable(db, args.affiliate, args.event, args.actor, note)
+        if switched is None:
+            raise CommandFailed(f"no {args.event} callback for affiliate {args.affiliate}")
+        done = "enabled" if args.enabled else "disabled"
+        if switched.changed:
+            print(f"{done}: {args.affiliate} {args.event}")
+        else:
+            print(f"already {done}: {args.affiliate} {args.event}")
+        if not args.replay:
+            return 0
+        assert settings.redis_url is not None
+        redis = open_redis(settings.redis_url, settings.queue_name)
+        try:
+            summary = await switch.replay_dead_letters(
+                db,
+                redis,
+                settings.queue_name,
+                switched.callback,
+                "rerender",
+                args.actor,
+                console.ProgressBar("replaying"),
+            )
+        finally:
+            await redis.aclose()
+    finally:
+        await db.close()
+    return _replayed(summary)
+
+
+@_sync
+async def notifications_list(args: argparse.Namespace, settings: Settings) -> int:
+    query = _filter(args, NotificationQuery)
     async with database.connection(_database_url(settings)) as conn:
-        found = await callbacks.set_enabled(conn, args.affiliate, args.event, args.enabled)
+        found, more = await notify.recent(conn, query.limit, query.before)
+    if args.json:
+        print(json.dumps({"items": [n.public() for n in found], "next": more}, indent=2))
+        return 0
     if not found:
-        raise CommandFailed(f"no {args.event} callback for affiliate {args.affiliate}")
-    print(f"{'enabled' if args.enabled else 'disabled'}: {args.affiliate} {args.event}")
+        print("no notifications")
+        return 0
+    rows = [("ID", "CREATED (UTC)", "KIND", "STATE", "TRIES", "TEXT")]
+    rows += [
+        (
+            str(n.id),
+            n.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            n.kind,
+            n.state if n.error is None else f"{n.state} ({n.error})",
+            str(n.attempts),
+            n.text,
+        )
+        for n in found
+    ]
+    print(console.table(rows))
+    if more is not None:
+        print(f"more notifications: add --before {more}", file=sys.stderr)
     return 0
 
 
@@ -784,6 +930,11 @@ async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await redis.aclose()
         await db.close()
+    return _replayed(summary)
+
+
+def _replayed(summary: replay.Summary) -> int:
+    """What a bulk replay did, printed; the command's exit code."""
     for problem in summary.problems:
         print(f"{problem['outcome']}: {problem['delivery_id']}: {problem['reason']}")
     print(f"replayed {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}")
@@ -792,6 +943,113 @@ async def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     if summary.failed:
         return 1
     return EXIT_LEFT_TO_SWEEP if summary.unqueued else 0
+
+
+@_sync
+async def deliveries_erase(args: argparse.Namespace, settings: Settings) -> int:
+    console.quiet_logs(settings)  # it prints what it did
+    try:
+        affiliate = erase.check_affiliate(args.affiliate)
+    except erase.NotErasable as exc:
+        raise CommandFailed(f"--affiliate: {exc}") from None
+    db = await database.create_pool(_database_url(settings), 1)
+    try:
+        try:
+            # Counted first: the dry run's answer, the question asked, and the progress
+            # bar's total.
+            planned = await erase.count(db, affiliate)
+        except erase.NothingStored as exc:
+            raise CommandFailed(str(exc)) from None
+        if args.dry_run:
+            print(_erased_text(affiliate, planned, dry_run=True))
+            return 0
+        if not args.yes:
+            _confirm_erase(affiliate, planned)
+        steps = console.Countdown("erasing", planned.rows)
+        erased = await erase.erase(
+            db, affiliate, args.actor, args.note, progress=lambda so_far: steps(so_far.rows)
+        )
+        steps.finish()
+    finally:
+        await db.close()
+    print(_erased_text(affiliate, erased, dry_run=False))
+    return 0
+
+
+@_sync
+async def actions_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with database.connection(_database_url(settings)) as conn:
+        found = await erase.affiliate_actions(conn, args.affiliate)
+    if args.json:
+        print(json.dumps({"items": found}, indent=2))
+        return 0
+    if not found:
+        print(f"no actions on affiliate {args.affiliate}'s callbacks or records")
+        return 0
+    rows = [("ID", "AT", "ACTION", "ACTOR", "EVENT", "DETAIL", "NOTE")]
+    rows += [
+        (
+            str(a["id"]),
+            a["at"][:19].replace("T", " "),  # UTC, as stored
+            a["action"],
+            a["actor"],
+            a["event_type"] or "",
+            " ".join(f"{k}={v}" for k, v in (a["detail"] or {}).items()),
+            a["note"] or "",
+        )
+        for a in found
+    ]
+    print(console.table(rows))
+    return 0
+
+
+def _confirm_erase(affiliate: str, planned: erase.Erased) -> None:
+    """Asked on a terminal; refused elsewhere, where no one would answer."""
+    if not sys.stdin.isatty():
+        raise CommandFailed(
+            "erasing cannot be undone, and stdin is not a terminal to ask on: add --yes to "
+            "erase, or --dry-run to count what would go"
+        )
+    print(
+        f"erase {_counted(planned)} of affiliate {affiliate}? This cannot be undone. [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise CommandFailed("nothing erased: not confirmed")
+
+
+def _counted(found: erase.Erased) -> str:
+    def n(count: int, one: str, many: str) -> str:
+        return f"{count} {one if count == 1 else many}"
+
+    return (
+        f"{n(found.deliveries, 'delivery', 'deliveries')} (with "
+        f"{n(found.attempts, 'attempt', 'attempts')} and the actions on them) and "
+        f"{n(found.test_fires, 'test fire', 'test fires')}"
+    )
+
+
+def _erased_text(affiliate: str, found: erase.Erased, dry_run: bool) -> str:
+    if dry_run:
+        lines = [f"would erase {_counted(found)} of affiliate {affiliate}"]
+    else:
+        lines = [
+            f"erased {_counted(found)} of affiliate {affiliate}; "
+            f"recorded as action {found.action_id}"
+        ]
+    if found.kept_open:
+        one = found.kept_open == 1
+        lines.append(
+            f"{'would keep' if dry_run else 'kept'} {found.kept_open} open "
+            f"{'delivery' if one else 'deliveries'} (pending or retrying), whose "
+            f"{'job' if one else 'jobs'} would write {'it' if one else 'them'} again: run "
+            f"the erase again once {'it has' if one else 'they have'} settled; disabling "
+            "the affiliate's callbacks settles "
+            f"{'it' if one else 'them'} when next due"
+        )
+    return "\n".join(lines)
 
 
 def _left_to_sweep(count: int) -> str:

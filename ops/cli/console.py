@@ -299,3 +299,24 @@ class ProgressBar:
             self._shown_at = now
             self.stream.write(f"{self.label}: {done}/{total}\n")
         self.stream.flush()
+
+
+class Countdown:
+    """A `ProgressBar` for work counted before it starts (a prune, an erase): fed the count
+    done so far, which may overshoot the total as rows come meanwhile; the lines between
+    0 and the total as it grows, and the last one once, by `finish`."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.bar = ProgressBar(label)
+        self.total = total
+        self.shown = 0
+
+    def __call__(self, done: int) -> None:
+        done = min(done, self.total)
+        if self.shown < done < self.total:
+            self.bar(done, self.total)
+            self.shown = done
+
+    def finish(self) -> None:
+        if self.total:
+            self.bar(self.total, self.total)

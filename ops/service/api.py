@@ -1,10 +1,10 @@
-"""The ops API under /v1/: the overview, deliveries, dead letters and callbacks, for the page
-and scripts.
+"""The ops API under /v1/: the overview, deliveries, dead letters, callbacks and affiliates'
+erasure, for the page and scripts.
 
 Handlers are thin: each reads its path, query and body as the models the OpenAPI document
 is generated from (ops/service/models.py, ops/actions/filters.py), calls the function the
-CLI calls too (lookup, replay, callbacks, testfire), and answers JSON. Every refusal is
-JSON with `error` and, where a field is to blame, `errors: [{field, message}]`.
+CLI calls too (lookup, replay, callbacks, testfire, erase), and answers JSON. Every refusal
+is JSON with `error` and, where a field is to blame, `errors: [{field, message}]`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from pydantic import BaseModel
 
-from ops.actions import lookup, overview, replay, testfire
+from ops.actions import erase, lookup, overview, replay, switch, testfire
 from ops.actions.filters import (
     DeadLetterQuery,
     DeliveryFilter,
@@ -28,19 +28,25 @@ from ops.actions.filters import (
     read,
 )
 from ops.service.models import (
+    AffiliatePath,
     BulkReplayBody,
     CallbackBody,
     CallbackPath,
     CallbackQuery,
     DeliveryPath,
+    DisableBody,
     DiscardBody,
+    EnableBody,
+    EraseBody,
+    ErasePath,
     NoQuery,
+    NotificationQuery,
     PreviewBody,
     ReplayBody,
     TestFireBody,
 )
 from producer.json_input import BadJson, read_json
-from worker import callbacks, render
+from worker import callbacks, notify, render
 from worker.config import Settings
 
 
@@ -181,15 +187,18 @@ async def replay_all(request: web.Request) -> web.Response:
         body.mode,
         body.actor,
     )
-    return web.json_response(
-        {
-            "matching": summary.replayed + summary.skipped + summary.failed,
-            "replayed": summary.replayed,
-            "skipped": summary.skipped,
-            "failed": summary.failed,
-            "problems": summary.problems,
-        }
-    )
+    return web.json_response(_summary(summary))
+
+
+def _summary(summary: replay.Summary) -> dict[str, Any]:
+    """A bulk replay's summary as `ReplaySummary`."""
+    return {
+        "matching": summary.replayed + summary.skipped + summary.failed,
+        "replayed": summary.replayed,
+        "skipped": summary.skipped,
+        "failed": summary.failed,
+        "problems": summary.problems,
+    }
 
 
 @routes.post("/v1/dead-letters/{id}/discard")
@@ -201,11 +210,37 @@ async def discard_one(request: web.Request) -> web.Response:
     return _result_response(result)
 
 
+@routes.post("/v1/affiliates/{affiliate}/erase")
+async def erase_affiliate(request: web.Request) -> web.Response:
+    _no_query(request)
+    affiliate = _path(request, ErasePath).affiliate
+    body = await _body(request, EraseBody)
+    db = _services(request).db
+    try:
+        if body.dry_run:
+            found = await erase.count(db, affiliate)
+        else:
+            found = await erase.erase(db, affiliate, body.actor, body.note)
+    except erase.NothingStored as exc:
+        return error(404, str(exc))
+    return web.json_response(
+        found.detail() | {"action_id": found.action_id, "dry_run": body.dry_run}
+    )
+
+
+@routes.get("/v1/affiliates/{affiliate}/actions")
+async def list_affiliate_actions(request: web.Request) -> web.Response:
+    _no_query(request)
+    affiliate = _path(request, AffiliatePath).affiliate
+    found = await erase.affiliate_actions(_services(request).db, affiliate)
+    return web.json_response({"items": found})
+
+
 @routes.get("/v1/callbacks")
 async def list_callbacks(request: web.Request) -> web.Response:
     query = _query(request, CallbackQuery)
-    found = await callbacks.list_all(_services(request).db, query.affiliate or None)
-    return web.json_response({"items": [cb.public() for cb in found]})
+    found = await switch.listing(_services(request).db, query.affiliate or None)
+    return web.json_response({"items": found})
 
 
 def _validated(
@@ -272,10 +307,12 @@ async def set_callback(request: web.Request) -> web.Response:
         statuses=body.statuses,
         delay=body.delay,
     )
-    saved = await callbacks.save(_services(request).db, spec)
+    db = _services(request).db
+    saved = await callbacks.save(db, spec)
     # A generated secret is answered this once, for the affiliate; never again.
     shown = {"secret": spec.secret} if spec.generated else {}
-    return web.json_response(saved.public() | shown)
+    listed = await switch.listing(db, saved.affiliate_id, saved.event_type)
+    return web.json_response((listed[0] if listed else saved.public()) | shown)
 
 
 def _no_callback(key: CallbackPath) -> web.Response:
@@ -291,25 +328,54 @@ async def remove_callback(request: web.Request) -> web.Response:
     return web.json_response({"removed": True})
 
 
-async def _switch(request: web.Request, enabled: bool) -> web.Response:
-    _no_query(request)
-    key = _path(request, CallbackPath)
-    db = _services(request).db
-    if not await callbacks.set_enabled(db, key.affiliate, key.event_type, enabled):
+async def _switched(
+    request: web.Request,
+    key: CallbackPath,
+    switched: switch.Switched | None,
+    replayed: replay.Summary | None = None,
+) -> web.Response:
+    found = (
+        []
+        if switched is None
+        else await switch.listing(_services(request).db, key.affiliate, key.event_type)
+    )
+    if switched is None or not found:
         return _no_callback(key)
-    found = await callbacks.get(db, key.affiliate, key.event_type)
-    assert found is not None
-    return web.json_response(found.public())
+    summary = None if replayed is None else _summary(replayed)
+    return web.json_response(found[0] | {"changed": switched.changed, "replayed": summary})
 
 
 @routes.post("/v1/callbacks/{affiliate}/{event_type}/enable")
 async def enable_callback(request: web.Request) -> web.Response:
-    return await _switch(request, True)
+    _no_query(request)
+    key = _path(request, CallbackPath)
+    body = await _body(request, EnableBody)
+    services = _services(request)
+    switched = await switch.enable(
+        services.db, key.affiliate, key.event_type, body.actor, body.note
+    )
+    replayed = None
+    if switched is not None and body.replay:
+        replayed = await switch.replay_dead_letters(
+            services.db,
+            services.redis,
+            services.settings.queue_name,
+            switched.callback,
+            "rerender",
+            body.actor,
+        )
+    return await _switched(request, key, switched, replayed)
 
 
 @routes.post("/v1/callbacks/{affiliate}/{event_type}/disable")
 async def disable_callback(request: web.Request) -> web.Response:
-    return await _switch(request, False)
+    _no_query(request)
+    key = _path(request, CallbackPath)
+    body = await _body(request, DisableBody)
+    switched = await switch.disable(
+        _services(request).db, key.affiliate, key.event_type, body.actor, body.note
+    )
+    return await _switched(request, key, switched)
 
 
 @routes.post("/v1/callbacks/{affiliate}/{event_type}/test")
@@ -328,3 +394,10 @@ async def test_callback(request: web.Request) -> web.Response:
     except render.TemplateError as exc:  # only a template edited into the table by hand
         return error(409, f"the stored template is invalid: {exc}; set the callback again")
     return web.json_response(fired)
+
+
+@routes.get("/v1/notifications")
+async def list_notifications(request: web.Request) -> web.Response:
+    query = _query(request, NotificationQuery)
+    found, more = await notify.recent(_services(request).db, query.limit, query.before)
+    return web.json_response({"items": [n.public() for n in found], "next": more})

@@ -24,13 +24,24 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
-from ops.actions.filters import DeliveryId, Filter, OneOf, Text, plain_text
+from ops.actions.erase import check_affiliate
+from ops.actions.filters import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    DeliveryId,
+    Filter,
+    OneOf,
+    Text,
+    plain_text,
+)
 from ops.actions.replay import MODES, Mode
 from ops.actions.testfire import SAMPLE_AFFILIATE
 from ops.service.ingest import MAX_BATCH
 from producer.event import EVENT_TYPES, STORE_WIDE, Event, EventType
+from worker import notify
 from worker.callbacks import MAX_STATUS_LENGTH, MAX_STATUSES, METHODS, Method
 from worker.exchange import ErrorClass, FailureClass
 from worker.ledger import State
@@ -66,6 +77,24 @@ class CallbackPath(_Input):
         ),
     ]
     event_type: Annotated[EventType, OneOf(EVENT_TYPES)]
+
+
+class AffiliatePath(_Input):
+    affiliate: Annotated[
+        Text,
+        Field(description=f"an affiliate id, or '{STORE_WIDE}' (%2A): the store-wide callback's"),
+    ]
+
+
+class ErasePath(_Input):
+    affiliate: Annotated[
+        Text,
+        AfterValidator(check_affiliate),
+        Field(
+            description=f"an affiliate id; not '{STORE_WIDE}', which names the store-wide "
+            "callback: deliveries are stored under the affiliate each event was for"
+        ),
+    ]
 
 
 class CallbackQuery(_Input):
@@ -140,6 +169,40 @@ class DiscardBody(_Input):
         Field(description="why, kept in the record"),
     ]
     actor: Actor = DEFAULT_ACTOR
+
+
+class EraseBody(_Input):
+    note: Annotated[
+        Annotated[str, BeforeValidator(plain_text), StringConstraints(max_length=MAX_NOTE)] | None,
+        Field(description="why, kept in the record"),
+    ] = None
+    actor: Actor = DEFAULT_ACTOR
+    dry_run: Annotated[
+        StrictBool, Field(description="only count what would go and be kept; change nothing")
+    ] = False
+
+
+Note = Annotated[
+    Annotated[str, BeforeValidator(plain_text), StringConstraints(max_length=MAX_NOTE)] | None,
+    Field(description="why, kept in the record with who did it"),
+]
+
+
+class DisableBody(_Input):
+    actor: Actor = DEFAULT_ACTOR
+    note: Note = None
+
+
+class EnableBody(_Input):
+    actor: Actor = DEFAULT_ACTOR
+    note: Note = None
+    replay: Annotated[
+        StrictBool,
+        Field(
+            description="then replay the callback's dead letters (rerendered with it), as a "
+            "bulk replay does: `replayed` in the answer says what it did"
+        ),
+    ] = False
 
 
 def _upper(value: object) -> object:
@@ -384,6 +447,49 @@ class ReplaySummary(BaseModel):
     problems: list[Problem]
 
 
+class Erased(BaseModel):
+    deliveries: Annotated[
+        int, Field(description="settled deliveries removed, with the ops actions on them")
+    ]
+    attempts: Annotated[int, Field(description="their attempts, removed with them")]
+    test_fires: int
+    kept_open: Annotated[
+        int,
+        Field(
+            description="open deliveries (pending, retrying) kept, as their jobs would write "
+            "them again: erase again once they settle"
+        ),
+    ]
+    action_id: Annotated[
+        int | None, Field(description="the `actions` row that records it; null for a dry run")
+    ]
+    dry_run: bool
+
+
+class AffiliateAction(BaseModel):
+    id: int
+    action: Literal["disable", "enable", "erase"]
+    actor: str
+    note: str | None
+    at: datetime
+    event_type: Annotated[EventType | None, Field(description="a disable's or enable's")]
+    callback_id: Annotated[int | None, Field(description="a disable's or enable's")]
+    detail: Annotated[
+        dict[str, Any] | None,
+        Field(description="an erase's counts; the dead streak that disabled a callback"),
+    ]
+
+
+class AffiliateActions(BaseModel):
+    items: Annotated[list[AffiliateAction], Field(description="newest first")]
+
+
+class Disabled(BaseModel):
+    actor: Annotated[str, Field(description="'relay' when the relay disabled it itself")]
+    at: datetime
+    note: Annotated[str | None, Field(description="why")]
+
+
 class Callback(BaseModel):
     id: int
     affiliate_id: str
@@ -409,6 +515,30 @@ class Callback(BaseModel):
     enabled: bool
     created_at: datetime
     updated_at: datetime
+    dead_streak: Annotated[
+        int,
+        Field(
+            description="its deliveries that died in a row since the last one delivered; "
+            "POSTBACK_AUTO_DISABLE_AFTER of them disable it"
+        ),
+    ]
+    dead_since: Annotated[
+        datetime | None, Field(description="when the first of that streak died; null: none")
+    ]
+    disabled: Annotated[
+        Disabled | None,
+        Field(
+            description="for a disabled callback, who disabled it, when and why; null when "
+            "it is enabled, or was disabled before disables were recorded"
+        ),
+    ]
+    dead_letters: Annotated[
+        int | None,
+        Field(
+            description="for a disabled callback, its dead letters: what an enable with "
+            "replay would replay; null when it is enabled"
+        ),
+    ]
     secret: Annotated[
         str | None,
         Field(
@@ -420,6 +550,18 @@ class Callback(BaseModel):
 
 class Callbacks(BaseModel):
     items: list[Callback]
+
+
+class Switched(Callback):
+    """The callback after an enable or a disable."""
+
+    changed: Annotated[
+        bool, Field(description="false: it already was so, and nothing was recorded")
+    ]
+    replayed: Annotated[
+        ReplaySummary | None,
+        Field(description="what replaying its dead letters did; null unless asked to"),
+    ] = None
 
 
 class Removed(BaseModel):
@@ -521,3 +663,61 @@ class Health(BaseModel):
     status: Literal["ok", "down"]
     down: list[Literal["redis", "postgres", "worker"]]
     checks: dict[str, Check]
+
+
+# --- notifications -------------------------------------------------------------------------
+
+
+class NotificationQuery(_Input):
+    """A page of notifications, newest first."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, data: Any) -> Any:
+        # As the filters read it: `?before=`, or an option not given, is no value.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value not in ("", None)}
+        return data
+
+    limit: Annotated[
+        int, Field(ge=1, le=MAX_LIMIT, description=f"at most this many (1 to {MAX_LIMIT})")
+    ] = DEFAULT_LIMIT
+    before: Annotated[
+        int | None,
+        # A notification's id is a bigint: a larger one names none.
+        Field(ge=1, le=2**63 - 1, description="only older ones: the previous listing's `next`"),
+    ] = None
+
+
+class Notification(BaseModel):
+    """What the relay told ops (POSTBACK_OPS_WEBHOOK), and how sending it went."""
+
+    id: int
+    cause: Annotated[
+        str,
+        Field(
+            description="what it is about, at most one an hour each: callback_disabled:<id>, "
+            "dead_letters:<affiliate>, circuit_open:<scheme://host:port>"
+        ),
+    ]
+    kind: notify.Kind
+    text: Annotated[str, Field(description="what a person reads; Slack shows it")]
+    fields: Annotated[dict[str, Any], Field(description="the same, for machines")]
+    created_at: datetime
+    state: Annotated[
+        notify.State,
+        Field(
+            description="pending: to be sent (again); sent; failed: every try failed; "
+            "unsent: no webhook was set when it was due"
+        ),
+    ]
+    attempts: int
+    next_attempt_at: Annotated[datetime | None, Field(description="while pending")]
+    status_code: Annotated[int | None, Field(description="the webhook's, at the last try")]
+    error: Annotated[str | None, Field(description="why the last try failed")]
+    sent_at: datetime | None
+
+
+class NotificationPage(BaseModel):
+    items: list[Notification]
+    next: Annotated[int | None, Field(description="`before` of the next page; null on the last")]

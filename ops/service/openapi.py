@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 from pydantic_core import CoreSchema
 
+from ops.actions.erase import AFFILIATE_ACTIONS
 from ops.actions.filters import DeadLetterQuery, DeliveryQuery
 from ops.service import models
 from ops.service.ingest import MAX_BODY
@@ -52,7 +53,7 @@ class Route:
 
 _NO_DELIVERY = Reply("No such delivery.", models.Error)
 _NO_CALLBACK = Reply("No such callback.", models.Error)
-_NOW = Reply("The callback now.", models.Callback)
+_SWITCHED = Reply("The callback now.", models.Switched)
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -136,6 +137,26 @@ ROUTES: tuple[Route, ...] = (
         body=models.DiscardBody,
     ),
     Route(
+        "post",
+        "/v1/affiliates/{affiliate}/erase",
+        "Erase an affiliate's settled deliveries and test fires (its stored events and "
+        "requests), recorded as one action; open deliveries are kept",
+        {
+            200: Reply("What went and was kept (with dry_run: would).", models.Erased),
+            404: Reply("Nothing is stored for the affiliate.", models.Error),
+        },
+        path_model=models.ErasePath,
+        body=models.EraseBody,
+    ),
+    Route(
+        "get",
+        "/v1/affiliates/{affiliate}/actions",
+        "What was done to an affiliate's callbacks and records (disables, enables, erases), "
+        "newest first",
+        {200: Reply(f"The newest {AFFILIATE_ACTIONS}.", models.AffiliateActions)},
+        path_model=models.AffiliatePath,
+    ),
+    Route(
         "get",
         "/v1/callbacks",
         "List callbacks",
@@ -168,16 +189,18 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "post",
         "/v1/callbacks/{affiliate}/{event_type}/enable",
-        "Enable a callback",
-        {200: _NOW, 404: _NO_CALLBACK},
+        "Enable a callback (recorded with who and why), and with `replay` replay its dead letters",
+        {200: _SWITCHED, 404: _NO_CALLBACK},
         path_model=models.CallbackPath,
+        body=models.EnableBody,
     ),
     Route(
         "post",
         "/v1/callbacks/{affiliate}/{event_type}/disable",
-        "Disable a callback",
-        {200: _NOW, 404: _NO_CALLBACK},
+        "Disable a callback (recorded with who and why)",
+        {200: _SWITCHED, 404: _NO_CALLBACK},
         path_model=models.CallbackPath,
+        body=models.DisableBody,
     ),
     Route(
         "post",
@@ -190,6 +213,13 @@ ROUTES: tuple[Route, ...] = (
         },
         path_model=models.CallbackPath,
         body=models.TestFireBody,
+    ),
+    Route(
+        "get",
+        "/v1/notifications",
+        "List what the relay told ops (POSTBACK_OPS_WEBHOOK), newest first",
+        {200: Reply("A page of notifications.", models.NotificationPage)},
+        query=models.NotificationQuery,
     ),
     Route(
         "get",

@@ -41,7 +41,7 @@ class Staying:
         does not end in time."""
         self.process.send_signal(signal.SIGINT)
         self.process.wait(timeout=STOP_SECONDS)
-        self.output += _read_until(self.reading, None, time.monotonic() + STOP_SECONDS)
+        self.output += read_until(self.reading, None, time.monotonic() + STOP_SECONDS)
         return self.output
 
 
@@ -62,7 +62,7 @@ def staying_demo(env: Mapping[str, str], *args: str, terminal: bool = False) -> 
         os.close(writing)
         staying = Staying(process, reading)
         try:
-            staying.output = _read_until(reading, STAYS, time.monotonic() + START_SECONDS)
+            staying.output = read_until(reading, STAYS, time.monotonic() + START_SECONDS)
             page = re.search(r"^ops page: (\S+)\r?$", staying.output, re.M)
             token = re.search(r"^ops token: (\S+)\r?$", staying.output, re.M)
             assert page is not None, staying.output
@@ -78,14 +78,14 @@ def staying_demo(env: Mapping[str, str], *args: str, terminal: bool = False) -> 
                 if process.poll() is None:
                     process.kill()
                     process.wait()
-                staying.output += _read_until(reading, None, time.monotonic() + STOP_SECONDS)
+                staying.output += read_until(reading, None, time.monotonic() + STOP_SECONDS)
                 os.close(reading)
                 errors.seek(0)
                 staying.stderr = errors.read().decode(errors="replace")
                 leakcheck.logged(staying.stderr)
 
 
-def _read_until(fd: int, marker: str | None, deadline: float) -> str:
+def read_until(fd: int, marker: str | None, deadline: float) -> str:
     """What `fd` gives until `marker` is in it, or until its end when `marker` is None.
     Fails with what was read when the deadline passes or the output ends first."""
     got = b""

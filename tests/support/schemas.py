@@ -13,6 +13,17 @@ from worker.schema import CURRENT
 SCHEMAS = Path(__file__).parent.parent / "schemas"
 RELEASED = range(1, CURRENT)
 """The versions before the current one."""
+TABLES = {
+    "schema_version",
+    "callbacks",
+    "deliveries",
+    "attempts",
+    "actions",
+    "test_fires",
+    "callback_health",
+    "notifications",
+}
+"""The current schema's tables."""
 
 
 def released(version: int) -> str:

@@ -406,7 +406,7 @@ async function loadCallbacks() {
   try {
     const { items } = await call("GET", "/v1/callbacks");
     const rows = $("callback-rows");
-    rows.replaceChildren(...items.map(callbackRow));
+    rows.replaceChildren(...items.flatMap(callbackRows));
     $("count").textContent = items.length
       ? items.length + " callback" + (items.length === 1 ? "" : "s")
       : "No callbacks yet: set one up with the form above.";
@@ -426,6 +426,31 @@ function markEditing() {
   }
 }
 
+// Who disabled a callback, when and why, as `postback callbacks list` says it.
+function disabledText(cb) {
+  const off = cb.disabled;
+  if (!off) return "Disabled.";
+  return "Disabled by " + off.actor + " at " + time(off.at) + " UTC" +
+    (off.note ? ": " + off.note : "") + ".";
+}
+
+function letters(count) { return count === 1 ? "1 dead letter" : count + " dead letters"; }
+
+// A callback's row, and under a disabled one's a row saying who disabled it and why.
+function callbackRows(cb) {
+  const rows = [callbackRow(cb)];
+  if (!cb.enabled) {
+    const why = document.createElement("tr");
+    why.className = "why-off";
+    why.dataset.affiliate = cb.affiliate_id;
+    why.dataset.event = cb.event_type;
+    const td = cell(why, disabledText(cb));
+    td.colSpan = 10;
+    rows.push(why);
+  }
+  return rows;
+}
+
 function callbackRow(cb) {
   const row = document.createElement("tr");
   row.dataset.affiliate = cb.affiliate_id;
@@ -439,6 +464,7 @@ function callbackRow(cb) {
   cell(row, statusesText(cb));
   cell(row, delayText(cb));
   cell(row, cb.url_template, "excerpt");
+  cell(row, cb.dead_streak || "-", cb.dead_streak ? "off" : "");
   const td = cell(row, "", "row-actions");
   const button = (label, work) => {
     const b = document.createElement("button");
@@ -449,6 +475,10 @@ function callbackRow(cb) {
   };
   button("Edit", () => editCallback(cb));
   button(cb.enabled ? "Disable" : "Enable", () => busy(() => switchCallback(cb, !cb.enabled)));
+  if (!cb.enabled && cb.dead_letters) {
+    button("Enable and replay its " + letters(cb.dead_letters),
+      () => busy(() => switchCallback(cb, true, true)));
+  }
   button("Test fire", () => busy(() => testFire(cb)));
   button("Remove", () => busy(() => removeCallback(cb)));
   return row;
@@ -595,12 +625,18 @@ async function saveCallback() {
   await loadCallbacks();
 }
 
-async function switchCallback(cb, enabled) {
+async function switchCallback(cb, enabled, replay) {
   try {
     const path = callbackPath(cb.affiliate_id, cb.event_type);
-    await call("POST", path + (enabled ? "/enable" : "/disable"));
+    const body = { actor: actor() };
+    if (replay) body.replay = true;
+    const now = await call("POST", path + (enabled ? "/enable" : "/disable"), body);
+    const s = now.replayed;
     say(enabled
-      ? "Enabled " + callbackName(cb) + "."
+      ? "Enabled " + callbackName(cb) + "." + (s
+        ? " Replayed " + s.replayed + " of its " + letters(s.matching) + ", skipped " +
+          s.skipped + ", failed " + s.failed + "."
+        : "")
       : "Disabled " + callbackName(cb) + ": its events are skipped and its dead letters " +
         "cannot be replayed until it is enabled again.");
   } catch (error) {

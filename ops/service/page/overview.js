@@ -165,6 +165,35 @@ function affiliates(o) {
   return box;
 }
 
+// What the relay told ops (GET /v1/notifications): the newest few, each with how sending
+// it to POSTBACK_OPS_WEBHOOK went.
+const NOTIFICATIONS_SHOWN = 10;
+
+function notifications(page) {
+  const box = element("div", "notifications");
+  box.appendChild(element("h3", "", "Notifications"));
+  if (!page.items.length) {
+    box.appendChild(element("p", "empty", "The relay has told ops nothing."));
+    return box;
+  }
+  const table = element("table");
+  const head = table.createTHead().insertRow();
+  for (const name of ["Created (UTC)", "Kind", "State", "Text"]) head.appendChild(element("th", "", name));
+  const body = table.createTBody();
+  for (const n of page.items) {
+    const row = body.insertRow();
+    row.dataset.id = n.id;
+    row.insertCell().textContent = n.created_at.slice(0, 19).replace("T", " ");
+    row.insertCell().textContent = n.kind;
+    const sent = row.insertCell();
+    sent.textContent = n.state;
+    if (n.error) sent.title = n.error;
+    row.insertCell().textContent = n.text;
+  }
+  box.appendChild(table);
+  return box;
+}
+
 async function loadOverview() {
   const section = $("overview");
   $("count").textContent = "";
@@ -182,4 +211,9 @@ async function loadOverview() {
   const total = Object.values(o.states).reduce((a, b) => a + b, 0);
   const drawn = total ? chart(o.hours) : element("p", "empty", "No deliveries in the last 24 hours.");
   section.replaceChildren(title, when, drawn, legend(o), tiles(o), affiliates(o));
+  try {
+    section.appendChild(notifications(await call("GET", "/v1/notifications?limit=" + NOTIFICATIONS_SHOWN)));
+  } catch (error) {
+    say(error.message, true);
+  }
 }
