@@ -62,8 +62,8 @@ FROM (
                (n * 40503 + 977) % 10000 AS r, (n * 7919 + 13) % 100 AS r2,
                'aff' || lpad(floor($4 * power(((((n * 2) / 3) * 2654435761) % 4294967296)
                                     / 4294967296.0, 2))::int::text, 3, '0') AS aff,
-               now() - make_interval(days => $5) + make_interval(days => $5) * (n::float8 / $2)
-                   AS at
+               now() - make_interval(days => $5::int + $8::int)
+                   + make_interval(days => $5) * (n::float8 / $2) AS at
         FROM generate_series($1::bigint, $6::bigint - 1) AS n
     ) a
 ) b
@@ -185,10 +185,22 @@ async def _in_two(url: str, statements: list[tuple[str, tuple[object, ...]]]) ->
     await asyncio.gather(drain(), drain())
 
 
-async def fill(url: str, deliveries: int, events: str) -> dict[str, int]:
+async def fill(
+    url: str,
+    deliveries: int,
+    events: str,
+    *,
+    days: int = DAYS,
+    ago: int = 0,
+    settled_only: bool = False,
+) -> dict[str, int]:
     """Fill an empty ledger with `deliveries` deliveries and about twice as many attempts;
     returns the row count of each table. Event ids start with `events`: the run's id, so
-    the jobs a bulk replay of them enqueues are found and deleted with the run's keys."""
+    the jobs a bulk replay of them enqueues are found and deleted with the run's keys.
+
+    Arrivals span `days` days up to `ago` days before now: a ledger older than a retention
+    setting, for pruning. `settled_only` leaves out the newest open deliveries, which a
+    running worker's sweep would send to the fill's made-up hosts."""
     conn = await asyncpg.connect(url)
     try:
         started = time.monotonic()
@@ -197,12 +209,13 @@ async def fill(url: str, deliveries: int, events: str) -> dict[str, int]:
         for row in indexes:
             await conn.execute(f'DROP INDEX "{row["indexname"]}"')
         chunk = max(1, -(-deliveries // 8))
+        opened = 0 if settled_only else open_count(deliveries)
         say(f"ledger: writing {deliveries:,} deliveries")
         await _in_two(
             url,
             [
-                (_DELIVERIES, (lo, deliveries, open_count(deliveries), AFFILIATES, DAYS,
-                               min(lo + chunk, deliveries), events))
+                (_DELIVERIES, (lo, deliveries, opened, AFFILIATES, days,
+                               min(lo + chunk, deliveries), events, ago))
                 for lo in range(0, deliveries, chunk)
             ],
         )  # fmt: skip

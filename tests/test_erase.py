@@ -167,7 +167,7 @@ async def test_an_erase_takes_the_affiliates_settled_rows_and_nothing_else(
 
     # Batches of 2: pages that keep an open delivery, and pages past them.
     erased = await erase.erase(
-        db, "ann", "ops@desk", "ann asked", batch=2, pause=0, progress=lambda e: seen.append(e.rows)
+        db, "ann", "ops@desk", "ann asked", batch=2, rest=0, progress=lambda e: seen.append(e.rows)
     )
 
     assert erased.detail() == ANNS_COUNTS
@@ -216,7 +216,7 @@ async def test_a_dry_run_changes_nothing_and_counts_what_the_erase_then_takes(
 
     assert await ledger(db) == before
     assert counted.action_id is None
-    assert (await erase.erase(db, "ann", "ops", pause=0)).detail() == counted.detail()
+    assert (await erase.erase(db, "ann", "ops", rest=0)).detail() == counted.detail()
 
 
 async def test_a_delivery_that_is_reopened_is_kept(db: asyncpg.Connection) -> None:
@@ -225,7 +225,7 @@ async def test_a_delivery_that_is_reopened_is_kept(db: asyncpg.Connection) -> No
         "UPDATE deliveries SET state = 'pending' WHERE event_id = $1", ann.event_ids["dead"]
     )
 
-    erased = await erase.erase(db, "ann", "ops", pause=0)
+    erased = await erase.erase(db, "ann", "ops", rest=0)
 
     assert (erased.deliveries, erased.kept_open) == (3, 3)
 
@@ -244,8 +244,8 @@ async def test_an_erase_cut_short_says_what_went_and_run_again_takes_the_rest(
     await fill(db, "ann")
 
     with pytest.raises(CutShort):
-        await erase.erase(db, "ann", "ops", batch=2, pause=0, progress=cut_short)
-    await erase.erase(db, "ann", "ops", batch=2, pause=0)
+        await erase.erase(db, "ann", "ops", batch=2, rest=0, progress=cut_short)
+    await erase.erase(db, "ann", "ops", batch=2, rest=0)
 
     # The first page was ann's delivered and dead deliveries, with 2 and 3 attempts.
     assert [r["detail"] for r in await erase_records(db)] == [
@@ -265,7 +265,7 @@ async def test_an_affiliate_with_only_open_deliveries_is_recorded_with_none_eras
 ) -> None:
     await stored(db, "cid", "retrying", 1, "#C-1")
 
-    erased = await erase.erase(db, "cid", "ops", pause=0)
+    erased = await erase.erase(db, "cid", "ops", rest=0)
 
     assert erased.detail() == {"deliveries": 0, "attempts": 0, "test_fires": 0, "kept_open": 1}
     assert [r["detail"] for r in await erase_records(db)] == [erased.detail()]
@@ -295,7 +295,7 @@ async def test_a_test_fire_of_the_store_wide_callback_with_an_affiliates_event_i
         assert status == 200, body
         fired.append(body["id"])
 
-    await erase.erase(db, "ann", "ops", pause=0)
+    await erase.erase(db, "ann", "ops", rest=0)
 
     kept = await db.fetch("SELECT id, affiliate_id FROM test_fires ORDER BY id")
     assert [(r["id"], r["affiliate_id"]) for r in kept if r["id"] in fired] == [
@@ -309,7 +309,7 @@ async def test_redis_holds_nothing_of_a_settled_delivery(
     made = await make_deliveries(db, producer, flaky, settings)
     ann = [made.ann, made.ann_update]
 
-    await erase.erase(db, "ann", "ops", pause=0)
+    await erase.erase(db, "ann", "ops", rest=0)
 
     assert await db.fetch("SELECT 1 FROM deliveries WHERE event_id = ANY($1::text[])", ann) == []
     # Its callbacks are configuration, and stay.
@@ -342,9 +342,9 @@ async def test_redis_holds_nothing_of_a_settled_delivery(
 
 async def test_an_affiliates_actions_list_its_erases_newest_first(db: asyncpg.Connection) -> None:
     await fill(db, "ann")
-    first = await erase.erase(db, "ann", "ops", "first", pause=0)
+    first = await erase.erase(db, "ann", "ops", "first", rest=0)
     await stored(db, "ann", "dead", 1, "#ANN-2")
-    second = await erase.erase(db, "ann", "ops", pause=0)
+    second = await erase.erase(db, "ann", "ops", rest=0)
 
     callback = await save_callback(db, "ann", "order.updated", "GET", "http://127.0.0.1:9/pb")
     await db.execute(

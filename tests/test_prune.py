@@ -5,6 +5,7 @@ touched."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import time
@@ -36,9 +37,10 @@ from worker.pool import (
 from worker.prune import (
     BATCH,
     BUDGET_SHARE,
-    PAUSE,
+    REST,
     Pruned,
     Retention,
+    in_batches,
     parse_keep,
     prune,
     prune_job,
@@ -178,7 +180,7 @@ async def test_each_kind_goes_at_its_own_age_and_open_deliveries_never(
         await add(db, "ancient", "retrying", 400 * DAY, tries=5),
     ]
 
-    pruned = await prune(db, DEFAULTS, pause=0)
+    pruned = await prune(db, DEFAULTS, rest=0)
 
     assert set(await left(db)) == set(stays)
     assert pruned.deliveries == {"delivered": 1, "skipped": 1, "dead": 1, "discarded": 1}
@@ -198,7 +200,7 @@ async def test_nothing_goes_when_kept_forever(db: asyncpg.Connection) -> None:
     ]
     before = await everything(db)
 
-    pruned = await prune(db, Retention.parse("0", "", "0d"), pause=0)
+    pruned = await prune(db, Retention.parse("0", "", "0d"), rest=0)
 
     assert pruned == Pruned()
     assert await everything(db) == before
@@ -227,11 +229,11 @@ async def test_notifications_go_with_the_dead_letters_unless_still_being_sent(
     async def causes() -> set[str]:
         return {row["cause"] for row in await db.fetch("SELECT cause FROM notifications")}
 
-    dry = await prune(db, DEFAULTS, dry_run=True, pause=0)
+    dry = await prune(db, DEFAULTS, dry_run=True, rest=0)
     assert dry.notifications == 2
     assert len(await causes()) == 4
-    assert (await prune(db, Retention.parse("30d", "0", "30d"), pause=0)).notifications == 0
-    pruned = await prune(db, DEFAULTS, pause=0, batch=1)
+    assert (await prune(db, Retention.parse("30d", "0", "30d"), rest=0)).notifications == 0
+    pruned = await prune(db, DEFAULTS, rest=0, batch=1)
     assert pruned.notifications == 2
     assert pruned.counts()["notifications"] == 2
     assert await causes() == {"old-pending", "new"}
@@ -244,7 +246,7 @@ async def test_trimming_keeps_the_attempts_and_clears_their_exchanges(
     young_dead = await add(db, "young", "dead", 10 * DAY, tries=2)
     old_open = await add(db, "open", "retrying", 40 * DAY, tries=2)
 
-    pruned = await prune(db, DEFAULTS, pause=0)
+    pruned = await prune(db, DEFAULTS, rest=0)
 
     assert pruned.attempts == 3
     assert sum(pruned.deliveries.values()) == 0
@@ -281,13 +283,13 @@ async def test_a_dry_run_changes_nothing_and_counts_what_the_run_then_removes(
     await add(db, "o", "retrying", 100 * DAY, tries=2)
     before = await everything(db)
 
-    counted = await prune(db, DEFAULTS, dry_run=True, pause=0)
+    counted = await prune(db, DEFAULTS, dry_run=True, rest=0)
 
     assert await everything(db) == before
     assert counted.deliveries == {"delivered": 1, "skipped": 1, "dead": 1, "discarded": 0}
     assert counted.attempts == 3 + 2
-    assert await prune(db, DEFAULTS, pause=0) == counted
-    assert await prune(db, DEFAULTS, dry_run=True, pause=0) == Pruned()
+    assert await prune(db, DEFAULTS, rest=0) == counted
+    assert await prune(db, DEFAULTS, dry_run=True, rest=0) == Pruned()
 
 
 async def test_small_batches_walk_past_what_stays_and_take_all_that_goes(
@@ -302,7 +304,7 @@ async def test_small_batches_walk_past_what_stays_and_take_all_that_goes(
     stays.append(await add(db, "young", "delivered", DAY))
     seen: list[int] = []
 
-    pruned = await prune(db, DEFAULTS, batch=3, pause=0, progress=lambda p: seen.append(p.total))
+    pruned = await prune(db, DEFAULTS, batch=3, rest=0, progress=lambda p: seen.append(p.total))
 
     assert set(await left(db)) == set(stays)
     assert pruned.deliveries["delivered"] == len(goes)
@@ -320,7 +322,7 @@ async def test_a_dead_letter_replayed_meanwhile_stays(db: asyncpg.Connection) ->
     await db.execute(
         "UPDATE deliveries SET state = 'retrying', updated_at = now() - interval '100 days'"
     )
-    assert await prune(db, DEFAULTS, pause=0) == Pruned()
+    assert await prune(db, DEFAULTS, rest=0) == Pruned()
     assert await stored(db) == {event_id: (2, 2)}
 
 
@@ -339,7 +341,7 @@ def test_the_prune_is_a_cron_job_no_longer_than_a_delivery() -> None:
     assert job.unique
     assert not job.run_at_startup
     assert job.timeout_s == settings.job_timeout
-    assert (BATCH, PAUSE, BUDGET_SHARE) == (1000, 0.05, 0.8)  # as the README says
+    assert (BATCH, REST, BUDGET_SHARE) == (250, 2.0, 0.8)  # as the README says
 
 
 async def test_a_killed_workers_jobs_are_held_no_longer_for_the_prune() -> None:
@@ -353,10 +355,10 @@ async def test_a_killed_workers_jobs_are_held_no_longer_for_the_prune() -> None:
 
 async def test_a_run_stops_between_batches_at_its_time_limit(db: asyncpg.Connection) -> None:
     old = [await add(db, f"old-{n}", "delivered", 40 * DAY) for n in range(3)]
-    partial = await prune(db, DEFAULTS, batch=1, pause=0, until=time.monotonic())
+    partial = await prune(db, DEFAULTS, batch=1, rest=0, until=time.monotonic())
     assert not partial.complete
     assert partial.deliveries["delivered"] == 1  # one batch, then the time was up
-    rest = await prune(db, DEFAULTS, batch=1, pause=0)
+    rest = await prune(db, DEFAULTS, batch=1, rest=0)
     assert rest.complete
     assert partial.deliveries["delivered"] + rest.deliveries["delivered"] == len(old)
     assert not set(old) & set(await left(db))
@@ -522,3 +524,18 @@ async def logged(
                 return line
         await asyncio.sleep(0.05)
     raise AssertionError(f"no {event} logged within {within} s: {logs}")
+
+
+@pytest.mark.unit
+async def test_batches_rest_twice_as_long_as_each_took() -> None:
+    started: list[float] = []
+
+    async def batch() -> bool:
+        started.append(time.monotonic())
+        await asyncio.sleep(0.05)
+        return len(started) < 3
+
+    assert await in_batches(batch)
+    assert len(started) == 3
+    # Each batch took at least 50 ms, so at least 100 ms of rest followed it.
+    assert all(b - a >= 0.15 for a, b in itertools.pairwise(started))

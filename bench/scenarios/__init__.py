@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from bench.context import Bench
 from bench.results import Row
-from bench.scenarios import isolation, latency, ledger, memory, scale, throughput
+from bench.scenarios import isolation, latency, ledger, memory, prune, scale, throughput
 
 Scenario = Callable[[Bench], Awaitable[list[Row]]]
 
@@ -17,4 +17,5 @@ SCENARIOS: dict[str, Scenario] = {
     memory.NAME: memory.run,
     scale.NAME: scale.run,
     ledger.NAME: ledger.run,
+    prune.NAME: prune.run,
 }

@@ -10,74 +10,28 @@ timetable, each in its own task, so a slow one does not delay the next and the r
 
 from __future__ import annotations
 
-import asyncio
-import statistics
-import time
-from dataclasses import dataclass
-
-from bench import events, setup
+from bench import setup
 from bench.context import Bench
 from bench.progress import say
 from bench.results import InvalidMeasurement, Row, judged
-from bench.scenarios.common import AFFILIATES, save_callbacks
+from bench.scenarios.common import (
+    AFFILIATES,
+    WARMUP_EVENTS,
+    Percentiles,
+    arrived,
+    latencies,
+    paced,
+    percentiles,
+    save_callbacks,
+    warm_up,
+)
 from bench.workers import wait_ready
 from producer import Producer
 
 NAME = "latency"
-WARMUP_EVENTS = 100
 TARGET_P99_MS = 100.0
 RUNS = 3
 """Runs, each with a worker of its own; the target holds for each."""
-SETTLE_TIMEOUT = 60.0
-"""Seconds after the last publish by which every event must have arrived."""
-
-
-async def _paced(
-    producer: Producer, bench: Bench, label: str, count: int, rate: float, first: int
-) -> float:
-    """Publish `count` events at `rate` per second; returns the rate actually achieved."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    tasks: set[asyncio.Task[bool]] = set()
-    for n in range(count):
-        delay = start + n / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        affiliate = AFFILIATES[n % len(AFFILIATES)]
-        event = events.event(bench.config, label, first + n, affiliate, sent_at=time.time())
-        task = asyncio.create_task(producer.publish(event))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        if n and n % max(1, round(rate * 10)) == 0:  # every ~10 s
-            say(f"  published {n:,} of {count:,}")
-    await asyncio.gather(*tasks)
-    return count / (loop.time() - start)
-
-
-async def _arrived(bench: Bench, count: int) -> None:
-    """Wait until the receiver has `count` requests; at most SETTLE_TIMEOUT seconds."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while (received := (await bench.receiver.stats()).total) < count:
-        if time.monotonic() > deadline:
-            raise InvalidMeasurement(
-                f"only {received:,} of {count:,} arrived within {SETTLE_TIMEOUT:.0f} s"
-            )
-        await asyncio.sleep(0.1)
-
-
-def _percentile_ms(cuts: list[float], p: int) -> float:
-    return cuts[p - 1] * 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Percentiles:
-    p50: float
-    p95: float
-    p99: float
-    worst: float
-    """All in ms."""
-    achieved: float
-    """The publish rate reached, events/s."""
 
 
 async def _one_run(bench: Bench, run: int, count: int) -> Percentiles:
@@ -94,29 +48,20 @@ async def _one_run(bench: Bench, run: int, count: int) -> Percentiles:
     ready = await wait_ready(worker, bench.redis, queue)
     say(f"latency run {run}: worker ready in {ready:.1f} s; warming up with {WARMUP_EVENTS} events")
     async with await Producer.connect(config.redis_url, queue) as producer:
-        await _paced(producer, bench, label, WARMUP_EVENTS, rate, first=0)
-        await _arrived(bench, WARMUP_EVENTS)
-        await bench.receiver.reset(record=True)
+        await warm_up(producer, bench, label, rate)
         say(f"latency run {run}: publishing {count:,} events at {rate:g}/s")
-        achieved = await _paced(producer, bench, label, count, rate, first=WARMUP_EVENTS)
-    await _arrived(bench, count)
-    samples = (await bench.receiver.stats(samples=True)).samples
+        achieved = await paced(producer, bench, label, count, rate, first=WARMUP_EVENTS)
+    await arrived(bench, count)
+    measured = await latencies(bench, count)
     # Stopped before the ledger is read: SIGTERM lets the deliveries in flight finish.
     await worker.stop()
-    if len(samples) != count:
-        raise InvalidMeasurement(f"{len(samples):,} latency samples for {count:,} events")
     delivered = await setup.delivered(bench.db, AFFILIATES)
     if delivered != count + WARMUP_EVENTS:
         raise InvalidMeasurement(
             f"ledger has {delivered:,} of {count + WARMUP_EVENTS:,} (warm-up included) delivered"
         )
 
-    latencies = [arrived - sent for sent, arrived in samples]
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-    p50, p95, p99 = (_percentile_ms(cuts, p) for p in (50, 95, 99))
-    worst = max(latencies) * 1000
-    say(f"  p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms")
-    return Percentiles(p50, p95, p99, worst, achieved)
+    return percentiles(measured, achieved)
 
 
 async def run(bench: Bench) -> list[Row]:

@@ -14,7 +14,7 @@ is in Redis and would write the delivery again. The erase says how many it kept,
 again once they settle.
 
 It works as the prune does (worker/prune.py): batches of one short statement each, with a
-pause between them, so a large affiliate is erased while deliveries flow. The erase is one
+rest after each, so a large affiliate is erased while deliveries flow. The erase is one
 row in `actions`, written before the first batch and its counts kept up to date by each
 batch in the same statement: an erase cut short still says what went. It names the
 affiliate, who asked and why, and how many rows of each kind went: never an event, an
@@ -161,7 +161,7 @@ async def erase(
     note: str | None = None,
     *,
     batch: int = prune.BATCH,
-    pause: float = prune.PAUSE,
+    rest: float = prune.REST,
     progress: Callable[[Erased], None] | None = None,
 ) -> Erased:
     """Delete the affiliate's settled deliveries (with their attempts and actions) and its
@@ -199,8 +199,8 @@ async def erase(
         erased.test_fires += gone
         return gone > 0
 
-    await prune.in_batches(deliveries, pause=pause, progress=shown)
-    await prune.in_batches(test_fires, pause=pause, progress=shown)
+    await prune.in_batches(deliveries, rest=rest, progress=shown)
+    await prune.in_batches(test_fires, rest=rest, progress=shown)
     erased.kept_open = await db.fetchval(
         """
         WITH kept AS (

@@ -503,7 +503,7 @@ async def db_prune(args: argparse.Namespace, settings: Settings) -> int:
     db = await database.create_pool(_database_url(settings), 1)
     try:
         # Counted first: the dry run's answer, and the real run's progress bar's total.
-        planned = await prune.prune(db, retention, dry_run=True, pause=0)
+        planned = await prune.prune(db, retention, dry_run=True, rest=0)
         if args.dry_run:
             print(console.pruned_text(retention, planned, dry_run=True))
             return 0
