@@ -174,7 +174,10 @@ def settings(database_url: str, redis_url: str, queue_name: str) -> Settings:
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the run's database, emptied before each test."""
     conn = await database.connect(database_url)
-    await conn.execute("TRUNCATE callbacks, deliveries, attempts, actions, test_fires")
+    await conn.execute(
+        "TRUNCATE callbacks, callback_health, deliveries, attempts, actions, test_fires,"
+        " notifications"
+    )
     yield conn
     try:
         # Before the next test's TRUNCATE: these must never appear in anything logged.

@@ -1,0 +1,172 @@
+"""Accepted means recorded: an event that ingest (or a durable producer) accepted is in the
+ledger, `accepted`, before anyone is told so; a worker's take makes it the delivery it would
+have made, and the sweep queues it again if Redis loses its job.
+
+Real Redis and Postgres; a test that empties Redis does it on a Redis of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from producer import Producer
+from producer.event import Event, parse_event
+from producer.record import delivery_id, record, stamped
+from tests.support.events import event_data, save_callback
+from tests.support.receivers import Receiver
+from tests.support.wait import until
+from tests.support.workers import drain, running_worker
+from worker import database, ledger
+from worker.config import Settings
+from worker.sweep import sweep
+
+
+def _stamped(data: dict[str, object]) -> Event:
+    return stamped(parse_event(data), _now())
+
+
+def _order(number: str) -> dict[str, str]:
+    """Another order: its deliveries wait for none of order #1001's."""
+    return {"number": number, "amount": "10.50", "commission": "1.05"}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    assert settings.database_url is not None
+    pool = await database.create_pool(settings.database_url, 2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _row(db: asyncpg.Connection, event: Event) -> asyncpg.Record:
+    row = await db.fetchrow("SELECT * FROM deliveries WHERE id = $1", delivery_id(event))
+    assert row is not None
+    return row
+
+
+# --- the ledger ------------------------------------------------------------------------
+
+
+async def test_a_recorded_event_is_accepted_due_and_recorded_once(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    event = _stamped(event_data("rec"))
+    other = _stamped(event_data("rec-other", type="order.updated"))
+
+    assert await record(pool, [event, other]) == [True, True]
+    row = await _row(db, event)
+    assert await record(pool, [other, event]) == [False, False]  # the same ids again
+
+    assert dict(await _row(db, event)) == dict(row)  # a repeated id changes nothing
+    assert row["state"] == "accepted"
+    assert row["callback_id"] is None
+    assert row["event"] == event.to_json()
+    assert row["occurred_at"] == event.occurred_at
+    assert row["next_attempt_at"] <= await db.fetchval("SELECT now()")  # due at once
+    # The batch's order is its arrival order.
+    assert (await _row(db, other))["created_at"] > row["created_at"]
+
+
+async def test_a_take_makes_an_accepted_delivery_what_an_insert_would_have(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    recorded = _stamped(event_data("take-rec"))
+    fresh = _stamped(event_data("take-fresh", order=_order("#2")))
+    await record(pool, [recorded])
+    arrived = (await _row(db, recorded))["created_at"]
+
+    taken = await ledger.take(db, delivery_id(recorded), recorded, 7, "job-1", 60)
+    as_new = await ledger.take(db, delivery_id(fresh), fresh, 7, "job-2", 60)
+
+    # The same answer as for a delivery the take created, but for its own event and due time.
+    assert replace(taken, event={}, wait=0) == replace(as_new, event={}, wait=0)
+    assert taken.event == recorded.to_json()
+    assert (taken.action, taken.inserted, taken.state) == ("claimed", True, "pending")
+    row = await _row(db, recorded)
+    assert (row["state"], row["callback_id"], row["claimed_by"]) == ("pending", 7, "job-1")
+    assert row["created_at"] == arrived  # its arrival is when it was accepted
+
+
+async def test_a_take_of_another_event_under_a_recorded_id_sends_the_recorded_one(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    first = _stamped(event_data("first-wins"))
+    second = parse_event({**first.to_json(), "order": {**first.to_json()["order"], "amount": "99"}})
+    await record(pool, [first])
+
+    taken = await ledger.take(db, delivery_id(second), second, 7, "job-1", 60)
+
+    # Not the caller's event: the worker reads the recorded one back (worker/job.py).
+    assert (taken.action, taken.inserted, taken.event) == ("claimed", False, first.to_json())
+
+
+async def test_an_accepted_create_goes_before_an_update_taken_ahead_of_it(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    create = _stamped(event_data("order-create"))
+    update = _stamped(event_data("order-update", type="order.updated"))
+    await record(pool, [create, update])
+
+    taken = await ledger.take(db, delivery_id(update), update, 8, "job-u", 60)
+
+    assert taken.action == "blocked"
+    assert taken.blocker is not None
+    assert (taken.blocker.id, taken.blocker.event_id) == (delivery_id(create), create.id)
+
+
+# --- the sweep -------------------------------------------------------------------------
+
+
+async def test_the_sweep_queues_accepted_events_whose_job_redis_never_had(
+    db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    private_redis: str,
+    receiver: Receiver,
+) -> None:
+    own = settings.model_copy(update={"redis_url": private_redis})
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb?e={{event.id}}")
+    await save_callback(db, "ann", "order.updated", "GET", receiver.url + "/up?e={{event.id}}")
+    create = _stamped(event_data("swept-create"))
+    update = _stamped(event_data("swept-update", type="order.updated"))
+    # The update comes first in the ledger's order of ids half the time: the sweep's order.
+    await record(pool, [create, update])
+
+    async with await Producer.connect(private_redis, own.queue_name) as producer:
+        assert await sweep(pool, producer.redis, own.queue_name, own.job_timeout) == 2
+        assert await sweep(pool, producer.redis, own.queue_name, own.job_timeout) == 0
+        async with running_worker(own):
+            await until(lambda: len(receiver.requests) == 2)
+
+    assert [r.path_qs.split("?")[0] for r in receiver.requests] == ["/pb", "/up"]
+    states = await db.fetch("SELECT state FROM deliveries")
+    assert [row["state"] for row in states] == ["delivered", "delivered"]
+
+
+async def test_a_worker_taking_a_recorded_event_behaves_as_for_a_queued_one(
+    db: asyncpg.Connection, pool: asyncpg.Pool, settings: Settings, producer: Producer
+) -> None:
+    """Its retries and its dead letter: the schedule (two quick retries) runs out."""
+    await save_callback(db, "ann", "order.created", "GET", "http://127.0.0.1:1/pb")
+    recorded = _stamped(event_data("dead-rec"))
+    queued = _stamped(event_data("dead-queued", order=_order("#2")))
+    await record(pool, [recorded])
+    assert await producer.publish_many([recorded, queued]) == [True, True]
+
+    await drain(settings)
+
+    rows = {e.id: await _row(db, e) for e in (recorded, queued)}
+    for row in rows.values():
+        assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 3, "connect_error")
+    assert rows[recorded.id]["reason"] == rows[queued.id]["reason"]
