@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -17,8 +18,11 @@ import pytest
 from producer import Producer
 from producer.event import Event, parse_event
 from producer.record import delivery_id, record, stamped
-from tests.support.events import event_data, save_callback
-from tests.support.receivers import Receiver
+from tests.support.cli import UNREACHABLE_REDIS
+from tests.support.events import event_data, events, save_callback
+from tests.support.proxy import Proxy, postgres_target, through
+from tests.support.receivers import Receiver, raw_server
+from tests.support.service import ingest, running_service, with_tokens
 from tests.support.wait import until
 from tests.support.workers import drain, running_worker
 from worker import database, ledger
@@ -170,3 +174,77 @@ async def test_a_worker_taking_a_recorded_event_behaves_as_for_a_queued_one(
     for row in rows.values():
         assert (row["state"], row["attempts"], row["error_class"]) == ("dead", 3, "connect_error")
     assert rows[recorded.id]["reason"] == rows[queued.id]["reason"]
+
+
+# --- ingest ----------------------------------------------------------------------------
+
+
+async def _keys_by_event(receiver: Receiver) -> dict[str, set[str]]:
+    """The Idempotency-Keys each event id was sent with (the callbacks put it in ?e=)."""
+    keys: dict[str, set[str]] = {}
+    for request in receiver.requests:
+        event = request.path_qs.split("e=", 1)[1]
+        keys.setdefault(event, set()).add(request.headers["Idempotency-Key"])
+    return keys
+
+
+async def _count(db: asyncpg.Connection, state: str, expected: int) -> bool:
+    count = await db.fetchval("SELECT count(*) FROM deliveries WHERE state = $1", state)
+    return bool(count == expected)
+
+
+async def test_with_postgres_down_ingest_answers_503_and_enqueues_nothing(
+    db: asyncpg.Connection, settings: Settings, producer: Producer, receiver: Receiver
+) -> None:
+    """Postgres is taken away behind a proxy; back, the same request is accepted once."""
+    assert settings.database_url is not None
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb?e={{event.id}}")
+    batch = events("pg-down", 3)
+    proxy = Proxy(postgres_target(settings.database_url))
+    async with raw_server(proxy.handle) as base:
+        port = int(base.rsplit(":", 1)[1])
+        behind = settings.model_copy(update={"database_url": through(settings.database_url, port)})
+        async with running_service(with_tokens(behind)) as api:
+            proxy.cut()
+            status, body = await ingest(api, batch)
+            assert status == 503
+            assert body["error"] == (
+                "Postgres is unreachable: nothing was recorded or enqueued; send the same "
+                "request again (safe: event ids are idempotent)"
+            )
+            assert await producer.redis.zcard(producer.queue_name) == 0
+            assert await db.fetchval("SELECT count(*) FROM deliveries") == 0
+
+            proxy.mend()
+            first = await ingest(api, batch)
+            again = await ingest(api, batch)
+
+    assert first == (202, {"accepted": ids(batch), "already_queued": [], "queued": True})
+    assert again == (202, {"accepted": ids(batch), "already_queued": ids(batch), "queued": True})
+    assert await producer.redis.zcard(producer.queue_name) == 3
+    assert await _count(db, "accepted", 3)
+    await drain(settings)
+    assert sorted(await _keys_by_event(receiver)) == sorted(ids(batch))
+    assert len(receiver.requests) == 3
+
+
+def ids(batch: list[dict[str, Any]]) -> list[str]:
+    return [str(data["id"]) for data in batch]
+
+
+async def test_with_redis_down_ingest_records_and_the_sweep_delivers_once_redis_is_back(
+    db: asyncpg.Connection, settings: Settings, private_redis: str, receiver: Receiver
+) -> None:
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb?e={{event.id}}")
+    batch = events("redis-down", 5)
+    gone = settings.model_copy(update={"redis_url": UNREACHABLE_REDIS})
+    async with running_service(with_tokens(gone)) as api:
+        status, body = await ingest(api, batch)
+
+    assert (status, body) == (202, {"accepted": ids(batch), "already_queued": [], "queued": False})
+    assert await _count(db, "accepted", 5)
+    back = settings.model_copy(update={"redis_url": private_redis})
+    async with running_worker(back):  # its sweep at start-up queues them
+        await until(lambda: _count(db, "delivered", 5))
+    assert sorted(await _keys_by_event(receiver)) == sorted(ids(batch))
+    assert len(receiver.requests) == 5
