@@ -22,7 +22,7 @@ from tests.support.cli import UNREACHABLE_REDIS
 from tests.support.events import event_data, events, save_callback
 from tests.support.proxy import Proxy, postgres_target, through
 from tests.support.receivers import Receiver, raw_server
-from tests.support.service import ingest, running_service, with_tokens
+from tests.support.service import Api, ingest, running_service, with_tokens
 from tests.support.wait import until
 from tests.support.workers import drain, running_worker
 from worker import database, ledger
@@ -188,6 +188,37 @@ async def _keys_by_event(receiver: Receiver) -> dict[str, set[str]]:
     return keys
 
 
+async def test_2000_events_accepted_while_no_worker_runs_survive_a_flushall(
+    db: asyncpg.Connection, settings: Settings, private_redis: str, receiver: Receiver
+) -> None:
+    """1,000 over HTTP (batches of 100) and 1,000 through a durable producer; Redis loses
+    every job; a worker starts: each event delivered once, with one key."""
+    own = settings.model_copy(update={"redis_url": private_redis})
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb?e={{event.id}}")
+    over_http = events("http", 1000)
+    durable = events("durable", 1000)
+    assert settings.database_url is not None
+    async with running_service(with_tokens(own)) as api:
+        for start in range(0, 1000, 100):
+            status, body = await ingest(api, over_http[start : start + 100])
+            assert (status, body["queued"]) == (202, True)
+    async with await Producer.connect(
+        private_redis, own.queue_name, database_url=settings.database_url
+    ) as producer:
+        assert await producer.publish_many(durable) == [True] * 1000
+        assert await producer.redis.zcard(own.queue_name) == 2000
+        await producer.redis.flushall()
+
+    async with running_worker(own):  # it sweeps as it starts
+        await until(lambda: len(receiver.requests) >= 2000, within=120)
+        await until(lambda: _count(db, "delivered", 2000))
+
+    keys = await _keys_by_event(receiver)
+    assert sorted(keys) == sorted(e["id"] for e in over_http + durable)
+    assert all(len(k) == 1 for k in keys.values())  # none twice with different keys
+    assert len(receiver.requests) == 2000
+
+
 async def _count(db: asyncpg.Connection, state: str, expected: int) -> bool:
     count = await db.fetchval("SELECT count(*) FROM deliveries WHERE state = $1", state)
     return bool(count == expected)
@@ -248,3 +279,23 @@ async def test_with_redis_down_ingest_records_and_the_sweep_delivers_once_redis_
         await until(lambda: _count(db, "delivered", 5))
     assert sorted(await _keys_by_event(receiver)) == sorted(ids(batch))
     assert len(receiver.requests) == 5
+
+
+async def test_an_event_id_sent_twice_over_http_and_once_durably_is_one_delivery(
+    db: asyncpg.Connection, api: Api, settings: Settings, receiver: Receiver
+) -> None:
+    await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb?e={{event.id}}")
+    data = event_data("thrice")
+    assert (await ingest(api, data))[0] == 202
+    await drain(settings)
+    assert (await ingest(api, data))[0] == 202  # after it was delivered
+    assert settings.redis_url is not None
+    async with await Producer.connect(
+        settings.redis_url, settings.queue_name, database_url=settings.database_url
+    ) as durable:
+        done = await durable.accept_many([data])
+    assert done.recorded == [False]  # the ledger has it: nothing more is sent
+    await drain(settings)
+
+    assert len(receiver.requests) == 1
+    assert await _count(db, "delivered", 1)
