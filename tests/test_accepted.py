@@ -299,3 +299,16 @@ async def test_an_event_id_sent_twice_over_http_and_once_durably_is_one_delivery
 
     assert len(receiver.requests) == 1
     assert await _count(db, "delivered", 1)
+
+
+async def test_the_ops_api_lists_accepted_deliveries_by_their_state(api: Api) -> None:
+    batch = events("listed", 2)
+    assert (await ingest(api, batch))[0] == 202
+
+    status, page = await api.call("GET", "/v1/deliveries", params={"state": "accepted"})
+
+    assert status == 200
+    assert sorted(item["event_id"] for item in page["items"]) == sorted(ids(batch))
+    assert {item["state"] for item in page["items"]} == {"accepted"}
+    status, detail = await api.call("GET", f"/v1/deliveries/{page['items'][0]['id']}")
+    assert (status, detail["state"], detail["attempts"]) == (200, "accepted", [])

@@ -1064,7 +1064,7 @@ async def test_dlq_list_shows_a_table_and_json(
     lines = succeeded(postback("dlq", "list")).splitlines()
     assert lines[0].split() == [
         "ID",
-        "TAKEN",
+        "ARRIVED",
         "(UTC)",
         "AFFILIATE",
         "EVENT",
@@ -1708,6 +1708,13 @@ async def test_send_records_the_events_in_the_ledger_before_it_queues_them(
     # Stamped with the time it was accepted, in the ledger as in its job.
     assert all("occurred_at" in row["event"] for row in rows)
     assert await queued(producer) == {data["id"] for data in sent}
+    # Listed, and found by their state, before any worker took them.
+    listed = json.loads(succeeded(postback("deliveries", "list", "--state", "accepted", "--json")))
+    assert sorted(item["event_id"] for item in listed["items"]) == sorted(d["id"] for d in sent)
+    lines = succeeded(postback("deliveries", "list", "--state", "accepted")).splitlines()
+    assert lines[0].split()[:3] == ["ID", "ARRIVED", "(UTC)"]  # accepted, not taken yet
+    assert len(lines) == 3
+    assert all(" accepted " in line for line in lines[1:])
 
 
 @pytest.fixture
