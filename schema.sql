@@ -11,7 +11,7 @@ CREATE TABLE schema_version (
     version integer NOT NULL,
     one_row boolean PRIMARY KEY DEFAULT true CHECK (one_row)  -- so never a second row
 );
-INSERT INTO schema_version (version) VALUES (13);  -- the number of the last upgrade step
+INSERT INTO schema_version (version) VALUES (14);  -- the number of the last upgrade step
 
 CREATE TABLE callbacks (
     id            bigserial PRIMARY KEY,
@@ -34,11 +34,13 @@ CREATE TABLE callbacks (
 -- event type, so a repeated event id never creates a second delivery, and the receiver sees
 -- the same Idempotency-Key on every try.
 --
--- States: pending (not tried yet), retrying (tried, another try is due at next_attempt_at),
--- delivered, dead (dead-lettered: a permanent failure or the schedule ran out), skipped (no
--- enabled callback when the event came), discarded (a dead letter ops chose to drop, with a
--- note in actions). Only pending and retrying change again, and a replay reopens a dead or
--- discarded one.
+-- States: accepted (recorded by ingest or a durable producer, not taken by a worker yet: due
+-- at once, so the sweep queues it again if Redis loses its job), pending (taken, not tried
+-- yet), retrying (tried, another try is due at next_attempt_at), delivered, dead
+-- (dead-lettered: a permanent failure or the schedule ran out), skipped (no enabled callback
+-- when the event came), discarded (a dead letter ops chose to drop, with a note in actions).
+-- Only accepted, pending and retrying change again, and a replay reopens a dead or discarded
+-- one.
 CREATE TABLE deliveries (
     id              uuid        PRIMARY KEY,
     event_id        text        NOT NULL,
@@ -69,7 +71,8 @@ CREATE TABLE deliveries (
     created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT deliveries_state_check
-        CHECK (state IN ('pending', 'retrying', 'delivered', 'dead', 'skipped', 'discarded'))
+        CHECK (state IN ('accepted', 'pending', 'retrying', 'delivered', 'dead', 'skipped',
+                         'discarded'))
 );
 
 CREATE INDEX deliveries_affiliate_created ON deliveries (affiliate_id, created_at);
@@ -83,11 +86,12 @@ CREATE INDEX deliveries_state ON deliveries (state, created_at, id) WHERE state 
 -- The error class is set on the few deliveries that failed (dead, discarded, retrying).
 CREATE INDEX deliveries_error_class ON deliveries (error_class, created_at, id)
     WHERE error_class IS NOT NULL;
--- What the sweep and the per-order ordering look at: the few deliveries still open.
+-- What the sweep and the per-order ordering look at: the few deliveries still open, those
+-- accepted and not taken yet among them.
 CREATE INDEX deliveries_open_due ON deliveries (next_attempt_at)
-    WHERE state IN ('pending', 'retrying');
+    WHERE state IN ('accepted', 'pending', 'retrying');
 CREATE INDEX deliveries_open_order ON deliveries (affiliate_id, order_number)
-    WHERE state IN ('pending', 'retrying');
+    WHERE state IN ('accepted', 'pending', 'retrying');
 CREATE INDEX deliveries_blocked_by ON deliveries (blocked_by)
     WHERE blocked_by IS NOT NULL;
 
@@ -368,21 +372,47 @@ RETURNS text[] LANGUAGE sql STABLE AS $$
     WHERE blocked_by = p_id AND state IN ('pending', 'retrying')
 $$;
 
+-- Events recorded before they are queued (ingest, a durable producer), one statement for a
+-- batch: element k of each array is the k-th event, with the delivery id its worker will
+-- derive. Each becomes a delivery `accepted` and due now, with no callback yet; an id the
+-- ledger has already changes nothing. Returns the ids recorded by this call. The rows are
+-- written in the order of their ids, so two batches with ids in common lock them in one
+-- order and never wait for each other in a circle; their arrival (created_at) is still
+-- the batch's order, a microsecond apart.
+CREATE FUNCTION postback_accept(
+    p_id uuid[], p_event_id text[], p_event_type text[], p_affiliate_id text[],
+    p_order_number text[], p_occurred_at timestamptz[], p_event jsonb[])
+RETURNS SETOF uuid LANGUAGE sql AS $$
+    INSERT INTO deliveries (id, event_id, event_type, affiliate_id, order_number,
+                            occurred_at, event, state, next_attempt_at, created_at)
+    SELECT t.id, t.event_id, t.event_type, t.affiliate_id, t.order_number, t.occurred_at,
+           t.event, 'accepted', now(), s.at + make_interval(secs => (t.k - 1) / 1e6)
+    FROM unnest(p_id, p_event_id, p_event_type, p_affiliate_id, p_order_number,
+                p_occurred_at, p_event) WITH ORDINALITY
+             AS t(id, event_id, event_type, affiliate_id, order_number, occurred_at, event, k),
+         (SELECT clock_timestamp() AS at) AS s
+    ORDER BY t.id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+$$;
+
 -- A job's first step, under the order's lock: create the delivery `pending` and due now, or
 -- find it (the first recording wins: a repeated event id never changes what is sent), then
--- decide. `action` says what was done:
+-- decide. A delivery found `accepted` is made `pending` as if this call had created it.
+-- `action` says what was done:
 --   settled    it is final already (a repeated event): nothing to do;
 --   early      its next try is not due yet (the job was run early);
 --   elsewhere  another job claimed it less than `p_claim_timeout` seconds ago;
 --   closed     `p_close_reason` was given: settled `skipped` if never tried (or `dead` if
 --              tried, or if `p_close_dead`), with `woken` the deliveries that waited for it;
---   blocked    an earlier open delivery of the same order goes first: `blocker_*` (with
---              `blocker_wait`, the seconds until that one is due), and `blocked_by` is
---              the one it waited for before this call;
+--   blocked    an earlier open delivery of the same order goes first, one accepted and not
+--              taken yet included (after Redis lost its jobs the sweep queues them in no
+--              order of theirs): `blocker_*` (with `blocker_wait`, the seconds until that
+--              one is due), and `blocked_by` is the one it waited for before this call;
 --   awaiting   `p_create_wait` was given (an update whose affiliate has an order.created
 --              callback) and the ledger has no create of its order yet: it waits until
---              `p_create_wait` seconds after the first of its order's deliveries was taken
---              (`create_wait_until`; `wait` is the seconds left). A create that arrives meanwhile makes it wait for that
+--              `p_create_wait` seconds after the first of its order's deliveries reached
+--              the relay (accepted, or taken if not recorded before) (`create_wait_until`; `wait` is the seconds left). A create that arrives meanwhile makes it wait for that
 --              create instead (`blocked_by`), which wakes it when it settles;
 --   deferred   it could go, but `p_defer` was given (its destination is busy or down):
 --              due again in `p_defer` seconds, waiting for no earlier delivery;
@@ -408,6 +438,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     d deliveries;
+    fresh boolean;
     has_create boolean;
     first_taken timestamptz;
     wait_until timestamptz;
@@ -421,10 +452,26 @@ BEGIN
     ON CONFLICT (id) DO NOTHING
     RETURNING * INTO d;
     inserted := FOUND;
+    fresh := inserted;
     IF NOT inserted THEN
         -- A concurrent insert of the same row made the INSERT wait for it; this finds it.
         SELECT * INTO STRICT d FROM deliveries WHERE id = p_id FOR UPDATE;
-    ELSIF p_event_type = 'order.created' THEN
+        IF d.state = 'accepted' THEN
+            -- Recorded when it was accepted, taken now: it becomes the delivery the insert
+            -- would have made, keeping its arrival (created_at, which orders it) and the
+            -- event as first recorded. `inserted` says that event is the caller's, as for
+            -- an insert; when it is not, the caller sends the recorded one.
+            UPDATE deliveries
+            SET state = 'pending', callback_id = p_callback_id,
+                next_attempt_at = greatest(now(), p_due_at),
+                reason = CASE WHEN p_due_at > now() THEN p_due_reason END, updated_at = now()
+            WHERE id = p_id
+            RETURNING * INTO d;
+            inserted := d.event = p_event;
+            fresh := true;
+        END IF;
+    END IF;
+    IF fresh AND p_event_type = 'order.created' THEN
         -- The create that updates of its order were waiting for: now they wait for it, and
         -- it wakes them when it settles.
         UPDATE deliveries u SET blocked_by = p_id, create_wait_until = NULL
@@ -463,7 +510,7 @@ BEGIN
         INTO blocker_id, blocker_event_id, blocker_wait
         FROM deliveries p
         WHERE p.affiliate_id = d.affiliate_id AND p.order_number = d.order_number
-          AND p.state IN ('pending', 'retrying')
+          AND p.state IN ('accepted', 'pending', 'retrying')
           AND p.id <> d.id
           AND ((p.event_type <> 'order.created')::int, p.occurred_at, p.created_at, p.id)
             < ((d.event_type <> 'order.created')::int, d.occurred_at, d.created_at, d.id)
@@ -477,8 +524,8 @@ BEGIN
         END IF;
         IF p_create_wait IS NOT NULL AND d.event_type = 'order.updated'
            AND d.order_note IS NULL THEN
-            -- The wait is counted from the first of the order's deliveries the relay took,
-            -- so a later update does not make the order wait all over again.
+            -- The wait is counted from the first of the order's deliveries to reach the
+            -- relay, so a later update does not make the order wait all over again.
             SELECT bool_or(c.event_type = 'order.created'), min(c.created_at)
             INTO has_create, first_taken
             FROM deliveries c

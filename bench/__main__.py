@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         "--events",
         type=int,
         help="the scenario's main count: throughput 20000 per run, latency rate x seconds per "
-        "run, isolation 5000 healthy, memory 100000 queued, scale 10000 per worker, ledger 5000000 "
-        "deliveries, prune 1000000 settled deliveries pruned",
+        "run, isolation 5000 healthy, memory 100000 queued, scale 10000 per worker, ingest 20000 "
+        "per run in batches, ledger 5000000 deliveries, prune 1000000 settled deliveries pruned",
     )
     parser.add_argument("--rate", type=float, default=300.0, help="latency: events/s (300)")
     parser.add_argument(

@@ -50,7 +50,10 @@ async def drop_database(config: BenchConfig) -> None:
 
 async def empty_ledger(conn: asyncpg.Connection) -> None:
     """Each scenario starts on empty tables, so one's rows never slow or skew the next."""
-    await conn.execute("TRUNCATE callbacks, deliveries, attempts, actions, test_fires")
+    await conn.execute(
+        "TRUNCATE callbacks, callback_health, deliveries, attempts, actions, test_fires,"
+        " notifications"
+    )
 
 
 def template(base_url: str, affiliate: str) -> str:

@@ -1093,7 +1093,7 @@ async def test_dlq_list_shows_a_table_and_json(
     lines = succeeded(postback("dlq", "list")).splitlines()
     assert lines[0].split() == [
         "ID",
-        "TAKEN",
+        "ARRIVED",
         "(UTC)",
         "AFFILIATE",
         "EVENT",
@@ -1714,8 +1714,36 @@ async def test_send_without_the_database_enqueues_all_the_same(
     )  # fmt: skip
 
     assert succeeded(result) == "enqueued 1 event\n"
-    assert result.stderr.startswith("postback: warning: not checked for events already settled: ")
+    assert result.stderr.startswith(
+        "postback: warning: not checked for events already settled, nor recorded in the "
+        "ledger before they are queued: "
+    )
     assert await queued(producer) == {data["id"]}
+
+
+async def test_send_records_the_events_in_the_ledger_before_it_queues_them(
+    db: asyncpg.Connection, producer: Producer, postback: Postback
+) -> None:
+    sent = [event_data("send-durable-1"), event_data("send-durable-2")]
+
+    assert succeeded(postback("send", "--file", "-", stdin=json_lines(*sent))) == (
+        "enqueued 2 events\n"
+    )
+
+    rows = await db.fetch("SELECT event_id, state, event FROM deliveries ORDER BY created_at")
+    assert [(row["event_id"], row["state"]) for row in rows] == [
+        (data["id"], "accepted") for data in sent
+    ]
+    # Stamped with the time it was accepted, in the ledger as in its job.
+    assert all("occurred_at" in row["event"] for row in rows)
+    assert await queued(producer) == {data["id"] for data in sent}
+    # Listed, and found by their state, before any worker took them.
+    listed = json.loads(succeeded(postback("deliveries", "list", "--state", "accepted", "--json")))
+    assert sorted(item["event_id"] for item in listed["items"]) == sorted(d["id"] for d in sent)
+    lines = succeeded(postback("deliveries", "list", "--state", "accepted")).splitlines()
+    assert lines[0].split()[:3] == ["ID", "ARRIVED", "(UTC)"]  # accepted, not taken yet
+    assert len(lines) == 3
+    assert all(" accepted " in line for line in lines[1:])
 
 
 @pytest.fixture

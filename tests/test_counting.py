@@ -11,9 +11,8 @@ import inspect
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, MutableMapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -27,6 +26,7 @@ from producer import Producer
 from producer.connection import open_redis
 from producer.queue import metrics_keys
 from tests.support.events import events, publish, save_callback
+from tests.support.proxy import Proxy
 from tests.support.receivers import Receiver, raw_server
 from tests.support.wait import until
 from tests.support.workers import running_worker, worker_process, worker_settings
@@ -251,57 +251,10 @@ async def test_a_worker_stopped_by_sigterm_writes_what_its_last_deliveries_count
 # --- Redis away while flushing -----------------------------------------------------------
 
 
-@dataclass
-class RedisProxy:
-    """A TCP proxy to the test run's Redis whose link can be cut (connections through it
-    closed, new ones closed at once) or made silent (nothing passes, nothing is closed)."""
-
-    target: dict[str, Any]
-    url: str = ""
-    mode: Literal["up", "down", "silent"] = "up"
-    links: list[asyncio.StreamWriter] = field(default_factory=list)
-
-    def cut(self) -> None:
-        self.mode = "down"
-        for writer in self.links:
-            writer.transport.abort()
-        self.links.clear()
-
-    def go_silent(self) -> None:
-        self.mode = "silent"
-
-    def mend(self) -> None:
-        self.mode = "up"
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.mode == "down":
-            return  # raw_server closes it
-        if "path" in self.target:
-            upstream = asyncio.open_unix_connection(self.target["path"])
-        else:
-            upstream = asyncio.open_connection(
-                self.target.get("host", "127.0.0.1"), self.target.get("port", 6379)
-            )
-        upstream_reader, upstream_writer = await upstream
-        self.links += [writer, upstream_writer]
-
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                if self.mode == "up":
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        try:
-            await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
-        finally:
-            upstream_writer.close()
-
-
 @contextlib.asynccontextmanager
-async def redis_proxy(redis_url: str) -> AsyncIterator[RedisProxy]:
-    target: dict[str, Any] = dict(parse_url(redis_url))
-    proxy = RedisProxy(target)
+async def redis_proxy(redis_url: str) -> AsyncIterator[Proxy]:
+    target: dict[str, Any] = {"port": 6379, **parse_url(redis_url)}
+    proxy = Proxy(target)
     async with raw_server(proxy.handle) as base:
         proxy.url = f"redis://{base.removeprefix('http://')}/{target.get('db', 0)}"
         yield proxy
@@ -309,7 +262,7 @@ async def redis_proxy(redis_url: str) -> AsyncIterator[RedisProxy]:
 
 @contextlib.asynccontextmanager
 async def flushing(
-    settings: Settings, proxy: RedisProxy, **timing: float
+    settings: Settings, proxy: Proxy, **timing: float
 ) -> AsyncIterator[tuple[Tally, Flusher]]:
     """A tally and its flusher writing through `proxy` on a client opened as the worker's
     is (no read timeout of its own); the flusher closed after the block."""

@@ -11,7 +11,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import pytest
 import redis.asyncio
 
 from ops.actions import erase
-from producer import Producer
+from producer import Producer, record
+from producer.event import parse_event
 from tests.support.cli import POSTBACK, Postback, postback_env, refusal, succeeded
 from tests.support.demo import read_until
 from tests.support.events import event_data, save_callback
@@ -203,6 +204,20 @@ async def test_an_erase_takes_the_affiliates_settled_rows_and_nothing_else(
         assert gone not in everything
     shows_none_of(json.dumps(record, default=str), ann)
     assert bob.event_ids["delivered"] in everything
+
+
+async def test_an_event_accepted_and_not_yet_taken_is_kept(db: asyncpg.Connection) -> None:
+    await fill(db, "ann")
+    accepted = parse_event(event_data("ann-accepted", affiliate_id="ann"))
+    assert await record.record(db, [record.stamped(accepted, datetime.now(UTC))]) == [True]
+
+    erased = await erase.erase(db, "ann", "ops", rest=0)
+
+    assert erased.kept_open == 3  # pending, retrying and the accepted one
+    assert (
+        await db.fetchval("SELECT state FROM deliveries WHERE event_id = $1", accepted.id)
+        == "accepted"
+    )
 
 
 async def test_a_dry_run_changes_nothing_and_counts_what_the_erase_then_takes(

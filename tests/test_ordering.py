@@ -27,6 +27,7 @@ from ops.cli.demo import serve
 from producer import Producer, parse_event
 from tests.support.events import event_data, save_callback
 from tests.support.servers import with_options
+from tests.support.service import Api, ingest
 from tests.support.wait import until
 from tests.support.workers import running_worker, worker_process, worker_settings
 from worker.cache import LISTENER_NAME
@@ -118,6 +119,31 @@ async def test_random_publish_by_4_producers_and_2_workers_sends_no_update_befor
     assert len(arrivals.seen) == len(events)  # each sent once
     assert await _states(db) == {"delivered": len(events)}
     assert waited == 0  # every create came within the wait: none went without one
+
+
+async def test_shuffled_batches_over_http_send_no_update_before_its_create(
+    db: asyncpg.Connection, api: Api, settings: Settings
+) -> None:
+    """Ingest records each batch before it queues it; the workers take the recorded events
+    exactly as they take queued ones, and an update recorded after its create never goes
+    first, whichever job runs first."""
+    orders = 50
+    rng = random.Random(21)
+    start = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+    events = [e for n in range(orders) for e in _order_events(n, start)]
+    rng.shuffle(events)
+    arrivals = Arrivals()
+    async with serve(arrivals.handle) as url:
+        await _callbacks(db, url)
+        async with running_worker(settings), running_worker(settings):
+            for at in range(0, len(events), 20):
+                assert (await ingest(api, events[at : at + 20]))[0] == 202
+            await until(lambda: len(arrivals.seen) >= len(events), within=120)
+
+    early = [f"#{n}" for n in range(orders) if arrivals.types(f"#{n}")[0] != "order.created"]
+    assert early == []
+    assert len(arrivals.seen) == len(events)  # each sent once
+    assert await _states(db) == {"delivered": len(events)}
 
 
 async def test_an_update_whose_create_never_comes_goes_after_the_wait_and_says_so(

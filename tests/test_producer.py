@@ -15,9 +15,11 @@ import redis.asyncio
 import structlog.testing
 
 from producer import InvalidEvent, Producer, loads_event, order_created, order_updated, parse_event
+from producer.publish import NotDurable
 from producer.queue import DEFAULT_QUEUE, JOB_EXPIRES, JOB_NAME, job_id, job_key
 from tests.support.events import event_data, save_callback
-from tests.support.receivers import Receiver
+from tests.support.proxy import Proxy, postgres_target, through
+from tests.support.receivers import Receiver, raw_server
 from tests.support.workers import drain
 from worker.config import Settings
 
@@ -151,6 +153,54 @@ async def test_publish_writes_a_json_job_once_per_event_id(
     assert sent["order"]["amount"] == "10.50"
     assert "occurred_at" not in sent  # the worker takes arq's enqueue time, for any producer
     assert queued.count(job_id(data["id"]).encode()) == 1
+
+
+async def test_a_durable_producer_records_each_event_before_it_queues_it(
+    db: asyncpg.Connection, producer: Producer, settings: Settings
+) -> None:
+    data = event_data("durable")
+    assert settings.redis_url is not None
+    async with await Producer.connect(
+        settings.redis_url, settings.queue_name, database_url=settings.database_url
+    ) as durable:
+        assert durable.durable
+        assert await durable.publish(data) is True
+        assert await durable.publish(data) is False  # same id: recorded once, queued once
+
+    row = await db.fetchrow("SELECT state, event FROM deliveries WHERE event_id = $1", data["id"])
+    assert row is not None
+    raw = await producer.redis.get(job_key(job_id(data["id"])))
+    assert raw is not None
+    [sent] = json.loads(raw)["a"]
+    # The ledger's row and the job carry the same event, stamped with when it was accepted.
+    assert (row["state"], row["event"]) == ("accepted", sent)
+    assert "occurred_at" in sent
+
+
+async def test_a_durable_producer_with_postgres_away_raises_and_queues_nothing(
+    producer: Producer, settings: Settings, database_url: str
+) -> None:
+    """Away after it connected: a proxy between it and Postgres is cut."""
+    proxy = Proxy(postgres_target(database_url))
+    data = event_data("durable-away")
+    assert settings.redis_url is not None
+    async with raw_server(proxy.handle) as base:
+        port = int(base.rsplit(":", 1)[1])
+        async with await Producer.connect(
+            settings.redis_url, settings.queue_name, database_url=through(database_url, port)
+        ) as durable:
+            proxy.cut()
+            with pytest.raises((OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
+                await durable.publish(data)
+            assert await producer.redis.exists(job_key(job_id(data["id"]))) == 0
+            proxy.mend()
+            assert await durable.publish(data) is True  # back: the same event goes in once
+
+
+async def test_a_redis_only_producer_cannot_say_what_it_recorded(producer: Producer) -> None:
+    assert not producer.durable
+    with pytest.raises(NotDurable, match="connect with database_url"):
+        await producer.accept_many([event_data("not-durable")])
 
 
 @pytest.mark.unit

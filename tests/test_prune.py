@@ -176,6 +176,7 @@ async def test_each_kind_goes_at_its_own_age_and_open_deliveries_never(
         await add(db, "late", "dead", 31 * DAY),  # settled 31 days ago: a dead letter still
         # taken long ago, but discarded (settled) only 10 days ago
         await add(db, "long", "discarded", 200 * DAY, settled_ago=10 * DAY),
+        await add(db, "ancient", "accepted", 400 * DAY, tries=0),  # never taken
         await add(db, "ancient", "pending", 400 * DAY, tries=0),
         await add(db, "ancient", "retrying", 400 * DAY, tries=5),
     ]

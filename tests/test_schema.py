@@ -18,7 +18,15 @@ from tests.support.servers import RUN, scratch_database
 from worker import database, ledger, schema
 from worker.schema import CURRENT, SchemaTooNew, Upgraded
 
-CURRENT_STATES = ("pending", "retrying", "delivered", "dead", "skipped", "discarded")
+CURRENT_STATES = (
+    "accepted",
+    "pending",
+    "retrying",
+    "delivered",
+    "dead",
+    "skipped",
+    "discarded",
+)
 VERSION_2_DELIVERY_COLUMNS = {
     "occurred_at": "timestamp with time zone",
     "error_class": "text",

@@ -16,6 +16,7 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from producer.event import Event
+from producer.record import delivery_id as delivery_id  # its one home: ingest records by it
 from worker import address, render, sign
 from worker.exchange import ErrorClass, Outcome, Request
 
@@ -31,13 +32,6 @@ receiver restarting, and the schedule's first wait (a minute) would be for nothi
 _UNUSABLE_URL = (aiohttp.InvalidURL, aiohttp.RedirectClientError, aiohttp.NonHttpUrlClientError)
 """A URL aiohttp will not request: malformed, or not http(s), from the template or a
 redirect's Location."""
-
-_DELIVERY_NAMESPACE = uuid.UUID("5d0b5c6e-7c1a-4f4e-9a55-0f6a2b8d4e21")
-
-
-def delivery_id(event: Event) -> uuid.UUID:
-    """Stable for the event and its callback key, so every try carries the same id."""
-    return uuid.uuid5(_DELIVERY_NAMESPACE, f"{event.id}\n{event.affiliate_id}\n{event.type}")
 
 
 def build_request(

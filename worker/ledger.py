@@ -24,10 +24,19 @@ from worker.exchange import Outcome, Request
 from worker.group import Group
 from worker.retry import Verdict
 
-State = Literal["pending", "retrying", "delivered", "dead", "skipped", "discarded"]
-STATES: tuple[State, ...] = ("pending", "retrying", "delivered", "dead", "skipped", "discarded")
-OPEN_STATES: tuple[State, ...] = ("pending", "retrying")
-"""The states a delivery can still leave; the others are final."""
+State = Literal["accepted", "pending", "retrying", "delivered", "dead", "skipped", "discarded"]
+STATES: tuple[State, ...] = (
+    "accepted",
+    "pending",
+    "retrying",
+    "delivered",
+    "dead",
+    "skipped",
+    "discarded",
+)
+OPEN_STATES: tuple[State, ...] = ("accepted", "pending", "retrying")
+"""The states a delivery can still leave; the others are final. `accepted`: recorded when
+ingest (or a durable producer) accepted the event, not taken by a worker yet."""
 
 
 Action = Literal[
@@ -347,6 +356,8 @@ async def due_without_claim(
     pool: asyncpg.Pool, job_timeout: float, after: tuple[datetime, uuid.UUID] | None, limit: int
 ) -> list[asyncpg.Record]:
     """Open deliveries due now that no live job holds: what the sweep checks against Redis.
+    Accepted ones are due from the moment they were recorded, so an event whose job Redis
+    lost before any worker took it comes back as a taken one does.
 
     A page of `limit`, in (next_attempt_at, id) order after `after`.
     """
@@ -354,7 +365,7 @@ async def due_without_claim(
         await pool.fetch(
             """
             SELECT id, event, next_attempt_at FROM deliveries
-            WHERE state IN ('pending', 'retrying')
+            WHERE state IN ('accepted', 'pending', 'retrying')
               AND next_attempt_at <= now()
               AND (claimed_at IS NULL OR claimed_at < now() - make_interval(secs => $1))
               AND ($2::timestamptz IS NULL OR (next_attempt_at, id) > ($2, $3))

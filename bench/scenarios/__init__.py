@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from bench.context import Bench
 from bench.results import Row
-from bench.scenarios import isolation, latency, ledger, memory, prune, scale, throughput
+from bench.scenarios import ingest, isolation, latency, ledger, memory, prune, scale, throughput
 
 Scenario = Callable[[Bench], Awaitable[list[Row]]]
 
@@ -16,6 +16,7 @@ SCENARIOS: dict[str, Scenario] = {
     isolation.NAME: isolation.run,
     memory.NAME: memory.run,
     scale.NAME: scale.run,
+    ingest.NAME: ingest.run,
     ledger.NAME: ledger.run,
     prune.NAME: prune.run,
 }

@@ -9,7 +9,7 @@ Postgres holds an event: the callbacks are configuration, kept; a delivery that 
 has no job left in Redis (a job ends once its delivery settles, and the workers keep no
 results). Log lines are the log system's to keep or erase.
 
-Open deliveries (pending, retrying) are kept: each is work the relay accepted, whose job
+Open deliveries (accepted, pending, retrying) are kept: each is work the relay accepted, whose job
 is in Redis and would write the delivery again. The erase says how many it kept, to run
 again once they settle.
 
@@ -34,11 +34,9 @@ import structlog
 from producer.event import STORE_WIDE
 from worker import prune
 from worker.database import Executor
+from worker.ledger import OPEN_STATES
 
 log = structlog.get_logger("postback.ops")
-
-OPEN = ("pending", "retrying")
-"""The states an erase keeps."""
 
 
 class NotErasable(ValueError):
@@ -146,7 +144,7 @@ async def count(db: Executor, affiliate: str) -> Erased:
     """What an erase of `affiliate` would remove now, and the open deliveries it would
     keep; `NothingStored` when there is none of either."""
     check_affiliate(affiliate)
-    row = await db.fetchrow(_COUNT, affiliate, list(OPEN))
+    row = await db.fetchrow(_COUNT, affiliate, list(OPEN_STATES))
     assert row is not None  # an aggregate: one row
     found = Erased(row["deliveries"], row["attempts"], row["test_fires"], row["kept_open"])
     if not (found.rows or found.kept_open):
@@ -186,7 +184,9 @@ async def erase(
 
     async def deliveries() -> bool:
         nonlocal after
-        row = await db.fetchrow(_DELETE, affiliate, *after, batch, list(OPEN), erased.action_id)
+        row = await db.fetchrow(
+            _DELETE, affiliate, *after, batch, list(OPEN_STATES), erased.action_id
+        )
         if row is None:
             return False
         erased.deliveries += row["deliveries"]
@@ -213,7 +213,7 @@ async def erase(
         SELECT n FROM kept
         """,
         affiliate,
-        list(OPEN),
+        list(OPEN_STATES),
         erased.action_id,
     )
     log.info("affiliate_erased", affiliate_id=affiliate, actor=actor, **erased.detail())

@@ -793,38 +793,59 @@ async def send_events(args: argparse.Namespace, settings: Settings) -> int:
     events = read_events(args.file)
     done = await _settled(settings, events)
     # An event whose delivery settled would only be ignored by the worker: said, not sent.
-    to_send = [event for event in events if delivery_id(event) not in done]
+    to_send = [event for event in events if delivery_id(event) not in (done or {})]
     fresh: list[bool] = []
+    left_to_sweep = 0
     if to_send:
         assert settings.redis_url is not None
-        async with await Producer.connect(settings.redis_url, settings.queue_name) as producer:
-            fresh = await producer.publish_many(to_send)
+        # Durable when the ledger answered: the events are in it before they are queued.
+        async with await Producer.connect(
+            settings.redis_url,
+            settings.queue_name,
+            database_url=None if done is None else _database_url(settings),
+        ) as producer:
+            if producer.durable:
+                accepted = await producer.accept_many(to_send)
+                if accepted.queued is None:
+                    left_to_sweep = len(to_send)
+                fresh = accepted.queued or []
+            else:
+                fresh = await producer.publish_many(to_send)
     queued = sum(fresh)
     already = len(fresh) - queued
+    if left_to_sweep:
+        print(
+            f"recorded {left_to_sweep} event{'s' * (left_to_sweep != 1)}; Redis failed after "
+            "the record: the sweep queues them within a minute",
+            file=sys.stderr,
+        )
     print(
         f"enqueued {queued} event{'s' * (queued != 1)}"
         + (f", {already} already queued" if already else "")
         + (f", {len(events) - len(to_send)} already settled" if done else "")
     )
     for event in events:
-        found = done.get(delivery_id(event))
+        found = (done or {}).get(delivery_id(event))
         if found is not None:
             print(console.settled(event.id, found))
     return 0
 
 
-async def _settled(settings: Settings, events: list[Event]) -> dict[uuid.UUID, lookup.Settled]:
-    """The settled deliveries of `events`. The ledger only informs: when it cannot be
-    read, the events are enqueued all the same (the worker ignores a settled one)."""
+async def _settled(
+    settings: Settings, events: list[Event]
+) -> dict[uuid.UUID, lookup.Settled] | None:
+    """The settled deliveries of `events`; None when the ledger cannot be read. Then the
+    events are enqueued all the same, Redis-only (the worker ignores a settled one)."""
     try:
         async with database.connection(_database_url(settings)) as conn:
             return await lookup.settled(conn, [delivery_id(event) for event in events])
     except (database.DatabaseUnavailable, asyncpg.PostgresError) as exc:
         print(
-            f"postback: warning: not checked for events already settled: {_first_line(exc)}",
+            "postback: warning: not checked for events already settled, nor recorded in the "
+            f"ledger before they are queued: {_first_line(exc)}",
             file=sys.stderr,
         )
-        return {}
+        return None
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:

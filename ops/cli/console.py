@@ -99,7 +99,7 @@ def deliveries_table(items: Sequence[dict[str, Any]]) -> str:
     rows = [
         (
             "ID",
-            "TAKEN (UTC)",
+            "ARRIVED (UTC)",
             "AFFILIATE",
             "EVENT",
             "ORDER",

@@ -28,9 +28,8 @@ from ops.actions.filters import InputError
 from ops.service import api, ingest
 from ops.service.api import SERVICES, Services, error
 from ops.service.openapi import document
-from producer import queue
+from producer import queue, record
 from producer.connection import open_redis
-from producer.publish import Producer
 from worker import database, deliver, metrics, tracing
 from worker.config import Settings
 from worker.pool import HEALTH_CHECK_SECONDS
@@ -250,8 +249,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(500, "internal error; the service's log has the details")
 
 
+_DB_INIT = "run `postback db init`"
+
+
 async def post_events(request: web.Request) -> web.Response:
-    """Validate the whole batch, then enqueue it; 202 with the ids taken."""
+    """Validate the whole batch, record it in the ledger, then enqueue it; 202 with the ids
+    taken once they are in Postgres."""
     with tracing.ingest(request.headers) as span:
         answer = await _post_events(request, span)
         span.set("http.response.status_code", answer.status)
@@ -267,12 +270,36 @@ async def _post_events(request: web.Request, span: tracing.Span) -> web.Response
         return error(422, "refused; nothing was enqueued", errors)
     span.set("postback.batch.size", len(events))
     services = request.app[SERVICES]
-    producer = Producer(services.redis, services.settings.queue_name)
-    fresh = await producer.publish_many(events)
+    try:
+        done = await record.accept(
+            services.db, services.redis, services.settings.queue_name, events
+        )
+    except Exception as exc:
+        # Nothing is queued before the ledger has the batch: the order system sends it again.
+        if database.transient(exc) or isinstance(exc, database.DatabaseUnavailable):
+            log.warning("ingest_not_recorded", events=len(events), error=database.describe(exc))
+            return error(
+                503,
+                "Postgres is unreachable: nothing was recorded or enqueued; send the same "
+                "request again (safe: event ids are idempotent)",
+            )
+        if isinstance(exc, database.OUTDATED_SCHEMA):
+            log.error("schema_outdated", error=database.describe(exc), hint=_DB_INIT)
+            return error(
+                503,
+                f"the database's schema is older than this relay's: {_DB_INIT}; nothing was "
+                "recorded or enqueued",
+            )
+        raise
+    if done.queued is None:
+        # Recorded, so safe: the sweep queues them within a minute.
+        log.warning("ingest_left_to_sweep", events=len(events), error=done.redis_error)
+    queued = done.queued or [True] * len(events)
     return web.json_response(
         {
             "accepted": [event.id for event in events],
-            "already_queued": [e.id for e, new in zip(events, fresh, strict=True) if not new],
+            "already_queued": [e.id for e, new in zip(events, queued, strict=True) if not new],
+            "queued": done.queued is not None,
         },
         status=202,
     )

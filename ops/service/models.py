@@ -317,8 +317,17 @@ class Error(BaseModel):
 
 
 class Accepted(BaseModel):
-    accepted: list[str]
+    accepted: Annotated[
+        list[str], Field(description="ids of the events now in the relay's ledger (Postgres)")
+    ]
     already_queued: Annotated[list[str], Field(description="ids whose job was already queued")]
+    queued: Annotated[
+        bool,
+        Field(
+            description="their jobs are in Redis; false: Redis is unreachable, the events are "
+            "recorded and the sweep queues them within a minute"
+        ),
+    ]
 
 
 class SentRequest(BaseModel):

@@ -59,11 +59,14 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "post",
         "/v1/events",
-        "Enqueue one event, or a batch of them",
+        "Record one event, or a batch of them, in the ledger, then enqueue them",
         {
-            202: Reply("All enqueued.", models.Accepted),
+            202: Reply(
+                "All recorded in Postgres, and enqueued unless Redis is down.", models.Accepted
+            ),
             413: Reply(f"The body is over {MAX_BODY} bytes.", models.Error),
             422: Reply("Refused, each as {index, field, message}; nothing enqueued.", models.Error),
+            503: Reply("Postgres is unreachable; nothing recorded or enqueued.", models.Error),
         },
         auth="ingestToken",
         body=models.Events,

@@ -10,7 +10,7 @@ const state = {
 const FOLLOW_EVERY_MS = 1000;
 const FOLLOW_FOR_MS = 120000;
 // A replayed delivery is followed while it is in one of these; then it has settled.
-const OPEN_STATES = ["pending", "retrying"];
+const OPEN_STATES = ["accepted", "pending", "retrying"];
 
 function token() { return sessionStorage.getItem("postback-token") || ""; }
 function actor() { return localStorage.getItem("postback-actor") || "ops page"; }

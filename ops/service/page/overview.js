@@ -8,7 +8,7 @@
 const SVG_NS = "http://www.w3.org/2000/svg";
 const CHART = { width: 760, height: 210, left: 34, right: 6, top: 10, bottom: 24 };
 // Bottom to top in each bar; a state the API adds later goes on top.
-const STACK = ["delivered", "skipped", "pending", "retrying", "dead", "discarded"];
+const STACK = ["delivered", "skipped", "accepted", "pending", "retrying", "dead", "discarded"];
 
 // Another tab with its filters set to `filter` (and only those).
 function openList(view, filter) {
