@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from arq.connections import ArqRedis
@@ -32,7 +33,23 @@ _ACCEPT = "SELECT postback_accept($1, $2, $3, $4, $5, $6, $7::text[]::jsonb[])"
 def delivery_id(event: Event) -> uuid.UUID:
     """Stable for the event and its callback key, so every try carries the same id, and the
     row recorded at acceptance is the one the worker's take finds."""
-    return uuid.uuid5(_DELIVERY_NAMESPACE, f"{event.id}\n{event.affiliate_id}\n{event.type}")
+    return _delivery_id(event.id, event.affiliate_id, event.type)
+
+
+def refused_delivery_id(data: Any) -> uuid.UUID | None:
+    """The delivery id of event data the event model refused, when its id, affiliate and
+    type are still strings: a worker of another version than the ingest or producer that
+    accepted it may refuse it, and the row recorded then must still be settled."""
+    if not isinstance(data, dict):
+        return None
+    event_id, affiliate_id, event_type = data.get("id"), data.get("affiliate_id"), data.get("type")
+    if isinstance(event_id, str) and isinstance(affiliate_id, str) and isinstance(event_type, str):
+        return _delivery_id(event_id, affiliate_id, event_type)
+    return None
+
+
+def _delivery_id(event_id: str, affiliate_id: str, event_type: str) -> uuid.UUID:
+    return uuid.uuid5(_DELIVERY_NAMESPACE, f"{event_id}\n{affiliate_id}\n{event_type}")
 
 
 def stamped(event: Event, at: datetime) -> Event:

@@ -7,6 +7,7 @@ Real Redis and Postgres; a test that empties Redis does it on a Redis of its own
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from producer import Producer
 from producer.event import Event, parse_event
 from producer.record import delivery_id, record, stamped
 from tests.support.cli import UNREACHABLE_REDIS
-from tests.support.events import event_data, events, save_callback
+from tests.support.events import event_data, events, save_callback, write_job
 from tests.support.proxy import Proxy, postgres_target, through
 from tests.support.receivers import Receiver, raw_server
 from tests.support.service import Api, ingest, running_service, with_tokens
@@ -142,9 +143,13 @@ async def test_the_sweep_queues_accepted_events_whose_job_redis_never_had(
     own = settings.model_copy(update={"redis_url": private_redis})
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb?e={{event.id}}")
     await save_callback(db, "ann", "order.updated", "GET", receiver.url + "/up?e={{event.id}}")
-    create = _stamped(event_data("swept-create"))
-    update = _stamped(event_data("swept-update", type="order.updated"))
-    # The update comes first in the ledger's order of ids half the time: the sweep's order.
+    # The sweep queues in the ledger's order of ids: the update's first, so that the worker
+    # takes it before its create.
+    while True:
+        create = _stamped(event_data("swept-create"))
+        update = _stamped(event_data("swept-update", type="order.updated"))
+        if delivery_id(update) < delivery_id(create):
+            break
     await record(pool, [create, update])
 
     async with await Producer.connect(private_redis, own.queue_name) as producer:
@@ -156,6 +161,25 @@ async def test_the_sweep_queues_accepted_events_whose_job_redis_never_had(
     assert [r.path_qs.split("?")[0] for r in receiver.requests] == ["/pb", "/up"]
     states = await db.fetch("SELECT state FROM deliveries")
     assert [row["state"] for row in states] == ["delivered", "delivered"]
+
+
+async def test_an_accepted_event_this_worker_refuses_becomes_a_dead_letter(
+    db: asyncpg.Connection, pool: asyncpg.Pool, producer: Producer, settings: Settings
+) -> None:
+    """Recorded by an ingest or a producer of another version, refused by this worker: left
+    accepted, the sweep would queue it again every minute, for ever."""
+    good = event_data("refused-later")
+    await record(pool, [_stamped(good)])
+    bad = good | {"order": {**good["order"], "amount": "ten"}}
+    await write_job(producer.redis, producer.queue_name, bad["id"], json.dumps(bad))
+
+    await drain(settings)
+
+    row = await db.fetchrow("SELECT state, reason FROM deliveries WHERE event_id = $1", good["id"])
+    assert row is not None
+    assert row["state"] == "dead"
+    assert row["reason"].startswith("the worker refused it: invalid event: order.amount: ")
+    assert await sweep(pool, producer.redis, settings.queue_name, settings.job_timeout) == 0
 
 
 async def test_a_worker_taking_a_recorded_event_behaves_as_for_a_queued_one(

@@ -415,7 +415,7 @@ async def test_the_cli_dry_run_says_what_would_go_and_changes_nothing(
     assert out.splitlines() == [
         "would erase 4 deliveries (with 6 attempts and the actions on them) and 2 test fires "
         "of affiliate ann",
-        "would keep 2 open deliveries (pending or retrying), whose jobs would write them "
+        "would keep 2 open deliveries (accepted, pending or retrying), whose jobs would write them "
         "again: run the erase again once they have settled; disabling the affiliate's "
         "callbacks settles them when next due",
     ]

@@ -5,6 +5,7 @@ cause, and how the sender posts them: signed, retried, refused by the SSRF polic
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -58,7 +59,9 @@ def _hooked(settings: Settings, webhook: Receiver, **overrides: Any) -> Settings
     )
 
 
-async def _send(settings: Settings, http: aiohttp.ClientSession | None = None) -> notify.Sent:
+async def _send(
+    settings: Settings, http: aiohttp.ClientSession | None = None, until: float | None = None
+) -> notify.Sent:
     """One run of the sender, through a session made as a worker makes its own."""
     assert settings.database_url is not None
     own = http is None
@@ -67,7 +70,7 @@ async def _send(settings: Settings, http: aiohttp.ClientSession | None = None) -
     )
     pool = await database.create_pool(settings.database_url, 1)
     try:
-        return await notify.send_due(pool, session, settings)
+        return await notify.send_due(pool, session, settings, until)
     finally:
         await pool.close()
         if own:
@@ -230,6 +233,19 @@ async def test_a_webhook_that_fails_is_tried_again_then_given_up(
     assert (await _send(hooked)).failed == 1
     row = (await _rows(db))[-1]
     assert (row["state"], row["attempts"], row["next_attempt_at"]) == ("failed", 5, None)
+
+
+async def test_a_run_whose_time_is_up_still_posts_one(
+    db: asyncpg.Connection, settings: Settings, webhook: Receiver
+) -> None:
+    """A job timeout shorter than a post can take must not stop every post."""
+    for cause in ("dead_letters:ann", "dead_letters:bob"):
+        await db.fetchval("SELECT postback_notify($1, 'dead_letters', 't', '{}')", cause)
+    hooked = _hooked(settings, webhook)
+
+    assert (await _send(hooked, until=time.monotonic())).sent == 1
+    assert (await _send(hooked)).sent == 1
+    assert len(webhook.requests) == 2
 
 
 async def test_a_loopback_webhook_not_allow_listed_is_refused_and_never_sent(

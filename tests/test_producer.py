@@ -17,7 +17,7 @@ import structlog.testing
 from producer import InvalidEvent, Producer, loads_event, order_created, order_updated, parse_event
 from producer.publish import NotDurable
 from producer.queue import DEFAULT_QUEUE, JOB_EXPIRES, JOB_NAME, job_id, job_key
-from tests.support.events import event_data, save_callback
+from tests.support.events import event_data, save_callback, write_job
 from tests.support.proxy import Proxy, postgres_target, through
 from tests.support.receivers import Receiver, raw_server
 from tests.support.workers import drain
@@ -270,12 +270,9 @@ async def test_a_job_written_by_hand_that_the_reader_refuses_is_dropped_not_deli
     the refused one is logged and dropped, as any job that does not deserialize, and the
     one beside it is delivered."""
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
-    now_ms = int(time.time() * 1000)
     good, bad = event_data("by-hand-good"), event_data("by-hand-bad")
     for data, text in ((good, json.dumps(good)), (bad, json.dumps(bad).replace(*change))):
-        job = f'{{"t":1,"f":"{JOB_NAME}","a":[{text}],"k":{{}},"et":{now_ms}}}'
-        await producer.redis.set(job_key(job_id(data["id"])), job)
-        await producer.redis.zadd(producer.queue_name, {job_id(data["id"]): now_ms})
+        await write_job(producer.redis, producer.queue_name, data["id"], text)
 
     await drain(settings)
 
@@ -346,10 +343,7 @@ async def test_a_job_written_by_hand_with_an_invalid_event_is_logged_and_never_s
     which refuses it for a field the event model does not have."""
     await save_callback(db, "ann", "order.created", "GET", receiver.url + "/pb")
     bad = event_data("unknown-field", affiliateId="ann")
-    now_ms = int(time.time() * 1000)
-    job = f'{{"t":1,"f":"{JOB_NAME}","a":[{json.dumps(bad)}],"k":{{}},"et":{now_ms}}}'
-    await producer.redis.set(job_key(job_id(bad["id"])), job)
-    await producer.redis.zadd(producer.queue_name, {job_id(bad["id"]): now_ms})
+    await write_job(producer.redis, producer.queue_name, bad["id"], json.dumps(bad))
 
     with structlog.testing.capture_logs() as logs:
         await drain(settings)

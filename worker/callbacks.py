@@ -293,18 +293,6 @@ async def find(conn: Executor, affiliate_id: str, event_type: str) -> Callback |
     return None if row is None else _from_row(row)
 
 
-async def list_all(conn: Executor, affiliate_id: str | None = None) -> list[Callback]:
-    rows = await conn.fetch(
-        """
-        SELECT * FROM callbacks
-        WHERE $1::text IS NULL OR affiliate_id = $1
-        ORDER BY affiliate_id, event_type
-        """,
-        affiliate_id,
-    )
-    return [_from_row(row) for row in rows]
-
-
 async def remove(conn: Executor, affiliate_id: str, event_type: str) -> bool:
     """Remove the callback; False when there was none. Past deliveries stay recorded."""
     status: str = await conn.execute(

@@ -26,6 +26,7 @@ from yarl import URL
 
 from producer import queue
 from producer.event import Event, InvalidEvent, parse_event
+from producer.record import refused_delivery_id
 from worker import (
     cache,
     callbacks,
@@ -90,6 +91,9 @@ async def deliver_event(ctx: dict[str, Any], event_data: Any) -> str:
         event = parse_event(event_data)
     except InvalidEvent as exc:
         log.error("event_refused", job_id=ctx.get("job_id"), error=str(exc))
+        did = refused_delivery_id(event_data)
+        if did is not None:
+            await ledger.refuse_accepted(ctx["db"], did, f"the worker refused it: {exc}")
         return "refused"
     if event.occurred_at is None:
         # Defaults to the enqueue time, whoever enqueued it (docs/design.md, "Fields and limits").

@@ -278,6 +278,24 @@ def _columns(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
+async def refuse_accepted(db: Executor, delivery: uuid.UUID, reason: str) -> bool:
+    """Settle as dead an `accepted` delivery whose event this worker refuses (recorded by an
+    ingest or a producer of another version): left accepted, the sweep would queue it
+    again every minute, and it would hold up its order's later deliveries, forever. As a
+    dead letter it is listed, and replayed once the workers take it. False when no
+    accepted delivery has that id."""
+    status: str = await db.execute(
+        """
+        UPDATE deliveries
+        SET state = 'dead', reason = $2, next_attempt_at = NULL, updated_at = now()
+        WHERE id = $1 AND state = 'accepted'
+        """,
+        delivery,
+        reason,
+    )
+    return status != "UPDATE 0"
+
+
 async def release(db: Executor, delivery: uuid.UUID, job_id: str) -> None:
     """Give up this job's claim without an outcome, so the delivery can be tried again."""
     await db.execute(

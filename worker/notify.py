@@ -327,9 +327,9 @@ async def send_due(
     until: float | None = None,
 ) -> Sent:
     """Post every due notification, one at a time; `until` (a `time.monotonic()` time): no
-    post starts after it. Each is claimed for as long as a post can take (it goes again if
-    the worker dies meanwhile, under the same webhook-id), so two workers never post the
-    same one at once."""
+    post but the first starts after it. Each is claimed for as long as a post can take (it
+    goes again if the worker dies meanwhile, under the same webhook-id), so two workers
+    never post the same one at once."""
     done = Sent()
     if settings.ops_webhook is None:
         done.unsent = int((await db.execute(_UNSENT)).split()[-1])
@@ -338,7 +338,11 @@ async def send_due(
     secret = settings.ops_webhook_secret
     signer = None if secret is None else sign.Signer(secret.get_secret_value())
     hold = settings.connect_timeout + deliver.QUICK_RETRY_SECONDS + settings.request_timeout
-    while until is None or time.monotonic() + hold < until:
+    posted = 0
+    # The first post of a run goes whatever is left of `until`: a job timeout that leaves
+    # less than a post can take must still send, one a run.
+    while not posted or until is None or time.monotonic() + hold < until:
+        posted += 1
         row = await db.fetchrow(_CLAIM, hold + settings.job_timeout)
         if row is None:
             break

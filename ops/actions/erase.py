@@ -23,10 +23,8 @@ order number or a URL.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -137,8 +135,6 @@ _DELETE_TEST_FIRES = """
     SELECT count(*) FROM gone
 """
 
-FIRST = (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
-
 
 async def count(db: Executor, affiliate: str) -> Erased:
     """What an erase of `affiliate` would remove now, and the open deliveries it would
@@ -180,7 +176,7 @@ async def erase(
         erased.detail(),
     )
     shown = None if progress is None else lambda: progress(erased)
-    after: tuple[Any, ...] = FIRST
+    after: tuple[Any, ...] = prune.FIRST
 
     async def deliveries() -> bool:
         nonlocal after

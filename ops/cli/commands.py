@@ -1064,7 +1064,7 @@ def _erased_text(affiliate: str, found: erase.Erased, dry_run: bool) -> str:
         one = found.kept_open == 1
         lines.append(
             f"{'would keep' if dry_run else 'kept'} {found.kept_open} open "
-            f"{'delivery' if one else 'deliveries'} (pending or retrying), whose "
+            f"{'delivery' if one else 'deliveries'} (accepted, pending or retrying), whose "
             f"{'job' if one else 'jobs'} would write {'it' if one else 'them'} again: run "
             f"the erase again once {'it has' if one else 'they have'} settled; disabling "
             "the affiliate's callbacks settles "

@@ -465,8 +465,8 @@ class Erased(BaseModel):
     kept_open: Annotated[
         int,
         Field(
-            description="open deliveries (pending, retrying) kept, as their jobs would write "
-            "them again: erase again once they settle"
+            description="open deliveries (accepted, pending, retrying) kept, as their jobs "
+            "would write them again: erase again once they settle"
         ),
     ]
     action_id: Annotated[

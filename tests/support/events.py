@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
+from arq.connections import ArqRedis
 
 from producer import Producer
+from producer.queue import JOB_NAME, job_id, job_key
 from tests.support.receivers import ALLOW_NETWORKS
 from tests.support.servers import RUN
 from worker import address, callbacks
+
+
+async def write_job(redis: ArqRedis, queue_name: str, event_id: str, event_json: str) -> None:
+    """A job for the event written straight into Redis, as a producer in another language
+    would write it: `event_json` as given, never validated on the way in."""
+    now_ms = int(time.time() * 1000)
+    job = f'{{"t":1,"f":"{JOB_NAME}","a":[{event_json}],"k":{{}},"et":{now_ms}}}'
+    await redis.set(job_key(job_id(event_id)), job)
+    await redis.zadd(queue_name, {job_id(event_id): now_ms})
 
 
 def event_id(label: str) -> str:
