@@ -410,9 +410,10 @@ async def test_the_primary_killed_mid_run_fails_over_and_the_worker_goes_on(
       runs as it reconnects must bring every one back, delivered with its delivery id.
     - `unseen` (5): published after replication was cut, while the worker was stopped
       (SIGSTOP): neither replicated nor taken. These are the documented loss.
-    - `after` (5): two refused while there is no primary (by the producer, and by `serve`
-      with a 503), sent again through the same producer and service once the replica is
-      the primary, and three more: both found the new primary themselves.
+    - `after` (5): two sent while there is no primary: one refused by the producer, one
+      recorded by `serve` and answered 202 with `"queued": false`; both sent again through
+      the same producer and service once the replica is the primary, and three more: both
+      found the new primary themselves.
     """
     began = time.monotonic()
     receiver = Receiver()
@@ -469,14 +470,15 @@ async def test_the_primary_killed_mid_run_fails_over_and_the_worker_goes_on(
                 killed = time.monotonic()
                 receiver.fixed = True
                 worker.signal(signal.SIGCONT)
-                # No primary yet: publishing fails, and says so, rather than losing it quietly.
+                # No primary yet: a Redis-only publish fails, and says so, rather than losing
+                # it quietly; ingest records the event and leaves it to the sweep.
                 again = [event_data(f"fo-again-{n}", affiliate_id="cat") for n in range(2)]
                 with pytest.raises(redis.exceptions.ConnectionError):
                     await producer.publish(again[0])
                 with structlog.testing.capture_logs() as logged:
-                    assert (await ingest(api, again[1]))[0] == 503
-                said = [(e["event"], e.get("path")) for e in logged]
-                assert ("redis_unavailable", "/v1/events") in said
+                    status, answer = await ingest(api, again[1])
+                assert (status, answer["queued"]) == (202, False), answer
+                assert "ingest_left_to_sweep" in [e["event"] for e in logged]
 
                 async def replica_is_primary() -> bool:
                     return await group.primary_port() == {group.replica}
