@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ops.service import ingest
 from ops.service.api import SERVICES, error
-from ops.service.app import create_app, stopped
+from ops.service.app import create_app, stop_signals
 from producer.publish import Producer
 from worker.config import Settings
 
@@ -55,8 +55,9 @@ async def serve(port: int) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        print(READY, flush=True)
-        await stopped()
+        async with stop_signals() as stop:
+            print(READY, flush=True)
+            await stop.wait()
     finally:
         await runner.cleanup()
 

@@ -246,14 +246,15 @@ async def run(
         if unsettled:
             print(f"{unsettled} deliveries did not settle within {WAIT_SECONDS:.0f} s")
         if stay:
-            print(
-                f"\nops page: {page}\nops token: {token}\n"
-                f"To practise the runbook: demo-dan's postbacks moved from {MOVED} to "
-                f"{MOVED_TO}; fix his callback, test fire it, replay his dead letter.\n"
-                f"{'The page' if receiver else 'The worker'} keeps running; {STAYS}",
-                flush=True,
-            )
-            await app.stopped()
+            async with app.stop_signals() as stop:
+                print(
+                    f"\nops page: {page}\nops token: {token}\n"
+                    f"To practise the runbook: demo-dan's postbacks moved from {MOVED} to "
+                    f"{MOVED_TO}; fix his callback, test fire it, replay his dead letter.\n"
+                    f"{'The page' if receiver else 'The worker'} keeps running; {STAYS}",
+                    flush=True,
+                )
+                await stop.wait()
     if stay:
         print("demo stopped")
     return 1 if unsettled else 0

@@ -364,9 +364,9 @@ async def page(request: web.Request) -> web.FileResponse:
 
 async def serve(settings: Settings, host: str, port: int, insecure: bool = False) -> None:
     """Run the service until SIGTERM or SIGINT, then finish the requests in flight."""
-    async with serving(settings, host, port, insecure) as url:
+    async with serving(settings, host, port, insecure) as url, stop_signals() as stop:
         log.info("serving", url=url)
-        await stopped()
+        await stop.wait()
         log.info("stopping")
 
 
@@ -386,15 +386,18 @@ async def serving(
         await runner.cleanup()
 
 
-async def stopped() -> None:
-    """Return at the first SIGTERM or SIGINT (Ctrl-C), instead of being interrupted by it."""
+@contextlib.asynccontextmanager
+async def stop_signals() -> AsyncIterator[asyncio.Event]:
+    """An event the first SIGTERM or SIGINT (Ctrl-C) sets, instead of interrupting, from the
+    moment the block is entered: what says Ctrl-C stops it is said inside, once that holds
+    (said before, a quick Ctrl-C would interrupt the clean-up)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for signal_number in signals:
         loop.add_signal_handler(signal_number, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for signal_number in signals:
             loop.remove_signal_handler(signal_number)
